@@ -1,0 +1,73 @@
+"""jdoptim: Jacobian descent for PyTorch, inside any ``torch.optim`` optimizer."""
+
+from jdoptim import functional
+from jdoptim.aggregation import (
+    IMTLG,
+    MGDA,
+    Aggregator,
+    Constant,
+    ConstantWeighting,
+    DualProj,
+    DualProjWeighting,
+    GramianWeightedAggregator,
+    IMTLGWeighting,
+    Mean,
+    MeanWeighting,
+    MGDAWeighting,
+    Random,
+    RandomWeighting,
+    Sum,
+    SumWeighting,
+    UPGrad,
+    UPGradWeighting,
+    WeightedAggregator,
+    Weighting,
+)
+from jdoptim.optimizer import JDOptimizer, NonFiniteError
+from jdoptim.registry import (
+    Spec,
+    build,
+    get_spec,
+    list_aggregators,
+    list_weightings,
+    register,
+    to_config,
+    unregister,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "IMTLG",
+    "MGDA",
+    "Aggregator",
+    "Constant",
+    "ConstantWeighting",
+    "DualProj",
+    "DualProjWeighting",
+    "GramianWeightedAggregator",
+    "IMTLGWeighting",
+    "JDOptimizer",
+    "MGDAWeighting",
+    "Mean",
+    "MeanWeighting",
+    "NonFiniteError",
+    "Random",
+    "RandomWeighting",
+    "Spec",
+    "Sum",
+    "SumWeighting",
+    "UPGrad",
+    "UPGradWeighting",
+    "WeightedAggregator",
+    "Weighting",
+    "__version__",
+    "build",
+    "functional",
+    "get_spec",
+    "list_aggregators",
+    "list_weightings",
+    "register",
+    "to_config",
+    "unregister",
+]

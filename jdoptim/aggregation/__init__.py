@@ -1,0 +1,39 @@
+"""Aggregators (Jacobian → update) and weightings (Gramian → weights), one file per method."""
+
+from jdoptim.aggregation._bases import (
+    Aggregator,
+    GramianWeightedAggregator,
+    WeightedAggregator,
+    Weighting,
+)
+from jdoptim.aggregation._constant import Constant, ConstantWeighting
+from jdoptim.aggregation._dualproj import DualProj, DualProjWeighting
+from jdoptim.aggregation._imtlg import IMTLG, IMTLGWeighting
+from jdoptim.aggregation._mean import Mean, MeanWeighting
+from jdoptim.aggregation._mgda import MGDA, MGDAWeighting
+from jdoptim.aggregation._random import Random, RandomWeighting
+from jdoptim.aggregation._sum import Sum, SumWeighting
+from jdoptim.aggregation._upgrad import UPGrad, UPGradWeighting
+
+__all__ = [
+    "IMTLG",
+    "MGDA",
+    "Aggregator",
+    "Constant",
+    "ConstantWeighting",
+    "DualProj",
+    "DualProjWeighting",
+    "GramianWeightedAggregator",
+    "IMTLGWeighting",
+    "MGDAWeighting",
+    "Mean",
+    "MeanWeighting",
+    "Random",
+    "RandomWeighting",
+    "Sum",
+    "SumWeighting",
+    "UPGrad",
+    "UPGradWeighting",
+    "WeightedAggregator",
+    "Weighting",
+]

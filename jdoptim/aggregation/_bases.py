@@ -1,0 +1,222 @@
+"""Base classes: aggregators map a Jacobian to an update, weightings map it to weights.
+
+Every concrete class stores each constructor argument under the same public name (a tensor as a
+non-persistent buffer, so that ``.to()`` moves it). ``repr`` and `jdoptim.to_config` read
+the arguments back from the constructor's signature, here, once.
+"""
+
+from __future__ import annotations
+
+import inspect
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+
+def _format_arg(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return repr(value.tolist())
+    return repr(value)
+
+
+class Configurable(nn.Module, ABC):
+    """An ``nn.Module`` whose ``repr`` and configuration come from its constructor signature."""
+
+    registry_kind: ClassVar[str] = ""
+    """The registry listing that subclasses belong to (``"aggregator"``, ``"weighting"``...)."""
+
+    def constructor_args(self) -> dict[str, Any]:
+        """Return the constructor arguments this object was built with, by parameter name."""
+        parameters = inspect.signature(type(self).__init__).parameters
+        return {
+            name: self._constructor_arg(name)
+            for name, parameter in parameters.items()
+            if name != "self"
+            and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
+        }
+
+    def _constructor_arg(self, name: str) -> Any:
+        return getattr(self, name)
+
+    def reset(self) -> None:
+        """Forget any state accumulated over calls. Stateless methods do nothing."""
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={_format_arg(v)}" for k, v in self.constructor_args().items())
+        return f"{type(self).__name__}({args})"
+
+
+def check_matrix(matrix: Tensor, what: str) -> None:
+    """Raise unless ``matrix`` is a 2-D floating-point tensor."""
+    if not isinstance(matrix, Tensor):
+        raise TypeError(f"Expected the {what} to be a torch.Tensor, got {type(matrix).__name__}.")
+    if matrix.ndim != 2:
+        raise ValueError(
+            f"Expected the {what} to be a 2-D tensor, got shape {tuple(matrix.shape)}."
+        )
+    if not matrix.is_floating_point():
+        raise TypeError(f"Expected the {what} to have a floating dtype, got {matrix.dtype}.")
+
+
+class Weighting(Configurable):
+    """Maps a Gramian ``G = J Jᵀ`` of shape ``[m, m]`` (or, if `needs_jacobian`, the
+    Jacobian ``J`` of shape ``[m, n]``) to a weight vector of shape ``[m]``."""
+
+    registry_kind: ClassVar[str] = "weighting"
+    needs_jacobian: ClassVar[bool] = False
+    """``True`` when the weighting needs ``J`` itself, so it cannot run from a Gramian."""
+
+    def forward(self, matrix: Tensor) -> Tensor:
+        """Compute the weights.
+
+        Args:
+            matrix: The Gramian ``[m, m]``, or the Jacobian ``[m, n]`` if
+                `needs_jacobian`.
+
+        Returns:
+            The weights, shape ``[m]``, with ``matrix``'s dtype and device.
+        """
+        if self.needs_jacobian:
+            check_matrix(matrix, "Jacobian")
+        else:
+            check_matrix(matrix, "Gramian")
+            if matrix.shape[0] != matrix.shape[1]:
+                raise ValueError(
+                    f"{type(self).__name__} expects a square Gramian, got shape "
+                    f"{tuple(matrix.shape)}."
+                )
+        return self._weights(matrix)
+
+    @abstractmethod
+    def _weights(self, matrix: Tensor) -> Tensor: ...
+
+
+class Aggregator(Configurable):
+    """Maps a Jacobian ``J`` of shape ``[m, n]`` (one row per objective) to an update ``[n]``."""
+
+    registry_kind: ClassVar[str] = "aggregator"
+
+    def forward(self, matrix: Tensor) -> Tensor:
+        """Aggregate the rows of ``matrix``.
+
+        Args:
+            matrix: The Jacobian, shape ``[m, n]``.
+
+        Returns:
+            The update, shape ``[n]``, with ``matrix``'s dtype and device.
+        """
+        check_matrix(matrix, "Jacobian")
+        if matrix.shape[0] == 0:
+            raise ValueError(f"{type(self).__name__} needs at least one row, got shape (0, n).")
+        return self._aggregate(matrix)
+
+    @abstractmethod
+    def _aggregate(self, matrix: Tensor) -> Tensor: ...
+
+
+class WeightedAggregator(Aggregator):
+    """Aggregates as ``Jᵀ w`` with weights ``w = weighting(J)``.
+
+    Args:
+        weighting: A weighting with ``needs_jacobian = True`` (or any weighting, for
+            `GramianWeightedAggregator`).
+
+    Examples:
+        >>> import torch
+        >>> from jdoptim.aggregation import ConstantWeighting, GramianWeightedAggregator
+        >>> aggregator = GramianWeightedAggregator(ConstantWeighting([0.25, 0.75]))
+        >>> aggregator(torch.tensor([[4.0, 0.0], [0.0, 4.0]]))
+        tensor([1., 3.])
+    """
+
+    def __init__(self, weighting: Weighting) -> None:
+        super().__init__()
+        if not isinstance(weighting, Weighting):
+            raise TypeError(
+                f"Expected a jdoptim Weighting, got {weighting!r} of type "
+                f"{type(weighting).__name__}."
+            )
+        self.weighting = weighting
+
+    def _constructor_arg(self, name: str) -> Any:
+        # A method that builds its own weighting stores its arguments there.
+        if name in self.__dict__ or name in self._modules or name in self._buffers:
+            return getattr(self, name)
+        return getattr(self.weighting, name)
+
+    def reset(self) -> None:
+        self.weighting.reset()
+
+    def _weighting_input(self, matrix: Tensor) -> Tensor:
+        return matrix
+
+    def _aggregate(self, matrix: Tensor) -> Tensor:
+        weights = self.weighting(self._weighting_input(matrix))
+        return weights @ matrix
+
+
+class GramianWeightedAggregator(WeightedAggregator):
+    """Aggregates as ``Jᵀ w`` with weights ``w = weighting(J Jᵀ)``.
+
+    Only the Gramian reaches the weighting, so such an aggregator can also run from a Gramian
+    computed without the Jacobian.
+    """
+
+    def __init__(self, weighting: Weighting) -> None:
+        super().__init__(weighting)
+        if weighting.needs_jacobian:
+            raise ValueError(
+                f"{type(weighting).__name__} needs the Jacobian, so it cannot be used in a "
+                "GramianWeightedAggregator; use WeightedAggregator instead."
+            )
+
+    def _weighting_input(self, matrix: Tensor) -> Tensor:
+        return matrix @ matrix.T
+
+
+def as_weight_tensor(values: Tensor | list[float] | tuple[float, ...], name: str) -> Tensor:
+    """Validate and convert a 1-D sequence of finite weights to a float tensor."""
+    tensor = torch.as_tensor(values)
+    if not tensor.is_floating_point():
+        tensor = tensor.to(torch.get_default_dtype())
+    if tensor.ndim != 1 or tensor.numel() == 0:
+        raise ValueError(
+            f"Expected {name} to be a non-empty 1-D sequence, got shape {tuple(tensor.shape)}."
+        )
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"Expected {name} to be finite, got {tensor.tolist()}.")
+    return tensor.detach().clone()
+
+
+def check_length(weights: Tensor, m: int, owner: str, name: str) -> None:
+    """Raise unless a per-objective vector has one entry per objective."""
+    if weights.shape[0] != m:
+        raise ValueError(
+            f"{owner} has {weights.shape[0]} {name} but the Jacobian has {m} rows (objectives)."
+        )
+
+
+def preference_weights(pref_vector: Tensor | None, m: int, like: Tensor, owner: str) -> Tensor:
+    """Return ``pref_vector`` (checked to have ``m`` entries) or uniform weights ``1/m``."""
+    if pref_vector is None:
+        return like.new_full((m,), 1.0 / m)
+    check_length(pref_vector, m, owner, "preferences")
+    return pref_vector.to(dtype=like.dtype, device=like.device)
+
+
+def check_non_negative(value: float, name: str) -> float:
+    """Raise unless ``value`` is a finite real number ≥ 0; return it as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"Invalid {name} value: {value!r}; expected a number >= 0.")
+    if value == float("inf"):
+        raise ValueError(f"Invalid {name} value: {value!r}; expected a finite number.")
+    return float(value)
+
+
+def check_positive_int(value: int, name: str) -> int:
+    """Raise unless ``value`` is an integer ≥ 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"Invalid {name} value: {value!r}; expected an integer >= 1.")
+    return value

@@ -1,0 +1,159 @@
+"""Plain functions under `JDOptimizer`: loss vectors, Jacobians, and Jacobian to update.
+
+Users can call them directly to build their own Jacobian descent loop:
+
+Examples:
+    >>> import torch
+    >>> from jdoptim import UPGrad
+    >>> from jdoptim.functional import aggregate, jacobian
+    >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
+    >>> losses = torch.stack([w[0] ** 2, (w[1] - w[0]) ** 2])
+    >>> (J,) = jacobian(losses, [w])
+    >>> J
+    tensor([[ 2.,  0.],
+            [-2.,  2.]])
+    >>> aggregate([J], UPGrad())
+    [tensor([0.4998, 1.4999])]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from jdoptim.aggregation import Aggregator
+
+
+def as_loss_vector(losses: Tensor | Sequence[Tensor]) -> Tensor:
+    """Flatten losses into a vector of ``m ≥ 1`` objectives.
+
+    Args:
+        losses: A tensor of any shape with at least one dimension (for example ``[m]`` or
+            ``[batch, tasks]``), or a sequence of one-element tensors.
+
+    Returns:
+        A 1-D tensor of the ``m`` losses, still attached to the autograd graph.
+
+    Raises:
+        TypeError: If ``losses`` is neither a tensor nor a sequence of tensors.
+        ValueError: If it is 0-d, empty, or holds tensors with more than one element.
+    """
+    if isinstance(losses, Tensor):
+        if losses.ndim == 0:
+            raise ValueError(
+                f"losses is a 0-d tensor ({losses!r}); Jacobian descent needs a vector of "
+                "losses: pass losses.unsqueeze(0) for a single objective, or a vector of several."
+            )
+        vector = losses.reshape(-1)
+    elif isinstance(losses, Sequence) and not isinstance(losses, (str, bytes)):
+        if not all(isinstance(loss, Tensor) for loss in losses):
+            kinds = sorted({type(loss).__name__ for loss in losses})
+            raise TypeError(f"losses must be tensors, got a sequence of {', '.join(kinds)}.")
+        sizes = [loss.numel() for loss in losses]
+        if any(size != 1 for size in sizes):
+            raise ValueError(
+                f"A sequence of losses must hold one-element tensors, got numels {sizes}."
+            )
+        vector = torch.stack([loss.reshape(()) for loss in losses]) if losses else None
+    else:
+        raise TypeError(
+            f"losses must be a tensor or a sequence of tensors, got {type(losses).__name__}."
+        )
+    if vector is None or vector.numel() == 0:
+        raise ValueError("losses is empty; Jacobian descent needs at least one loss.")
+    if not vector.is_floating_point():
+        raise TypeError(f"losses must have a floating dtype, got {vector.dtype}.")
+    return vector
+
+
+def jacobian(
+    outputs: Tensor,
+    inputs: Sequence[Tensor],
+    *,
+    chunk_size: int | None = None,
+    retain_graph: bool = False,
+    batched: bool = True,
+) -> list[Tensor | None]:
+    """Jacobian of a vector of outputs with respect to several tensors.
+
+    With ``batched=True`` the ``m`` vector-Jacobian products run as one batched backward pass
+    (``torch.autograd.grad(..., is_grads_batched=True)``, vectorised by vmap), in chunks of
+    ``chunk_size`` rows to bound memory; with ``batched=False`` they run one by one, for graphs
+    that vmap cannot batch.
+
+    Args:
+        outputs: The 1-D vector of ``m`` outputs.
+        inputs: Tensors that require grad.
+        chunk_size: Rows per backward pass; ``None`` for all ``m`` at once.
+        retain_graph: Keep the graph for a later backward pass.
+        batched: Use the batched backward pass.
+
+    Returns:
+        For each input, its Jacobian of shape ``[m, *input.shape]``, or ``None`` if no output
+        depends on it.
+    """
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"Invalid chunk_size value: {chunk_size!r}; expected an integer >= 1.")
+    m = outputs.shape[0]
+    step = 1 if not batched else (m if chunk_size is None else chunk_size)
+    identity = torch.eye(m, dtype=outputs.dtype, device=outputs.device)
+    chunks: list[Sequence[Tensor | None]] = []
+    for start in range(0, m, step):
+        keep = retain_graph or start + step < m
+        rows = identity[start : start + step]
+        if batched:
+            grads = torch.autograd.grad(
+                outputs,
+                inputs,
+                grad_outputs=rows,
+                retain_graph=keep,
+                allow_unused=True,
+                is_grads_batched=True,
+            )
+        else:
+            grads = torch.autograd.grad(
+                outputs, inputs, grad_outputs=rows[0], retain_graph=keep, allow_unused=True
+            )
+            grads = tuple(None if g is None else g.unsqueeze(0) for g in grads)
+        chunks.append(grads)
+    return [
+        None if per_chunk[0] is None else torch.cat(list(per_chunk))  # type: ignore[arg-type]
+        for per_chunk in zip(*chunks, strict=True)
+    ]
+
+
+def stack_jacobians(jacobians: Sequence[Tensor]) -> Tensor:
+    """Concatenate per-tensor Jacobians ``[m, *shape]`` into one matrix ``[m, n]``.
+
+    Tensors of different dtypes are promoted to a common one.
+    """
+    dtype = jacobians[0].dtype
+    for jac in jacobians[1:]:
+        dtype = torch.promote_types(dtype, jac.dtype)
+    m = jacobians[0].shape[0]
+    return torch.cat([jac.reshape(m, -1).to(dtype) for jac in jacobians], dim=1)
+
+
+def split_update(update: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+    """Split a flat update ``[n]`` into tensors shaped and typed like ``like``."""
+    pieces = torch.split(update, [t.numel() for t in like])
+    return [piece.view(t.shape).to(t.dtype) for piece, t in zip(pieces, like, strict=True)]
+
+
+def aggregate(jacobians: Sequence[Tensor], aggregator: Aggregator) -> list[Tensor]:
+    """Aggregate per-tensor Jacobians into one update per tensor.
+
+    Args:
+        jacobians: Jacobians of shape ``[m, *shape]``, all with the same ``m``.
+        aggregator: Maps the ``[m, n]`` matrix of all of them side by side to an update.
+
+    Returns:
+        The update for each tensor, with shape ``shape``.
+    """
+    matrix = stack_jacobians(jacobians)
+    update = aggregator(matrix)
+    return split_update(update, [jac[0] for jac in jacobians])
