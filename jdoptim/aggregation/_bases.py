@@ -67,6 +67,9 @@ class Weighting(Configurable):
     registry_kind: ClassVar[str] = "weighting"
     needs_jacobian: ClassVar[bool] = False
     """``True`` when the weighting needs ``J`` itself, so it cannot run from a Gramian."""
+    uses_matrix: ClassVar[bool] = True
+    """``False`` when the weights depend only on the number of objectives ``m``, so callers may
+    pass any ``[m, m]`` tensor (such as a zero-stride view) instead of computing the Gramian."""
 
     def forward(self, matrix: Tensor) -> Tensor:
         """Compute the weights.
@@ -173,6 +176,9 @@ class GramianWeightedAggregator(WeightedAggregator):
             )
 
     def _weighting_input(self, matrix: Tensor) -> Tensor:
+        if not self.weighting.uses_matrix:
+            m = matrix.shape[0]
+            return matrix.new_zeros(()).expand(m, m)
         return matrix @ matrix.T
 
 

@@ -25,6 +25,8 @@ class ConstantWeighting(Weighting):
         weights: One finite weight per objective.
     """
 
+    uses_matrix = False
+
     def __init__(self, weights: Tensor | Sequence[float]) -> None:
         super().__init__()
         self.register_buffer("weights", as_weight_tensor(weights, "weights"), persistent=False)
@@ -50,6 +52,3 @@ class Constant(GramianWeightedAggregator):
 
     def __init__(self, weights: Tensor | Sequence[float]) -> None:
         super().__init__(ConstantWeighting(weights))
-
-    def _aggregate(self, matrix: Tensor) -> Tensor:
-        return self.weighting._weights(matrix) @ matrix

@@ -10,6 +10,8 @@ from jdoptim.registry import register
 class MeanWeighting(Weighting):
     r"""Uniform weights $w_i = 1/m$."""
 
+    uses_matrix = False
+
     def __init__(self) -> None:
         super().__init__()
 
@@ -33,6 +35,3 @@ class Mean(GramianWeightedAggregator):
 
     def __init__(self) -> None:
         super().__init__(MeanWeighting())
-
-    def _aggregate(self, matrix: Tensor) -> Tensor:
-        return matrix.mean(dim=0)

@@ -20,6 +20,8 @@ class RandomWeighting(Weighting):
             ``torch.manual_seed`` makes them reproducible.
     """
 
+    uses_matrix = False
+
     def __init__(self, seed: int | None = None) -> None:
         super().__init__()
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
@@ -70,6 +72,3 @@ class Random(GramianWeightedAggregator):
 
     def __init__(self, seed: int | None = None) -> None:
         super().__init__(RandomWeighting(seed))
-
-    def _aggregate(self, matrix: Tensor) -> Tensor:
-        return self.weighting._weights(matrix) @ matrix

@@ -10,6 +10,8 @@ from jdoptim.registry import register
 class SumWeighting(Weighting):
     r"""Unit weights $w_i = 1$."""
 
+    uses_matrix = False
+
     def __init__(self) -> None:
         super().__init__()
 
@@ -30,6 +32,3 @@ class Sum(GramianWeightedAggregator):
 
     def __init__(self) -> None:
         super().__init__(SumWeighting())
-
-    def _aggregate(self, matrix: Tensor) -> Tensor:
-        return matrix.sum(dim=0)
