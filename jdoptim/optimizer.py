@@ -10,28 +10,46 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
 
-from jdoptim.aggregation import Aggregator
+from jdoptim.aggregation import Aggregator, WeightedAggregator
+from jdoptim.diagnostics import StepDiagnostics, diagnose
 from jdoptim.functional import as_loss_vector, jacobian, split_update, stack_jacobians
 from jdoptim.registry import build, to_config
 
 Mode = Literal["jacobian", "auto"]
 NonFinite = Literal["raise", "skip"]
+Accumulation = Literal["sum", "concat"]
 MODES: tuple[str, ...] = ("jacobian", "auto")
 NONFINITE_POLICIES: tuple[str, ...] = ("raise", "skip")
+ACCUMULATIONS: tuple[str, ...] = ("sum", "concat")
 LossesT = Tensor | Sequence[Tensor]
+DiagnosticsHook = Callable[["JDOptimizer", StepDiagnostics], None]
 _STATE_KEY = "jdoptim"
+_CONFIG_OPTIONS = ("mode", "chunk_size", "nonfinite", "accumulation", "diagnostics")
 
 
 class NonFiniteError(ValueError):
     """Raised when a step meets non-finite losses, Jacobian or update under
     ``nonfinite="raise"``."""
+
+
+@dataclass
+class _Contribution:
+    """What one backward pass contributes: the rows of the shared parameters' Jacobian, and the
+    ordinary gradient (of the sum of the losses) of every other parameter."""
+
+    shared: list[Tensor]
+    matrix: Tensor | None
+    own: dict[Tensor, Tensor] = field(default_factory=dict)
+    finite: bool = True
 
 
 class JDOptimizer(Optimizer):
@@ -50,11 +68,29 @@ class JDOptimizer(Optimizer):
         mode: How the Jacobian is obtained. ``"jacobian"``: one batched vector-Jacobian
             product over all losses. ``"auto"``: the fastest mode available for the
             aggregator and model, which is ``"jacobian"`` in this version.
+        shared_params: For multi-task learning: the parameters (or a module holding them)
+            whose Jacobian is aggregated. Every other parameter receives the ordinary gradient
+            of the sum of the losses that reach it (a task head gets its own task's gradient).
+            ``None`` aggregates over all parameters.
         chunk_size: Losses per batched backward pass (bounds memory); ``None`` for all at
             once, ``1`` for one backward pass per loss (no vmap).
         nonfinite: What to do with non-finite losses, Jacobian or update: ``"raise"`` a
             `NonFiniteError`, or ``"skip"`` the step with a warning, leaving everything
-            unchanged, as ``GradScaler`` does.
+            unchanged.
+        scaler: The ``torch.amp.GradScaler`` that scales the losses, if any. The aggregator then
+            sees the unscaled Jacobian, and a non-finite Jacobian (an overflow) is written into
+            ``.grad`` as infinities so that ``scaler.step`` skips the step, as in plain AMP.
+        accumulation: How the Jacobians of several ``backward(losses, aggregate=False)`` calls
+            combine before the one aggregation: ``"sum"`` (the same objectives on several
+            micro-batches: with losses divided by the number of micro-batches, as usual, this
+            equals one step on the whole batch) or ``"concat"`` (different objectives, such as
+            one loss per sample: the rows are stacked).
+        diagnostics: Compute `StepDiagnostics` at each aggregation (an extra ``m × m`` Gramian),
+            available as ``last_diagnostics`` and passed to hooks added with
+            `register_diagnostics_hook`.
+
+    Attributes:
+        last_diagnostics: The `StepDiagnostics` of the latest aggregation, or ``None``.
 
     Examples:
         >>> import torch
@@ -78,8 +114,12 @@ class JDOptimizer(Optimizer):
         aggregator: Aggregator,
         *,
         mode: Mode = "jacobian",
+        shared_params: Iterable[Tensor] | nn.Module | None = None,
         chunk_size: int | None = None,
         nonfinite: NonFinite = "raise",
+        scaler: torch.amp.GradScaler | None = None,
+        accumulation: Accumulation = "sum",
+        diagnostics: bool = False,
     ) -> None:
         if not isinstance(optimizer, Optimizer) or isinstance(optimizer, JDOptimizer):
             raise TypeError(
@@ -101,13 +141,26 @@ class JDOptimizer(Optimizer):
             raise ValueError(
                 f"Invalid nonfinite value: {nonfinite!r}; valid policies: {NONFINITE_POLICIES}."
             )
+        if accumulation not in ACCUMULATIONS:
+            raise ValueError(
+                f"Invalid accumulation value: {accumulation!r}; valid values: {ACCUMULATIONS}."
+            )
+        if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+            raise TypeError(f"Expected a torch.amp.GradScaler as scaler, got {scaler!r}.")
         self.optimizer = optimizer
         self.aggregator = aggregator
         self.mode = mode
+        self.shared_params = self._check_shared(shared_params)
         self.chunk_size = chunk_size
         self.nonfinite = nonfinite
+        self.scaler = scaler
+        self.accumulation = accumulation
+        self.diagnostics = diagnostics
+        self.last_diagnostics: StepDiagnostics | None = None
+        self._diagnostics_hooks: OrderedDict[int, DiagnosticsHook] = OrderedDict()
         # None until the first batched backward pass tells whether vmap runs on this graph.
         self._batched: bool | None = None if chunk_size != 1 else False
+        self._pending: list[_Contribution] = []
         self._skip_next_step = False
         self._optimizer_step_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
         self._optimizer_step_post_hooks: OrderedDict[int, Callable] = OrderedDict()
@@ -117,14 +170,33 @@ class JDOptimizer(Optimizer):
         self._optimizer_load_state_dict_post_hooks: OrderedDict[int, Callable] = OrderedDict()
         self._patch_step_function()
 
+    def _check_shared(self, shared: Iterable[Tensor] | nn.Module | None) -> list[Tensor] | None:
+        if shared is None:
+            return None
+        if isinstance(shared, Tensor):
+            raise TypeError("shared_params must be an iterable of parameters or a module.")
+        params = list(shared.parameters() if isinstance(shared, nn.Module) else shared)
+        owned = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        for p in params:
+            if not isinstance(p, Tensor):
+                raise TypeError(f"shared_params must hold tensors, got {type(p).__name__}.")
+            if id(p) not in owned:
+                raise ValueError(
+                    f"A shared parameter of shape {tuple(p.shape)} is not optimised by the inner "
+                    "optimizer; pass the same parameters to both."
+                )
+        return params
+
     @classmethod
     def from_config(cls, optimizer: Optimizer, config: Mapping[str, Any]) -> JDOptimizer:
         """Build a `JDOptimizer` from a dictionary.
 
         Args:
             optimizer: The inner optimizer.
-            config: ``{"aggregator": <aggregator config>, **keyword arguments}``, where the
-                aggregator config is a registry name or ``{"name": ..., **arguments}``.
+            config: ``{"aggregator": <aggregator config>, **options}``, where the aggregator
+                config is a registry name or ``{"name": ..., **arguments}``, and the options
+                are ``mode``, ``chunk_size``, ``nonfinite``, ``accumulation`` and
+                ``diagnostics``.
 
         Examples:
             >>> import torch
@@ -138,7 +210,7 @@ class JDOptimizer(Optimizer):
               mode='auto', chunk_size=None, nonfinite='raise'
             )
         """
-        valid = ("aggregator", "mode", "chunk_size", "nonfinite")
+        valid = ("aggregator", *_CONFIG_OPTIONS)
         if not isinstance(config, Mapping):
             raise TypeError(f"config must be a mapping, got {type(config).__name__}.")
         unknown = [key for key in config if key not in valid]
@@ -156,13 +228,11 @@ class JDOptimizer(Optimizer):
         return cls(optimizer, aggregator, **options)
 
     def to_config(self) -> dict[str, Any]:
-        """Return the configuration that `from_config` turns back into this wrapper."""
-        return {
-            "aggregator": to_config(self.aggregator),
-            "mode": self.mode,
-            "chunk_size": self.chunk_size,
-            "nonfinite": self.nonfinite,
-        }
+        """Return the configuration that `from_config` turns back into this wrapper (the
+        parameters, the scaler and shared parameters are not part of it)."""
+        config = {"aggregator": to_config(self.aggregator)}
+        config.update({key: getattr(self, key) for key in _CONFIG_OPTIONS})
+        return config
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
@@ -176,6 +246,16 @@ class JDOptimizer(Optimizer):
     def defaults(self) -> dict[str, Any]:  # type: ignore[override]
         return self.optimizer.defaults
 
+    def register_diagnostics_hook(self, hook: DiagnosticsHook) -> RemovableHandle:
+        """Call ``hook(optimizer, diagnostics)`` after each aggregation.
+
+        Turns ``diagnostics`` on. Returns a handle whose ``remove()`` unregisters the hook.
+        """
+        self.diagnostics = True
+        handle = RemovableHandle(self._diagnostics_hooks)
+        self._diagnostics_hooks[handle.id] = hook
+        return handle
+
     def _parameters(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
 
@@ -188,7 +268,7 @@ class JDOptimizer(Optimizer):
                 warnings.warn(
                     f"The batched backward pass failed ({error}); computing one backward pass "
                     "per loss from now on. Pass chunk_size=1 to choose this explicitly.",
-                    stacklevel=3,
+                    stacklevel=4,
                 )
                 self._batched = False
             else:
@@ -208,24 +288,13 @@ class JDOptimizer(Optimizer):
                 f"{reason}. Nothing was changed. Pass nonfinite='skip' to skip such steps."
             )
         warnings.warn(f"Skipping the step: {reason}.", stacklevel=3)
+        self._pending = []
         self._skip_next_step = True
 
-    def backward(self, losses: LossesT, *, retain_graph: bool = False) -> None:
-        """Add the aggregated update of ``losses`` into the parameters' ``.grad``.
+    def _scaling(self) -> bool:
+        return self.scaler is not None and self.scaler.is_enabled()
 
-        Parameters that no loss reaches keep their ``.grad`` (``None`` stays ``None``).
-        If anything fails, no ``.grad`` is changed.
-
-        Args:
-            losses: A tensor of losses of any shape with at least one dimension (flattened to
-                ``m`` objectives), or a sequence of scalar tensors.
-            retain_graph: Keep the autograd graph for another backward pass.
-
-        Raises:
-            ValueError: If the losses are empty, 0-d, or not connected to any parameter.
-            NonFiniteError: If losses, Jacobian or update are not finite and
-                ``nonfinite="raise"``.
-        """
+    def _contribution(self, losses: LossesT, retain_graph: bool) -> _Contribution:
         vector = as_loss_vector(losses)
         if not vector.requires_grad:
             raise ValueError(
@@ -240,24 +309,121 @@ class JDOptimizer(Optimizer):
                 f"None of the {len(params)} parameters of the optimizer receives a gradient "
                 "from the losses; are they computed from this model?"
             )
-        matrix = stack_jacobians([jac for _, jac in reached])
-        finite = torch.isfinite(vector).all() & torch.isfinite(matrix).all()
-        if not finite:
+        shared_ids = None if self.shared_params is None else {id(p) for p in self.shared_params}
+        shared = [(p, j) for p, j in reached if shared_ids is None or id(p) in shared_ids]
+        own = {
+            p: j.sum(dim=0)
+            for p, j in reached
+            if shared_ids is not None and id(p) not in shared_ids
+        }
+        matrix = stack_jacobians([j for _, j in shared]) if shared else None
+        checks = [torch.isfinite(vector).all(), *(torch.isfinite(g).all() for g in own.values())]
+        if matrix is not None:
+            checks.append(torch.isfinite(matrix).all())
+        finite = bool(torch.stack(checks).all())
+        if not finite and not self._scaling():
             bad = (~torch.isfinite(vector)).nonzero().flatten().tolist()
             what = (
                 f"losses at indices {bad} are not finite" if bad else "the Jacobian is not finite"
             )
-            return self._refuse(what)
-        update = self.aggregator(matrix)
-        if not torch.isfinite(update).all():
-            return self._refuse(f"{self.aggregator!r} returned a non-finite update")
-        for (param, _), piece in zip(
-            reached, split_update(update, [p for p, _ in reached]), strict=True
-        ):
+            self._refuse(what)
+        return _Contribution([p for p, _ in shared], matrix, own, finite)
+
+    def backward(
+        self, losses: LossesT, *, aggregate: bool = True, retain_graph: bool = False
+    ) -> None:
+        """Add the aggregated update of ``losses`` into the parameters' ``.grad``.
+
+        Parameters that no loss reaches keep their ``.grad`` (``None`` stays ``None``).
+        If anything fails, no ``.grad`` is changed.
+
+        Args:
+            losses: A tensor of losses of any shape with at least one dimension (flattened to
+                ``m`` objectives), or a sequence of scalar tensors.
+            aggregate: ``False`` keeps this Jacobian (costing ``m × n`` memory) to be combined,
+                following ``accumulation``, with those of later calls; the next call with
+                ``aggregate=True``, or `step`, aggregates them all at once.
+            retain_graph: Keep the autograd graph for another backward pass.
+
+        Raises:
+            ValueError: If the losses are empty, 0-d, or not connected to any parameter.
+            NonFiniteError: If losses, Jacobian or update are not finite and
+                ``nonfinite="raise"``.
+        """
+        contribution = self._contribution(losses, retain_graph)
+        if self._skip_next_step:
+            return
+        self._pending.append(contribution)
+        if aggregate:
+            self._aggregate_pending()
+
+    def _combine(self, pending: list[_Contribution]) -> _Contribution:
+        first = pending[0]
+        if len(pending) == 1:
+            return first
+        own: dict[Tensor, Tensor] = {}
+        for contribution in pending:
+            if [id(p) for p in contribution.shared] != [id(p) for p in first.shared]:
+                raise ValueError(
+                    "The accumulated losses reach different shared parameters; accumulate "
+                    "micro-batches of the same model and objectives."
+                )
+            for p, g in contribution.own.items():
+                own[p] = g if p not in own else own[p] + g
+        matrices = [c.matrix for c in pending if c.matrix is not None]
+        matrix = None
+        if matrices and self.accumulation == "concat":
+            matrix = torch.cat(matrices)
+        elif matrices:
+            shapes = {tuple(mat.shape) for mat in matrices}
+            if len(shapes) > 1:
+                raise ValueError(
+                    f"accumulation='sum' adds Jacobians of the same objectives, got shapes "
+                    f"{sorted(shapes)}; use accumulation='concat' for different objectives."
+                )
+            matrix = torch.stack(matrices).sum(dim=0)
+        finite = all(c.finite for c in pending)
+        return _Contribution(first.shared, matrix, own, finite)
+
+    def _aggregate_pending(self) -> None:
+        combined = self._combine(self._pending)
+        if not combined.finite:
+            # Only reached with a GradScaler: let it see the overflow and skip the step.
+            self._pending = []
+            for p in [*combined.shared, *combined.own]:
+                p.grad = torch.full_like(p, float("inf"))
+            return
+        updates: list[Tensor] = []
+        if combined.matrix is not None:
+            scale = self.scaler.get_scale() if self._scaling() else 1.0
+            matrix = combined.matrix if scale == 1.0 else combined.matrix / scale
+            weights: list[Tensor] = []
+            handle = None
+            if self.diagnostics and isinstance(self.aggregator, WeightedAggregator):
+                handle = self.aggregator.weighting.register_forward_hook(
+                    lambda module, args, output: weights.append(output)
+                )
+            try:
+                update = self.aggregator(matrix)
+            finally:
+                if handle is not None:
+                    handle.remove()
+            if not torch.isfinite(update).all():
+                return self._refuse(f"{self.aggregator!r} returned a non-finite update")
+            if self.diagnostics:
+                self._report(diagnose(matrix, update, weights[-1] if weights else None))
+            updates = split_update(update * scale if scale != 1.0 else update, combined.shared)
+        self._pending = []
+        for param, piece in [*zip(combined.shared, updates, strict=True), *combined.own.items()]:
             if param.grad is None:
-                param.grad = piece
+                param.grad = piece.to(param.dtype)
             else:
                 param.grad.add_(piece)
+
+    def _report(self, diagnostics: StepDiagnostics) -> None:
+        self.last_diagnostics = diagnostics
+        for hook in list(self._diagnostics_hooks.values()):
+            hook(self, diagnostics)
 
     def step(  # type: ignore[override]
         self,
@@ -297,13 +463,17 @@ class JDOptimizer(Optimizer):
             return self.optimizer.step(jd_closure)
         if losses is not None:
             self.backward(losses)
+        elif self._pending:
+            self._aggregate_pending()
         if self._skip_next_step:
             self._skip_next_step = False
             return None
         return self.optimizer.step()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear the gradients, as the inner optimizer does, and forget a pending skip."""
+        """Clear the gradients, as the inner optimizer does, and forget accumulated Jacobians
+        and a pending skip."""
+        self._pending = []
         self._skip_next_step = False
         self.optimizer.zero_grad(set_to_none=set_to_none)
 

@@ -1,0 +1,75 @@
+"""Diagnostics of one aggregation, computed from the Gramian of the objectives' gradients.
+
+Everything stays a tensor on the Jacobian's device, so collecting diagnostics never waits for the
+device; call ``.item()`` or ``.tolist()`` when you log them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+CONFLICT_TOLERANCE = 1e-6
+"""An inner product counts as a conflict below ``-CONFLICT_TOLERANCE`` times the product of the
+norms, so that rounding errors of an exactly non-conflicting update are not reported."""
+
+
+@dataclass(frozen=True)
+class StepDiagnostics:
+    """What the objectives' gradients and the update looked like at one step.
+
+    Attributes:
+        weights: The weights ``w`` with update ``Jᵀw`` for weighted aggregators, else ``None``.
+        gradient_norms: ``‖gᵢ‖`` for each objective, shape ``[m]``.
+        cosine_similarities: ``cos(gᵢ, gⱼ)``, shape ``[m, m]`` (0 where a gradient is zero).
+        conflicting_pairs: Number of pairs ``i < j`` whose gradients conflict (0-d tensor).
+        alignments: ``cos(gᵢ, d)`` between each gradient and the update ``d``, shape ``[m]``.
+        update_conflicts: Whether the update conflicts with some objective (0-d bool tensor).
+        update_norm: ``‖d‖`` (0-d tensor).
+    """
+
+    weights: Tensor | None
+    gradient_norms: Tensor
+    cosine_similarities: Tensor
+    conflicting_pairs: Tensor
+    alignments: Tensor
+    update_conflicts: Tensor
+    update_norm: Tensor
+
+
+def _safe_divide(numerator: Tensor, denominator: Tensor) -> Tensor:
+    return torch.where(denominator > 0, numerator / denominator, torch.zeros_like(numerator))
+
+
+def diagnose(matrix: Tensor, update: Tensor, weights: Tensor | None = None) -> StepDiagnostics:
+    """Compute `StepDiagnostics` from a Jacobian ``[m, n]`` and its aggregated update ``[n]``.
+
+    Examples:
+        >>> import torch
+        >>> from jdoptim import UPGrad
+        >>> from jdoptim.diagnostics import diagnose
+        >>> J = torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
+        >>> report = diagnose(J, J.mean(dim=0))
+        >>> report.conflicting_pairs, report.update_conflicts
+        (tensor(1), tensor(True))
+        >>> bool(diagnose(J, UPGrad()(J)).update_conflicts)
+        False
+    """
+    with torch.no_grad():
+        gramian = matrix @ matrix.T
+        norms = gramian.diagonal().clamp(min=0).sqrt()
+        cosines = _safe_divide(gramian, norms[:, None] * norms[None, :])
+        conflicting = (cosines < -CONFLICT_TOLERANCE).triu(diagonal=1).sum()
+        update_norm = update.norm()
+        alignments = _safe_divide(matrix @ update, norms * update_norm)
+        return StepDiagnostics(
+            weights=None if weights is None else weights.detach(),
+            gradient_norms=norms,
+            cosine_similarities=cosines,
+            conflicting_pairs=conflicting,
+            alignments=alignments,
+            update_conflicts=(alignments < -CONFLICT_TOLERANCE).any(),
+            update_norm=update_norm,
+        )
