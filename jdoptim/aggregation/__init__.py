@@ -11,6 +11,7 @@ from jdoptim.aggregation._dualproj import DualProj, DualProjWeighting
 from jdoptim.aggregation._imtlg import IMTLG, IMTLGWeighting
 from jdoptim.aggregation._mean import Mean, MeanWeighting
 from jdoptim.aggregation._mgda import MGDA, MGDAWeighting
+from jdoptim.aggregation._pcgrad import PCGrad, PCGradWeighting
 from jdoptim.aggregation._random import Random, RandomWeighting
 from jdoptim.aggregation._sum import Sum, SumWeighting
 from jdoptim.aggregation._upgrad import UPGrad, UPGradWeighting
@@ -28,6 +29,8 @@ __all__ = [
     "MGDAWeighting",
     "Mean",
     "MeanWeighting",
+    "PCGrad",
+    "PCGradWeighting",
     "Random",
     "RandomWeighting",
     "Sum",
