@@ -16,11 +16,13 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.distributed import ProcessGroup
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from jdoptim.aggregation import Aggregator, WeightedAggregator
 from jdoptim.diagnostics import StepDiagnostics, diagnose
+from jdoptim.distributed import default_process_group, disable_ddp_sync, synchronise
 from jdoptim.functional import as_loss_vector, jacobian, split_update, stack_jacobians
 from jdoptim.registry import build, to_config
 
@@ -88,6 +90,14 @@ class JDOptimizer(Optimizer):
         diagnostics: Compute `StepDiagnostics` at each aggregation (an extra ``m × m`` Gramian),
             available as ``last_diagnostics`` and passed to hooks added with
             `register_diagnostics_hook`.
+        modules: The model (or modules) the losses come from. A ``DistributedDataParallel``
+            model among them has its own gradient synchronisation turned off, since the
+            optimizer reduces the Jacobian itself.
+        process_group: Under data parallelism, the ranks that step together; ``None`` uses the
+            default group once ``torch.distributed`` is initialised with several ranks. Each
+            aggregation then reduces the Jacobian across ranks (averaged with
+            ``accumulation="sum"``, rows stacked in rank order with ``"concat"``) so that every
+            rank applies the same update, equal to one process stepping on the global batch.
 
     Attributes:
         last_diagnostics: The `StepDiagnostics` of the latest aggregation, or ``None``.
@@ -120,6 +130,8 @@ class JDOptimizer(Optimizer):
         scaler: torch.amp.GradScaler | None = None,
         accumulation: Accumulation = "sum",
         diagnostics: bool = False,
+        modules: nn.Module | Sequence[nn.Module] | None = None,
+        process_group: ProcessGroup | None = None,
     ) -> None:
         if not isinstance(optimizer, Optimizer) or isinstance(optimizer, JDOptimizer):
             raise TypeError(
@@ -156,6 +168,8 @@ class JDOptimizer(Optimizer):
         self.scaler = scaler
         self.accumulation = accumulation
         self.diagnostics = diagnostics
+        self.modules = self._check_modules(modules)
+        self.process_group = process_group
         self.last_diagnostics: StepDiagnostics | None = None
         self._diagnostics_hooks: OrderedDict[int, DiagnosticsHook] = OrderedDict()
         # None until the first batched backward pass tells whether vmap runs on this graph.
@@ -169,6 +183,16 @@ class JDOptimizer(Optimizer):
         self._optimizer_load_state_dict_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
         self._optimizer_load_state_dict_post_hooks: OrderedDict[int, Callable] = OrderedDict()
         self._patch_step_function()
+
+    @staticmethod
+    def _check_modules(modules: nn.Module | Sequence[nn.Module] | None) -> list[nn.Module]:
+        listed = [] if modules is None else [modules] if isinstance(modules, nn.Module) else modules
+        listed = list(listed)
+        for module in listed:
+            if not isinstance(module, nn.Module):
+                raise TypeError(f"modules must hold nn.Module objects, got {module!r}.")
+            disable_ddp_sync(module)
+        return listed
 
     def _check_shared(self, shared: Iterable[Tensor] | nn.Module | None) -> list[Tensor] | None:
         if shared is None:
@@ -291,6 +315,9 @@ class JDOptimizer(Optimizer):
         self._pending = []
         self._skip_next_step = True
 
+    def _group(self) -> ProcessGroup | None:
+        return self.process_group if self.process_group is not None else default_process_group()
+
     def _scaling(self) -> bool:
         return self.scaler is not None and self.scaler.is_enabled()
 
@@ -321,7 +348,7 @@ class JDOptimizer(Optimizer):
         if matrix is not None:
             checks.append(torch.isfinite(matrix).all())
         finite = bool(torch.stack(checks).all())
-        if not finite and not self._scaling():
+        if not finite and not self._scaling() and self._group() is None:
             bad = (~torch.isfinite(vector)).nonzero().flatten().tolist()
             what = (
                 f"losses at indices {bad} are not finite" if bad else "the Jacobian is not finite"
@@ -387,6 +414,19 @@ class JDOptimizer(Optimizer):
 
     def _aggregate_pending(self) -> None:
         combined = self._combine(self._pending)
+        group = self._group()
+        if group is not None:
+            matrix, others, finite = synchronise(
+                combined.matrix,
+                list(combined.own.values()),
+                combined.finite,
+                self.accumulation == "concat",
+                group,
+            )
+            own = dict(zip(combined.own, others, strict=True))
+            combined = _Contribution(combined.shared, matrix, own, finite)
+            if not finite and not self._scaling():
+                return self._refuse("the losses or the Jacobian are not finite on some rank")
         if not combined.finite:
             # Only reached with a GradScaler: let it see the overflow and skip the step.
             self._pending = []

@@ -1,0 +1,133 @@
+"""Data parallelism: two gloo processes on the CPU must apply the same update as one process
+stepping on the concatenated batch."""
+
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.optim import SGD
+
+from jdoptim import JDOptimizer, UPGrad
+
+WORLD = 2
+BATCH = 8  # per rank
+STEPS = 3
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is missing")
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(4, 6), nn.Tanh())
+        self.heads = nn.ModuleList(nn.Linear(6, 1) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.trunk(x)
+        return torch.cat([head(features) for head in self.heads], dim=1)
+
+
+def _global_data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(WORLD * BATCH, 4, generator=generator, dtype=torch.float64)
+    return x, torch.randn(WORLD * BATCH, 3, generator=generator, dtype=torch.float64)
+
+
+def _task_losses(output, y):
+    return ((output - y) ** 2).mean(dim=0)
+
+
+def _sample_losses(output, y):
+    return ((output - y) ** 2).mean(dim=1)
+
+
+CASES = {
+    # name: (losses, optimizer options, wrap the model in DDP, share only the trunk)
+    "tasks": (_task_losses, {}, False, False),
+    "samples": (_sample_losses, {"accumulation": "concat"}, False, False),
+    "ddp_multi_task": (_task_losses, {}, True, True),
+}
+
+
+def _train(case: str, rank: int | None) -> list[torch.Tensor]:
+    losses_fn, options, wrap, shared = CASES[case]
+    torch.manual_seed(0)
+    net = _Net().double()
+    model = nn.parallel.DistributedDataParallel(net) if wrap and rank is not None else net
+    extra = {"shared_params": net.trunk} if shared else {}
+    optimizer = JDOptimizer(
+        SGD(net.parameters(), lr=0.1), UPGrad(), modules=model, **options, **extra
+    )
+    for step in range(STEPS):
+        x, y = _global_data(step)
+        if rank is not None:
+            x, y = x[rank * BATCH : (rank + 1) * BATCH], y[rank * BATCH : (rank + 1) * BATCH]
+        optimizer.zero_grad()
+        optimizer.step(losses_fn(model(x), y))
+    return [p.detach().clone() for p in net.parameters()]
+
+
+def _skip_consistently(rank: int) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    net = _Net().double()
+    optimizer = JDOptimizer(SGD(net.parameters(), lr=0.1), UPGrad(), nonfinite="skip")
+    x, y = _global_data(0)
+    losses = _task_losses(net(x[rank * BATCH : (rank + 1) * BATCH]), y[:BATCH])
+    if rank == 1:
+        losses = losses * torch.tensor([1.0, float("nan"), 1.0], dtype=torch.float64)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        optimizer.step(losses)
+    return [p.detach().clone() for p in net.parameters()]
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        results = {case: _train(case, rank) for case in CASES}
+        results["skip"] = _skip_consistently(rank)
+        torch.save(results, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def rank_results(tmp_path_factory) -> list[dict[str, list[torch.Tensor]]]:
+    out = tmp_path_factory.mktemp("ranks")
+    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    return [torch.load(out / f"rank{rank}.pt") for rank in range(WORLD)]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_ranks_agree_and_equal_one_process_on_the_global_batch(rank_results, case):
+    expected = _train(case, rank=None)
+    for rank in range(WORLD):
+        for param, reference in zip(rank_results[rank][case], expected, strict=True):
+            torch.testing.assert_close(param, reference, rtol=0, atol=1e-6)
+    for a, b in zip(rank_results[0][case], rank_results[1][case], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(rank_results):
+    torch.manual_seed(0)
+    initial = [p.detach() for p in _Net().double().parameters()]
+    for rank in range(WORLD):
+        for param, reference in zip(rank_results[rank]["skip"], initial, strict=True):
+            assert torch.equal(param, reference)
