@@ -1,0 +1,162 @@
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from jdoptim.aggregation._bases import GramianWeightedAggregator, Weighting, check_non_negative
+from jdoptim.aggregation._pcgrad import RandomSource
+from jdoptim.registry import register
+
+_PAPER = "https://arxiv.org/abs/2010.05874"
+
+
+def _check_beta(beta: float) -> float:
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
+        raise ValueError(f"Invalid beta value: {beta!r}; expected a number in [0, 1].")
+    return float(beta)
+
+
+@register(paper=_PAPER, stateful=True, randomised=True)
+class GradVacWeighting(Weighting):
+    r"""GradVac's weights: $w = \mathbf 1^\top C$, where row $i$ of $C$ holds the
+    coefficients of $g_i^{\mathrm{PC}} = \sum_k C_{ik} g_k$ (see `GradVac`).
+
+    Norms and cosines come from the Gramian: $\lVert g_i^{\mathrm{PC}} \rVert^2 =
+    c_i G c_i^\top$ and $g_i^{\mathrm{PC}} \cdot g_j = (c_i G)_j$, so adding
+    $w\, g_j$ to $g_i^{\mathrm{PC}}$ adds $w$ to $C_{ij}$.
+
+    Args:
+        beta: Rate of the moving average of the targets $\hat\phi$ (weight of the new
+            cosine).
+        eps: Added to $\sqrt{1 - \hat\phi_{ij}^2}$ in the step's denominator.
+        seed: Seed of a generator owned by the weighting for the random orders (saved in
+            ``state_dict()``); ``None`` draws from torch's global generator.
+    """
+
+    def __init__(self, beta: float = 0.5, eps: float = 1e-8, seed: int | None = None) -> None:
+        super().__init__()
+        self.beta = _check_beta(beta)
+        self.eps = check_non_negative(eps, "eps")
+        self._random = RandomSource(seed)
+        self._targets: Tensor | None = None
+
+    @property
+    def seed(self) -> int | None:
+        return self._random.seed
+
+    @property
+    def targets(self) -> Tensor | None:
+        r"""The targets $\hat\phi$, shape ``[m, m]`` (``None`` before the first call)."""
+        return self._targets
+
+    def reset(self) -> None:
+        """Set the targets back to zero and restart the owned generator from ``seed``."""
+        self._targets = None
+        self._random.reset()
+
+    def _weights(self, matrix: Tensor) -> Tensor:
+        m = matrix.shape[0]
+        if self._targets is None or self._targets.shape[0] != m:
+            self._targets = matrix.new_zeros(m, m)
+        targets = self._targets.to(dtype=matrix.dtype, device=matrix.device)
+        order = self._random.permutations_of_others(m, matrix)
+        rows = torch.arange(m, device=matrix.device)
+        coefficients = torch.eye(m, dtype=matrix.dtype, device=matrix.device)
+        products = matrix.clone()  # products[i, j] = g_i^PC · g_j
+        norms = matrix.diagonal().clamp(min=0).sqrt()
+        # Rows are independent: step k corrects every g_i^PC against its k-th task at once.
+        for k in range(m - 1):
+            j = order[:, k]
+            dot = products[rows, j]
+            norm_i = (products * coefficients).sum(dim=1).clamp(min=0).sqrt()
+            norm_j = norms[j]
+            norm_product = norm_i * norm_j
+            cosine = torch.where(
+                norm_product > 0, dot / torch.where(norm_product > 0, norm_product, 1.0), 0.0
+            )
+            target = targets[rows, j]
+            sine = (1 - cosine**2).clamp(min=0).sqrt()
+            target_sine = (1 - target**2).clamp(min=0).sqrt()
+            denominator = norm_j * (target_sine + self.eps)
+            correct = (cosine < target) & (denominator > 0)
+            step = torch.where(
+                correct,
+                norm_i
+                * (target * sine - cosine * target_sine)
+                / torch.where(denominator > 0, denominator, 1.0),
+                0.0,
+            )
+            coefficients[rows, j] += step
+            products += step[:, None] * matrix[j]
+            targets[rows, j] = (1 - self.beta) * target + self.beta * cosine
+        self._targets = targets
+        return coefficients.sum(dim=0)
+
+    def get_extra_state(self) -> Any:
+        return {"targets": self._targets, "generator": self._random.state()}
+
+    def set_extra_state(self, state: Any) -> None:
+        targets = state["targets"]
+        self._targets = None if targets is None else targets.clone()
+        self._random.load_state(state["generator"], type(self).__name__)
+
+
+@register(paper=_PAPER, stateful=True, randomised=True)
+class GradVac(GramianWeightedAggregator):
+    r"""Gradient Vaccine (Wang et al., *Gradient Vaccine: Investigating and Improving
+    Multi-task Optimization in Massively Multilingual Models*, ICLR 2021,
+    [arXiv 2010.05874](https://arxiv.org/abs/2010.05874)).
+
+    Like PCGrad, each gradient is corrected against the others in a random order, but towards
+    a target cosine similarity $\hat\phi_{ij}$ rather than only away from conflict.
+    With $\phi_{ij}$ the cosine between the current $g_i^{\mathrm{PC}}$ and $g_j$:
+
+    $$
+    \text{if } \phi_{ij} < \hat\phi_{ij}:\quad
+    g_i^{\mathrm{PC}} \leftarrow g_i^{\mathrm{PC}} +
+    \frac{\lVert g_i^{\mathrm{PC}} \rVert \left(\hat\phi_{ij} \sqrt{1 - \phi_{ij}^2}
+        - \phi_{ij} \sqrt{1 - \hat\phi_{ij}^2}\right)}
+        {\lVert g_j \rVert \left(\sqrt{1 - \hat\phi_{ij}^2} + \varepsilon\right)}\, g_j,
+    \qquad
+    \hat\phi_{ij} \leftarrow (1 - \beta)\, \hat\phi_{ij} + \beta\, \phi_{ij},
+    $$
+
+    and $\mathcal A(J) = \sum_i g_i^{\mathrm{PC}}$. The targets start at zero, so the
+    first call equals PCGrad for the same order. The method only needs the Gramian (it runs in
+    gramian mode).
+
+    State: the targets $\hat\phi$ (an ``[m, m]`` tensor, exposed as
+    ``weighting.targets``) persist across calls and travel in ``state_dict()``; ``reset()``
+    sets them back to zero. When the number of objectives changes, the targets are
+    re-initialised to zero.
+
+    A cosine with a zero vector is taken as 0. TorchJD adds ``eps`` to $\lVert g_i \rVert
+    \lVert g_j \rVert$ and to $\lVert g_j \rVert \sqrt{1 - \hat\phi^2}$, which
+    distorts the cosines of gradients with norms near $\sqrt{\varepsilon}$; here ``eps`` only
+    enters the dimensionless $\sqrt{1 - \hat\phi^2} + \varepsilon$, so the method is
+    exact at every scale and agrees with TorchJD to about ``eps`` for ordinary gradients. With
+    ``eps = 0``, a target of exactly 1 cannot be reached by a finite step and no correction is
+    applied.
+
+    Args:
+        beta: Rate of the moving average of the targets (weight of the new cosine).
+        eps: Added to $\sqrt{1 - \hat\phi_{ij}^2}$ in the step's denominator.
+        seed: Seed of a generator owned by the aggregator for the random orders (saved in
+            ``state_dict()``); ``None`` draws from torch's global generator.
+
+    Examples:
+        >>> import torch
+        >>> from jdoptim import GradVac
+        >>> J = torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]], dtype=torch.float64)
+        >>> aggregator = GradVac()
+        >>> aggregator(J)
+        tensor([0.5848, 3.8012, 3.8012], dtype=torch.float64)
+        >>> aggregator.weighting.targets
+        tensor([[ 0.0000, -0.4206],
+                [-0.4206,  0.0000]], dtype=torch.float64)
+    """
+
+    def __init__(self, beta: float = 0.5, eps: float = 1e-8, seed: int | None = None) -> None:
+        super().__init__(GradVacWeighting(beta, eps, seed))
