@@ -8,6 +8,7 @@ from jdoptim.aggregation._bases import (
 )
 from jdoptim.aggregation._constant import Constant, ConstantWeighting
 from jdoptim.aggregation._dualproj import DualProj, DualProjWeighting
+from jdoptim.aggregation._graddrop import GradDrop
 from jdoptim.aggregation._gradvac import GradVac, GradVacWeighting
 from jdoptim.aggregation._imtlg import IMTLG, IMTLGWeighting
 from jdoptim.aggregation._mean import Mean, MeanWeighting
@@ -25,6 +26,7 @@ __all__ = [
     "ConstantWeighting",
     "DualProj",
     "DualProjWeighting",
+    "GradDrop",
     "GradVac",
     "GradVacWeighting",
     "GramianWeightedAggregator",
