@@ -1,0 +1,104 @@
+"""The documentation's code runs, and the site builds without a warning.
+
+Every ```python block of a page under docs/ and of README.md runs, the blocks of one page in
+order in one namespace (a page reads as one script). A block preceded by the line
+``<!-- no-test -->`` is skipped (for code of other libraries, such as TorchJD's in the migration
+guide).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+PAGES = sorted(DOCS.rglob("*.md")) + ([ROOT / "README.md"] if (ROOT / "README.md").exists() else [])
+FENCE = re.compile(
+    r"^(?P<skip><!-- no-test -->\n)?(?P<indent>[ \t]*)```python[^\n]*\n"
+    r"(?P<code>.*?)^(?P=indent)```",
+    flags=re.MULTILINE | re.DOTALL,
+)
+
+
+def python_blocks(text: str) -> list[str]:
+    """The code of the ```python blocks of a Markdown text, without the skipped ones."""
+    blocks = []
+    for match in FENCE.finditer(text):
+        if match.group("skip"):
+            continue
+        indent = len(match.group("indent"))
+        blocks.append("".join(line[indent:] for line in match.group("code").splitlines(True)))
+    return blocks
+
+
+def test_python_blocks_are_found_and_skipped() -> None:
+    text = (
+        "Intro\n```python\nx = 1\n```\n<!-- no-test -->\n```python\nimport torchjd\n```\n"
+        '- item\n\n    ```python title="indented"\n    y = x + 1\n    ```\n```bash\nls\n```\n'
+    )
+    assert python_blocks(text) == ["x = 1\n", "y = x + 1\n"]
+
+
+def _page_id(page: Path) -> str:
+    return str(page.relative_to(ROOT))
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if "```python" in p.read_text()], ids=_page_id)
+def test_code_blocks_run(page: Path) -> None:
+    blocks = python_blocks(page.read_text(encoding="utf-8"))
+    assert blocks, f"{page} has ```python fences that the pattern did not match"
+    namespace: dict[str, object] = {"__name__": "__docs__"}
+    torch.manual_seed(0)
+    for number, code in enumerate(blocks, start=1):
+        try:
+            exec(compile(code, f"{_page_id(page)}, block {number}", "exec"), namespace)
+        except Exception as error:
+            raise AssertionError(f"Block {number} of {_page_id(page)} failed:\n{code}") from error
+
+
+def test_every_page_is_in_the_nav_or_generated() -> None:
+    # mkdocs --strict reports pages left out of the nav; this points at the file directly.
+    config = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
+    listed = set(re.findall(r"([\w/.-]+\.md)\s*$", config, flags=re.MULTILINE))
+    for page in DOCS.rglob("*.md"):
+        uri = page.relative_to(DOCS).as_posix()
+        if uri.startswith("benchmarks/"):
+            continue  # the hook adds every benchmark page to the nav
+        assert uri in listed, f"{uri} is not in mkdocs.yml's nav"
+
+
+@pytest.mark.skipif(
+    any(importlib.util.find_spec(name) is None for name in ("mkdocs", "material", "mkdocstrings")),
+    reason="mkdocs, mkdocs-material or mkdocstrings is not installed (the docs extra)",
+)
+def test_mkdocs_build_strict(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-6000:]
+    site = tmp_path
+    assert (site / "index.html").exists()
+    # The generated pages exist for every registered method and public submodule.
+    import jdoptim
+
+    for name in jdoptim.list_aggregators():
+        spec = jdoptim.get_spec(name)
+        found = list((site / "aggregators").glob("*/index.html"))
+        assert any(spec.cls.__name__ in page.read_text(encoding="utf-8") for page in found), name
+    table = (site / "aggregators" / "index.html").read_text(encoding="utf-8")
+    for name in jdoptim.list_aggregators():
+        assert f"<code>{name}</code>" in table, f"{name} is missing from the aggregator table"
+    assert (site / "reference" / "functional" / "index.html").exists()
+    assert (site / "reference" / "linalg" / "index.html").exists()
+    assert "Unreleased" in (site / "changelog" / "index.html").read_text(encoding="utf-8")
