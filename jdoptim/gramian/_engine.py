@@ -1,0 +1,571 @@
+"""`GramianEngine`: the Gramian of many losses, and their weighted gradient, without the
+Jacobian."""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge
+from torch.utils.hooks import RemovableHandle
+
+from jdoptim.gramian._modules import Call, Handler, Layout, make_handler, module_problem
+from jdoptim.gramian._terms import Term, combine
+
+_KEYS = itertools.count()
+_ACCUMULATE_GRAD = type(torch.zeros(1, requires_grad=True).expand(1).grad_fn.next_functions[0][0])
+
+Modules = nn.Module | Iterable[nn.Module]
+
+
+def _roots(modules: Modules) -> list[nn.Module]:
+    roots = [modules] if isinstance(modules, nn.Module) else list(modules)  # type: ignore[arg-type]
+    if not roots:
+        raise ValueError("modules is empty; pass the model, or the modules to hook.")
+    for module in roots:
+        if not isinstance(module, nn.Module):
+            raise TypeError(
+                f"modules must be an nn.Module or an iterable of nn.Modules, got an element of "
+                f"type {type(module).__name__}."
+            )
+    return roots
+
+
+def _check_batch_dim(batch_dim: int | None) -> int | None:
+    if batch_dim is not None and (
+        isinstance(batch_dim, bool) or not isinstance(batch_dim, int) or batch_dim < 0
+    ):
+        raise ValueError(
+            f"Invalid batch_dim value: {batch_dim!r}; expected an integer >= 0 or None."
+        )
+    return batch_dim
+
+
+def _walk_modules(roots: list[nn.Module], batch_dim: int | None) -> tuple[list[Handler], list[str]]:
+    """The handlers of ``roots``' modules, and the problems that prevent hooking them."""
+    handlers: list[Handler] = []
+    problems: list[str] = []
+    seen: set[int] = set()
+    several = len(roots) > 1
+
+    def visit(module: nn.Module, name: str) -> None:
+        if id(module) in seen:
+            return
+        seen.add(id(module))
+        shown = repr(name) if name else "(root)"
+        problem = module_problem(module, shown, batch_dim)
+        if problem is not None:
+            problems.append(problem)
+            return
+        handler = make_handler(module, shown, batch_dim)
+        if handler is not None:
+            handlers.append(handler)
+            if handler.jump:
+                return
+        for child_name, child in module.named_children():
+            visit(child, f"{name}.{child_name}" if name else child_name)
+
+    for i, root in enumerate(roots):
+        visit(root, f"modules[{i}]" if several else "")
+    return handlers, problems
+
+
+def find_problems(modules: Modules, *, batch_dim: int | None = 0) -> list[str]:
+    """The reasons why `GramianEngine` would refuse these modules (empty if it accepts them).
+
+    Args:
+        modules: A module or an iterable of modules.
+        batch_dim: As in `GramianEngine`.
+
+    Examples:
+        >>> from torch import nn
+        >>> from jdoptim.gramian import find_problems
+        >>> find_problems(nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3)))  # doctest: +ELLIPSIS
+        ["Module '1' (BatchNorm1d) normalises with statistics of the whole batch ..."]
+    """
+    return _walk_modules(_roots(modules), _check_batch_dim(batch_dim))[1]
+
+
+def is_supported(modules: Modules, *, batch_dim: int | None = 0) -> bool:
+    """Whether `GramianEngine` accepts ``modules`` and has a closed form for every module with
+    parameters (no ``torch.func`` fallback), so that gramian mode is the fast choice.
+
+    Examples:
+        >>> from torch import nn
+        >>> from jdoptim.gramian import is_supported
+        >>> is_supported(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1)))
+        True
+        >>> is_supported(nn.LSTM(2, 3, batch_first=True))
+        False
+    """
+    handlers, problems = _walk_modules(_roots(modules), _check_batch_dim(batch_dim))
+    return not problems and all(handler.closed_form for handler in handlers)
+
+
+def _remove_hooks(handles: list[RemovableHandle]) -> None:
+    for handle in handles:
+        handle.remove()
+    handles.clear()
+
+
+class _Pending:
+    """What `GramianEngine.gramian` leaves for `GramianEngine.backward`."""
+
+    __slots__ = ("dtype", "leaves", "losses", "m", "terms")
+
+    def __init__(
+        self, losses: Tensor, terms: list[Term], leaves: list[Tensor], dtype: torch.dtype
+    ) -> None:
+        self.losses = losses
+        self.terms = terms
+        self.leaves = leaves
+        self.m = losses.numel()
+        self.dtype = dtype
+
+
+class GramianEngine:
+    r"""Gramian of many losses with respect to a model's parameters, and their weighted
+    gradient, computed without the Jacobian.
+
+    The engine hooks the modules once; every forward pass with grad enabled then records what
+    the closed forms need (inputs of the layers, and where their outputs sit in the graph). For
+    losses $L_1, \dots, L_m$ (flattened row-major from the loss tensor):
+
+    1. `gramian` runs one backward pass to the outputs of the hooked layers (no parameter
+       gradients) and returns $G_{kl} = \langle \nabla L_k, \nabla L_l\rangle$, summed over the
+       hooked parameters;
+    2. `backward` adds $\sum_k w_k \nabla L_k$ into the ``.grad`` of every parameter the losses
+       reach, from the same recorded quantities (plus one weighted backward pass for parameters
+       outside the hooked modules, if any).
+
+    For a linear layer, sample $i$'s gradient is $\sum_p \delta_{ip} a_{ip}^\top$ (output
+    gradients $\delta$, inputs $a$, positions $p$), so
+
+    $$ \langle \nabla_i W, \nabla_j W\rangle = \sum_{p,q} (a_{ip}\cdot a_{jq})\,
+    (\delta_{ip}\cdot\delta_{jq}), $$
+
+    computed from the Gramians of inputs and output gradients ("ghost" inner products, as for
+    per-sample gradient norms in [Goodfellow, arXiv 1510.01799](https://arxiv.org/abs/1510.01799)
+    and [Li et al., arXiv 2110.05679](https://arxiv.org/abs/2110.05679)), or from materialised
+    per-sample gradients, whichever costs fewer operations for that layer. Closed forms cover
+    ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Embedding``, and the affine parts of
+    ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm`` and eval-mode ``nn.BatchNorm``; any other
+    module with parameters gets per-sample gradients from ``torch.func`` (``vjp`` and ``vmap``
+    of its functional forward). A layer called several times (or a parameter shared by several
+    layers) gets the sum of its per-call gradients before inner products are taken.
+
+    Losses of shape:
+
+    - ``[B]`` (instance-wise risk minimisation) or ``[B, T, ...]`` (one loss per sample and
+      task) when ``B`` is the batch size the hooked modules saw along ``batch_dim``: the loss of
+      sample $i$ must depend on sample $i$ only;
+    - anything else (for example ``[T]`` task losses averaged over the batch), or any shape when
+      ``batch_dim=None``: one backward pass per loss (batched), no per-sample assumption.
+
+    Args:
+        modules: The model, or the modules whose parameters define the Gramian (partial Jacobian
+            descent: for example the last layers). Every parameter the losses reach is still
+            updated by `backward`.
+        batch_dim: The batch dimension of the hooked modules' inputs and outputs, or ``None``
+            when losses never decompose per sample (then modules that mix samples, such as
+            ``BatchNorm`` in training mode, are allowed).
+
+    Raises:
+        ValueError: If a module cannot work per sample: ``BatchNorm`` in training mode, modules
+            whose ``batch_first`` disagrees with ``batch_dim``, sparse embeddings.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from jdoptim import UPGradWeighting
+        >>> from jdoptim.gramian import GramianEngine
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
+        >>> engine = GramianEngine(model, batch_dim=0)
+        >>> x, y = torch.randn(5, 3), torch.randn(5, 1)
+        >>> losses = ((model(x) - y) ** 2).squeeze(1)  # one loss per sample
+        >>> G = engine.gramian(losses)
+        >>> G.shape
+        torch.Size([5, 5])
+        >>> engine.backward(UPGradWeighting()(G))
+        >>> model[0].weight.grad.shape
+        torch.Size([4, 3])
+        >>> engine.close()
+    """
+
+    def __init__(self, modules: Modules, *, batch_dim: int | None = 0) -> None:
+        self.batch_dim = _check_batch_dim(batch_dim)
+        roots = _roots(modules)
+        handlers, problems = _walk_modules(roots, self.batch_dim)
+        if problems:
+            raise ValueError(" ".join(problems))
+        self.modules: tuple[nn.Module, ...] = tuple(roots)
+        self._handlers = handlers
+        self._key = f"jdoptim.gramian.{next(_KEYS)}"
+        self._index = 0
+        self._recording = True
+        self._pending: _Pending | None = None
+        self._batched_backward = True
+        self._skipped: dict[int, Handler] = {}
+        self._internal: set[int] = set()
+        for handler in handlers:
+            target = self._skipped if handler.jump else self._internal
+            for param in handler.covered():
+                if handler.jump:
+                    self._skipped[id(param)] = handler
+                else:
+                    target.add(id(param))  # type: ignore[union-attr]
+        ref = weakref.ref(self)
+        self._handles: list[RemovableHandle] = [
+            handler.module.register_forward_hook(_make_hook(ref, handler), with_kwargs=True)
+            for handler in handlers
+        ]
+        self._finalizer = weakref.finalize(self, _remove_hooks, self._handles)
+
+    @property
+    def supports(self) -> bool:
+        """Whether every hooked module with parameters has a closed form (no ``torch.func``
+        fallback)."""
+        return all(handler.closed_form for handler in self._handlers)
+
+    @property
+    def fallback_modules(self) -> list[str]:
+        """Names of the hooked modules whose per-sample gradients come from ``torch.func``."""
+        return [handler.name for handler in self._handlers if not handler.closed_form]
+
+    def close(self) -> None:
+        """Remove the hooks and forget any pending Gramian. The engine cannot be used after."""
+        self._finalizer()
+        self._pending = None
+
+    def __enter__(self) -> GramianEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({len(self._handlers)} hooked modules, "
+            f"batch_dim={self.batch_dim!r}, supports={self.supports})"
+        )
+
+    def _record(self, handler: Handler, args: tuple, kwargs: dict, output: Any) -> None:
+        call = handler.capture(args, kwargs, output, self._index)
+        if call is None:
+            return
+        self._index += 1
+        for j, out in enumerate(call.outputs):  # type: ignore[arg-type]
+            out.grad_fn.metadata.setdefault(self._key, []).append((call, j))
+        call.outputs = None
+
+    def _walk(self, losses: Tensor) -> tuple[list[Call], list[Tensor]]:
+        """Find the recorded calls that the losses reach, and the leaves they reach outside
+        hooked modules."""
+        key = self._key
+        calls: dict[int, Call] = {}
+        leaves: dict[int, Tensor] = {}
+        seen: set[Any] = set()
+        stack = [losses.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            entries = node.metadata.get(key)
+            if entries:
+                jump = False
+                for call, j in entries:
+                    call.edges[j] = GradientEdge(node, call.out_nrs[j])
+                    calls[id(call)] = call
+                    if call.handler.jump:
+                        jump = True
+                        stack.extend(edge.node for edge in call.input_edges)
+                if jump:
+                    continue
+            if type(node) is _ACCUMULATE_GRAD:
+                var = node.variable
+                handler = self._skipped.get(id(var))
+                if handler is not None:
+                    raise ValueError(
+                        f"A parameter of module {handler.name} ({type(handler.module).__name__}, "
+                        f"shape {tuple(var.shape)}) is used outside that module's forward, which "
+                        "the engine cannot see; use it only through the module, or leave the "
+                        "module out of the hooked modules."
+                    )
+                if id(var) not in self._internal:
+                    leaves[id(var)] = var
+                continue
+            stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+        return sorted(calls.values(), key=lambda call: call.index), list(leaves.values())
+
+    def _layout(self, losses: Tensor, calls: list[Call], batched: bool | None) -> Layout:
+        m = losses.numel()
+        B = losses.shape[0]
+        if self.batch_dim is None or batched is False:
+            return Layout(False, self.batch_dim, 1, m, losses.dtype)
+        sizes = [
+            (call, size)
+            for call in calls
+            for size, edge in zip(call.out_batch, call.edges, strict=True)
+            if edge is not None
+        ]
+        off = [call for call, size in sizes if size != B]
+        if off and (batched or len(off) < len(sizes)):
+            call = off[0]
+            raise ValueError(
+                f"The losses have shape {tuple(losses.shape)}, so a batch of {B}, but module "
+                f"{call.handler.name} returned an output without that size along "
+                f"batch_dim={self.batch_dim}; per-sample Gramians need every hooked module to "
+                "process the batch (expand shared inputs such as position indices to the "
+                "batch). For losses that are not per-sample, pass batched=False."
+            )
+        if off:
+            return Layout(False, self.batch_dim, 1, m, losses.dtype)
+        return Layout(True, self.batch_dim, B, m // B, losses.dtype)
+
+    def _output_grads(
+        self, losses: Tensor, edges: list[GradientEdge], layout: Layout
+    ) -> Sequence[Tensor | None]:
+        if layout.per_sample and layout.T == 1:
+            return torch.autograd.grad(
+                losses, edges, torch.ones_like(losses), retain_graph=True, allow_unused=True
+            )
+        n = layout.T if layout.per_sample else layout.S * layout.T
+        eye = torch.eye(n, dtype=losses.dtype, device=losses.device)
+        if layout.per_sample:
+            rows = eye.view(n, 1, *losses.shape[1:]).expand(n, *losses.shape)
+        else:
+            rows = eye.view(n, *losses.shape)
+        if self._batched_backward:
+            try:
+                return torch.autograd.grad(
+                    losses,
+                    edges,
+                    rows,
+                    retain_graph=True,
+                    allow_unused=True,
+                    is_grads_batched=True,
+                )
+            except RuntimeError as error:
+                warnings.warn(
+                    f"The batched backward pass failed ({error}); the engine computes one "
+                    "backward pass per loss from now on.",
+                    stacklevel=3,
+                )
+                self._batched_backward = False
+        per_row = [
+            torch.autograd.grad(losses, edges, row, retain_graph=True, allow_unused=True)
+            for row in rows
+        ]
+        return [
+            None if parts[0] is None else torch.stack(parts)  # type: ignore[arg-type]
+            for parts in zip(*per_row, strict=True)
+        ]
+
+    def gramian(self, losses: Tensor, *, batched: bool | None = None) -> Tensor:
+        r"""Compute the Gramian $G_{kl} = \langle\nabla L_k, \nabla L_l\rangle$ of the losses
+        with respect to the hooked modules' parameters.
+
+        The losses must come from a forward pass of the hooked modules run after the engine was
+        built, with grad enabled. What `backward` needs is kept until it runs (or until the next
+        call of `gramian`).
+
+        Args:
+            losses: A loss tensor of any shape with at least one dimension; its ``m`` entries,
+                in row-major order, are the objectives.
+            batched: Whether the losses are per-sample (their first dimension is the batch the
+                hooked modules saw along ``batch_dim``, and loss ``[i, ...]`` depends on sample
+                ``i`` only). ``None`` (default): per-sample exactly when that first dimension is
+                the batch size.
+
+        Returns:
+            The ``[m, m]`` Gramian, in the losses' dtype and on their device.
+
+        Raises:
+            ValueError: If the losses reach no hooked module, a module's batch size differs
+                from the losses', an input of a hooked module was modified in place, or a
+                hooked parameter is also used outside its module.
+        """
+        if not isinstance(losses, Tensor):
+            raise TypeError(f"losses must be a tensor, got {type(losses).__name__}.")
+        if losses.ndim == 0 or losses.numel() == 0:
+            raise ValueError(
+                f"losses must have at least one dimension and one entry, got shape "
+                f"{tuple(losses.shape)}."
+            )
+        if not losses.is_floating_point():
+            raise TypeError(f"losses must have a floating dtype, got {losses.dtype}.")
+        if losses.grad_fn is None:
+            raise ValueError(
+                "The losses are not connected to any hooked module (they have no grad_fn); "
+                "compute them from the model's outputs with grad enabled."
+            )
+        self._pending = None
+        calls, leaves = self._walk(losses)
+        if not calls:
+            raise ValueError(
+                "The losses reach none of the hooked modules' recorded calls; run the forward "
+                "pass after building the engine, with grad enabled, through the hooked modules."
+            )
+        layout = self._layout(losses, calls, batched)
+        slots = [(call, j) for call in calls for j, edge in enumerate(call.edges) if edge]
+        grads = self._output_grads(losses, [call.edges[j] for call, j in slots], layout)  # type: ignore[misc]
+        cotangents: dict[int, list[Tensor | None]] = {
+            id(call): [None] * len(call.edges) for call in calls
+        }
+        for (call, j), grad in zip(slots, grads, strict=True):
+            cotangents[id(call)][j] = grad
+        terms: list[Term] = []
+        self._recording = False
+        try:
+            for call in calls:
+                call.check_unmodified()
+                if all(g is None for g in cotangents[id(call)]):
+                    continue
+                terms.extend(call.handler.terms(call, cotangents[id(call)], layout))
+        finally:
+            self._recording = True
+        terms = combine(terms)
+        m = losses.numel()
+        G = torch.zeros(m, m, dtype=losses.dtype, device=losses.device)
+        for term in terms:
+            term.add_gramian(G)
+        self._pending = _Pending(losses, terms, leaves, losses.dtype)
+        return G
+
+    def backward(
+        self,
+        weights: Tensor,
+        *,
+        params: Iterable[Tensor] | None = None,
+        retain_graph: bool = False,
+    ) -> None:
+        r"""Add $\sum_k w_k \nabla L_k$ into ``.grad``, for the losses of the last `gramian`.
+
+        Like autograd, a ``.grad`` that exists is added to and a missing one is created;
+        parameters that no loss reaches keep ``.grad is None``. Parameters of hooked modules get
+        it from the recorded quantities; any other leaf the losses reach, from one weighted
+        backward pass.
+
+        Args:
+            weights: One weight per loss, shape ``[m]``.
+            params: Only write into these tensors (for example an optimizer's parameters);
+                ``None`` for every leaf the losses reach.
+            retain_graph: Keep the autograd graph after the weighted backward pass.
+
+        Raises:
+            RuntimeError: If `gramian` was not called since the last `backward`.
+            ValueError: If ``weights`` does not hold one entry per loss.
+        """
+        pending = self._pending
+        if pending is None:
+            raise RuntimeError("Call gramian(losses) before backward(weights).")
+        if not isinstance(weights, Tensor):
+            raise TypeError(f"weights must be a tensor, got {type(weights).__name__}.")
+        if weights.ndim != 1 or weights.shape[0] != pending.m:
+            raise ValueError(
+                f"weights must have shape ({pending.m},), one per loss, got {tuple(weights.shape)}."
+            )
+        w = weights.to(dtype=pending.dtype, device=pending.losses.device)
+        allowed = None if params is None else {id(p) for p in params}
+        leaves = [leaf for leaf in pending.leaves if allowed is None or id(leaf) in allowed]
+        leaf_grads: Sequence[Tensor | None] = ()
+        if leaves:
+            losses = pending.losses
+            leaf_grads = torch.autograd.grad(
+                losses,
+                leaves,
+                w.view(losses.shape),
+                retain_graph=retain_graph,
+                allow_unused=True,
+            )
+        write = _writer(allowed)
+        with torch.no_grad():
+            for term in pending.terms:
+                term.accumulate(w, write)
+            for leaf, grad in zip(leaves, leaf_grads, strict=True):
+                if grad is not None:
+                    write(leaf, grad)
+        self._pending = None
+
+    def reset(self) -> None:
+        """Forget the pending Gramian's intermediate results (they are also dropped by
+        `backward` and by the next `gramian`)."""
+        self._pending = None
+
+
+def _writer(allowed: set[int] | None) -> Callable[[Tensor, Tensor], None]:
+    def write(param: Tensor, grad: Tensor) -> None:
+        if (allowed is not None and id(param) not in allowed) or not param.requires_grad:
+            return
+        if grad.dtype != param.dtype:
+            grad = grad.to(param.dtype)
+        if param.grad is None:
+            param.grad = grad if grad.is_contiguous() else grad.contiguous()
+        else:
+            param.grad.add_(grad)
+
+    return write
+
+
+def _make_hook(ref: weakref.ref, handler: Handler) -> Callable:
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        engine = ref()
+        if engine is None or not engine._recording:
+            return
+        handler.check()
+        if torch.is_grad_enabled():
+            engine._record(handler, args, kwargs, output)
+
+    return hook
+
+
+def gramian_backward(
+    losses: Tensor,
+    engine: GramianEngine,
+    weighting: Callable[[Tensor], Tensor],
+    *,
+    params: Iterable[Tensor] | None = None,
+    retain_graph: bool = False,
+    batched: bool | None = None,
+) -> Tensor:
+    r"""Jacobian descent's backward pass in gramian mode: Gramian, weights, weighted gradient.
+
+    Computes $G$ with ``engine.gramian(losses)``, the weights $w$ = ``weighting(G)``, and adds
+    $\sum_k w_k \nabla L_k$ into ``.grad`` with ``engine.backward(w)``.
+
+    Args:
+        losses: The losses, as in `GramianEngine.gramian`.
+        engine: A `GramianEngine` hooked on the model before the forward pass.
+        weighting: Maps the ``[m, m]`` Gramian to ``m`` weights, for example
+            ``jdoptim.UPGradWeighting()`` or ``jdoptim.UPGrad().weighting``.
+        params: As in `GramianEngine.backward`.
+        retain_graph: As in `GramianEngine.backward`.
+        batched: As in `GramianEngine.gramian`.
+
+    Returns:
+        The weights.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from jdoptim import UPGrad
+        >>> from jdoptim.gramian import GramianEngine, gramian_backward
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Linear(3, 1)
+        >>> with GramianEngine(model) as engine:
+        ...     losses = (model(torch.randn(4, 3)) ** 2).squeeze(1)
+        ...     weights = gramian_backward(losses, engine, UPGrad().weighting)
+        >>> weights.shape, model.weight.grad.shape
+        (torch.Size([4]), torch.Size([1, 3]))
+    """
+    G = engine.gramian(losses, batched=batched)
+    weights = weighting(G)
+    engine.backward(weights, params=params, retain_graph=retain_graph)
+    return weights
