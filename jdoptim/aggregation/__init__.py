@@ -11,6 +11,7 @@ from jdoptim.aggregation._dualproj import DualProj, DualProjWeighting
 from jdoptim.aggregation._graddrop import GradDrop
 from jdoptim.aggregation._gradvac import GradVac, GradVacWeighting
 from jdoptim.aggregation._imtlg import IMTLG, IMTLGWeighting
+from jdoptim.aggregation._krum import Krum, KrumWeighting
 from jdoptim.aggregation._mean import Mean, MeanWeighting
 from jdoptim.aggregation._mgda import MGDA, MGDAWeighting
 from jdoptim.aggregation._pcgrad import PCGrad, PCGradWeighting
@@ -31,6 +32,8 @@ __all__ = [
     "GradVacWeighting",
     "GramianWeightedAggregator",
     "IMTLGWeighting",
+    "Krum",
+    "KrumWeighting",
     "MGDAWeighting",
     "Mean",
     "MeanWeighting",
