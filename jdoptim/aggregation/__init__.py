@@ -17,6 +17,7 @@ from jdoptim.aggregation._mgda import MGDA, MGDAWeighting
 from jdoptim.aggregation._pcgrad import PCGrad, PCGradWeighting
 from jdoptim.aggregation._random import Random, RandomWeighting
 from jdoptim.aggregation._sum import Sum, SumWeighting
+from jdoptim.aggregation._trimmedmean import TrimmedMean
 from jdoptim.aggregation._upgrad import UPGrad, UPGradWeighting
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "RandomWeighting",
     "Sum",
     "SumWeighting",
+    "TrimmedMean",
     "UPGrad",
     "UPGradWeighting",
     "WeightedAggregator",
