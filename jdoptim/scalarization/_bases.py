@@ -51,9 +51,17 @@ def check_optional_m(m: int | None) -> int | None:
     return None if m is None else check_positive_int(m, "m")
 
 
+def as_vector(values: Tensor | Sequence[float], name: str) -> Tensor:
+    """Validate a finite 1-D per-objective vector; numbers given as Python floats are kept in
+    float64 (so ``repr``, configs and float64 losses see them exactly)."""
+    if not isinstance(values, Tensor):
+        values = torch.as_tensor(values, dtype=torch.float64)
+    return as_weight_tensor(values, name)
+
+
 def as_preference_tensor(values: Tensor | Sequence[float], name: str) -> Tensor:
     """Validate a preference vector: finite, non-negative, not all zero."""
-    tensor = as_weight_tensor(values, name)
+    tensor = as_vector(values, name)
     if (tensor < 0).any() or not (tensor > 0).any():
         raise ValueError(
             f"Expected {name} to be non-negative with at least one positive entry, got "
@@ -64,7 +72,7 @@ def as_preference_tensor(values: Tensor | Sequence[float], name: str) -> Tensor:
 
 def optional_tensor(values: Tensor | Sequence[float] | None, name: str) -> Tensor | None:
     """``None``, or the finite 1-D tensor of ``values``."""
-    return None if values is None else as_weight_tensor(values, name)
+    return None if values is None else as_vector(values, name)
 
 
 def state_dtype(losses: Tensor) -> torch.dtype:

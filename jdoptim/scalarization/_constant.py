@@ -4,9 +4,8 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from jdoptim.aggregation._bases import as_weight_tensor
 from jdoptim.registry import register
-from jdoptim.scalarization._bases import Scalarizer, check_count
+from jdoptim.scalarization._bases import Scalarizer, as_vector, check_count
 
 
 def _example(m: int) -> dict[str, list[float]]:
@@ -29,7 +28,7 @@ class Constant(Scalarizer):
 
     def __init__(self, weights: Tensor | Sequence[float]) -> None:
         super().__init__()
-        self.register_buffer("weights", as_weight_tensor(weights, "weights"), persistent=False)
+        self.register_buffer("weights", as_vector(weights, "weights"), persistent=False)
 
     def _scalarize(self, losses: Tensor) -> Tensor:
         check_count(self.weights.shape[0], losses, type(self).__name__, "weights")
