@@ -1,6 +1,6 @@
 """jdoptim: Jacobian descent for PyTorch, inside any ``torch.optim`` optimizer."""
 
-from jdoptim import functional
+from jdoptim import functional, scalarization
 from jdoptim.aggregation import (
     IMTLG,
     MGDA,
@@ -84,6 +84,7 @@ __all__ = [
     "list_aggregators",
     "list_weightings",
     "register",
+    "scalarization",
     "to_config",
     "unregister",
 ]
