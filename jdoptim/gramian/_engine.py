@@ -270,6 +270,7 @@ class GramianEngine:
         key = self._key
         calls: dict[int, Call] = {}
         leaves: dict[int, Tensor] = {}
+        unseen: list[Tensor] = []
         seen: set[Any] = set()
         stack = [losses.grad_fn]
         while stack:
@@ -290,18 +291,26 @@ class GramianEngine:
                     continue
             if type(node) is _ACCUMULATE_GRAD:
                 var = node.variable
-                handler = self._skipped.get(id(var))
-                if handler is not None:
-                    raise ValueError(
-                        f"A parameter of module {handler.name} ({type(handler.module).__name__}, "
-                        f"shape {tuple(var.shape)}) is used outside that module's forward, which "
-                        "the engine cannot see; use it only through the module, or leave the "
-                        "module out of the hooked modules."
-                    )
-                if id(var) not in self._internal:
+                if id(var) in self._skipped:
+                    unseen.append(var)
+                elif id(var) not in self._internal:
                     leaves[id(var)] = var
                 continue
             stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+        if not calls:
+            raise ValueError(
+                "The losses reach none of the hooked modules' recorded calls; run the forward "
+                "pass after building the engine, with grad enabled, through the hooked modules."
+            )
+        if unseen:
+            handler = self._skipped[id(unseen[0])]
+            raise ValueError(
+                f"A parameter of module {handler.name} ({type(handler.module).__name__}, shape "
+                f"{tuple(unseen[0].shape)}) reaches the losses other than through a recorded "
+                "call of that module: it is used outside the module's forward, or the module ran "
+                "before the engine was built or while grad was disabled. Use the parameter only "
+                "through its module, or leave the module out of the hooked modules."
+            )
         return sorted(calls.values(), key=lambda call: call.index), list(leaves.values())
 
     def _layout(self, losses: Tensor, calls: list[Call], batched: bool | None) -> Layout:
@@ -408,11 +417,8 @@ class GramianEngine:
             )
         self._pending = None
         calls, leaves = self._walk(losses)
-        if not calls:
-            raise ValueError(
-                "The losses reach none of the hooked modules' recorded calls; run the forward "
-                "pass after building the engine, with grad enabled, through the hooked modules."
-            )
+        for call in calls:
+            call.check_unmodified()
         layout = self._layout(losses, calls, batched)
         slots = [(call, j) for call in calls for j, edge in enumerate(call.edges) if edge]
         grads = self._output_grads(losses, [call.edges[j] for call, j in slots], layout)  # type: ignore[misc]
@@ -424,18 +430,18 @@ class GramianEngine:
         terms: list[Term] = []
         self._recording = False
         try:
-            for call in calls:
-                call.check_unmodified()
-                if all(g is None for g in cotangents[id(call)]):
-                    continue
-                terms.extend(call.handler.terms(call, cotangents[id(call)], layout))
+            with torch.no_grad():
+                for call in calls:
+                    if all(g is None for g in cotangents[id(call)]):
+                        continue
+                    terms.extend(call.handler.terms(call, cotangents[id(call)], layout))
+                terms = combine(terms)
+                m = losses.numel()
+                G = torch.zeros(m, m, dtype=losses.dtype, device=losses.device)
+                for term in terms:
+                    term.add_gramian(G)
         finally:
             self._recording = True
-        terms = combine(terms)
-        m = losses.numel()
-        G = torch.zeros(m, m, dtype=losses.dtype, device=losses.device)
-        for term in terms:
-            term.add_gramian(G)
         self._pending = _Pending(losses, terms, leaves, losses.dtype)
         return G
 

@@ -32,6 +32,7 @@ class Call:
     """
 
     __slots__ = (
+        "__weakref__",
         "edges",
         "handler",
         "index",
