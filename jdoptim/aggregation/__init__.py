@@ -6,6 +6,7 @@ from jdoptim.aggregation._bases import (
     WeightedAggregator,
     Weighting,
 )
+from jdoptim.aggregation._config import ConFIG
 from jdoptim.aggregation._constant import Constant, ConstantWeighting
 from jdoptim.aggregation._dualproj import DualProj, DualProjWeighting
 from jdoptim.aggregation._graddrop import GradDrop
@@ -24,6 +25,7 @@ __all__ = [
     "IMTLG",
     "MGDA",
     "Aggregator",
+    "ConFIG",
     "Constant",
     "ConstantWeighting",
     "DualProj",

@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from jdoptim.aggregation._bases import Aggregator, as_weight_tensor, check_length
+from jdoptim.registry import register
+
+
+@register(
+    paper="https://arxiv.org/abs/2408.11104", linear_under_scaling=True, permutation_invariant=True
+)
+class ConFIG(Aggregator):
+    r"""Conflict-free inverse gradients (Liu et al., *ConFIG: Towards Conflict-free Training of
+    Physics Informed Neural Networks*, ICLR 2025,
+    [arXiv 2408.11104](https://arxiv.org/abs/2408.11104), Equation 2).
+
+    The direction is the one whose inner products with the unit rows are the preferences $w$
+    (in the least-squares, minimum-norm sense of the pseudo-inverse), and its length is the sum
+    of the rows' projections onto it:
+
+    $$
+    u = \frac{x}{\lVert x \rVert},\quad x = U^{+} w,\quad
+    U = \begin{bmatrix} g_1 / \lVert g_1 \rVert \\ \vdots \\ g_m / \lVert g_m \rVert
+        \end{bmatrix},\qquad
+    \mathcal A(J) = \Bigl(\sum_{i=1}^m g_i^\top u\Bigr)\, u,
+    $$
+
+    with zero rows of $J$ kept as zero rows of $U$. Singular values of $U$ below
+    $\sqrt{mn}\,\varepsilon\,\sigma_{\max}$ ($\varepsilon$ the dtype's machine
+    epsilon) are treated as zero: torch's default cut-off $\max(m, n)\,\varepsilon$, which
+    TorchJD uses, would discard genuine directions of wide float32 Jacobians. When the part of
+    $w$ that $U x$ reproduces is at that rounding level (for instance for the rows
+    $g, -g, h, -h$ with equal preferences), no direction is defined and
+    $\mathcal A(J) = 0$. The direction depends only on the directions of the rows, so the update is
+    linear under positive scaling of the rows.
+
+    When the rows are linearly independent, $U x = w$ holds exactly, so every row gets a
+    positive inner product $\lVert g_i \rVert w_i / \lVert x \rVert$ with $u$ (for positive
+    $w$) and the update conflicts with none of them. When they are dependent (more objectives
+    than the rank of $J$), $U x = w$ is only solved in the least-squares sense and the update
+    can conflict with some rows, so the method is not declared non-conflicting. It needs $J$
+    itself (the pseudo-inverse of $U$ is computed from its SVD).
+
+    Args:
+        pref_vector: The preferences $w$ (one per objective); all ones when ``None``, as in
+            the paper and TorchJD.
+
+    Examples:
+        >>> import torch
+        >>> from jdoptim import ConFIG
+        >>> ConFIG()(torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]]))
+        tensor([0.1588, 2.0706, 2.0706])
+    """
+
+    def __init__(self, pref_vector: Tensor | Sequence[float] | None = None) -> None:
+        super().__init__()
+        pref = None if pref_vector is None else as_weight_tensor(pref_vector, "pref_vector")
+        self.register_buffer("pref_vector", pref, persistent=False)
+
+    def _aggregate(self, matrix: Tensor) -> Tensor:
+        m = matrix.shape[0]
+        if self.pref_vector is None:
+            weights = matrix.new_ones(m)
+        else:
+            check_length(self.pref_vector, m, type(self).__name__, "preferences")
+            weights = self.pref_vector.to(dtype=matrix.dtype, device=matrix.device)
+        norms = matrix.norm(dim=1, keepdim=True)
+        units = matrix / torch.where(norms > 0, norms, 1.0)
+        tolerance = torch.finfo(matrix.dtype).eps * math.sqrt(m * matrix.shape[1])
+        direction = torch.linalg.pinv(units, rtol=tolerance) @ weights
+        fitted = (units @ direction).norm()
+        length = direction.norm()
+        defined = (fitted > tolerance * weights.norm()) & (length > 0)
+        unit = torch.where(defined, direction / torch.where(length > 0, length, 1.0), 0.0)
+        return (matrix @ unit).sum() * unit
