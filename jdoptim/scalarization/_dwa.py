@@ -12,7 +12,7 @@ from jdoptim.scalarization._bases import Scalarizer, check_losses, state_dtype
 @register(name="scalarization.dwa", paper="https://arxiv.org/abs/1803.10704", stateful=True)
 class DWA(Scalarizer):
     r"""Dynamic Weight Average (Liu, Johns and Davison, *End-to-End Multi-Task Learning with
-    Attention*, Eq. 1, [arXiv 1803.10704](https://arxiv.org/abs/1803.10704)): in epoch $t$,
+    Attention*, [arXiv 1803.10704](https://arxiv.org/abs/1803.10704)): in epoch $t$,
 
     $$ s(L) = \sum_{k=1}^m \lambda_k(t)\, L_k, \qquad
     \lambda_k(t) = \frac{m \exp(w_k(t-1) / T)}{\sum_i \exp(w_i(t-1) / T)}, \qquad

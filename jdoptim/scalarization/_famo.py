@@ -46,7 +46,7 @@ class FAMO(Scalarizer):
     The call protocol, once per training step:
 
     1. ``s = scalarizer(losses)`` in training mode (the default) records the detached losses;
-       backward ``s`` and step the model (``JDOptimizer.step(losses)`` does both).
+       then ``s`` is backpropagated and the model takes its step.
     2. ``scalarizer.update(new_losses)`` with the losses of the same batch recomputed after the
        step (under ``torch.no_grad()``). It raises if no call recorded losses since the last
        update. Several calls before an update keep the last one's losses.
@@ -56,8 +56,9 @@ class FAMO(Scalarizer):
 
     Args:
         m: The number of objectives. With ``None`` (the default) it is learnt at the first
-            call, where the state is created on the losses' device. Calling with another
-            number of losses raises.
+            call, where the state is created on the losses' device; when given, the state is
+            created on the CPU, to be moved with ``.to(device)``. Calling with another number
+            of losses raises.
         min_losses: The lower bounds $b$ of the losses, one per objective (the paper's
             $L^*$); ``None`` means 0. Each loss must stay at or above its bound.
         lr: Adam's learning rate on the logits (``w_lr`` of the paper's code).

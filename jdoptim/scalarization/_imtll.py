@@ -31,7 +31,8 @@ class IMTLL(LearnedPerObjective):
     Args:
         m: The number of objectives. With ``None`` it is learnt at the first call, where the
             scales are created on the losses' device; they can still be handed to the
-            optimizer before that call. Calling with another number of losses raises.
+            optimizer before that call. When given, they are created on the CPU, to be moved
+            with ``.to(device)``. Calling with another number of losses raises.
 
     Examples:
         >>> import torch

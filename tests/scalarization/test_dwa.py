@@ -22,7 +22,7 @@ def _average(batches):
 
 
 def _weights(older, newer, temperature):
-    """Eq. 1 of the paper in Python floats."""
+    """The paper's weights in Python floats."""
     exps = [math.exp(n / o / temperature) for o, n in zip(older, newer, strict=True)]
     return [len(exps) * e / sum(exps) for e in exps]
 
