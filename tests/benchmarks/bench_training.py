@@ -73,17 +73,25 @@ VARIANTS = ["sgd", "jd-mean", "jd-upgrad", "jd-upgrad-shared", "jd-upgrad-diag"]
 
 
 def peak_rss_growth(variant: str) -> float:
-    """Run one variant alone in a fresh process; return its peak RSS growth in MiB."""
-    code = (
-        "import resource, torch, sys; sys.path.insert(0, 'tests/benchmarks');"
-        "torch.set_num_threads(1);"
-        "import bench_training as b;"
-        f"model, opt = b.make({variant!r}); x, y = torch.randn(64, 64), torch.randn(64, {TASKS});"
-        f"b.step({variant!r}, model, opt, x, y);"
-        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
-        f"[b.step({variant!r}, model, opt, x, y) for _ in range(5)];"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)"
-    )
+    """Run one variant alone in a fresh process; return how far five steps raise the peak
+    resident memory above the resident memory just before them, in MiB (Linux only)."""
+    code = f"""
+import sys, torch
+sys.path.insert(0, "tests/benchmarks")
+torch.set_num_threads(1)
+import bench_training as b
+def rss(field):
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field))
+model, opt = b.make({variant!r})
+x, y = torch.randn(64, 64), torch.randn(64, {TASKS})
+with open("/proc/self/clear_refs", "w") as refs:
+    refs.write("5")  # resets the peak (VmHWM) to the current resident size
+base = rss("VmRSS:")
+for _ in range(5):
+    b.step({variant!r}, model, opt, x, y)
+print(rss("VmHWM:") - base)
+"""
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.strip()) / 1024
 
