@@ -1,5 +1,6 @@
 """Aggregators (Jacobian → update) and weightings (Gramian → weights), one file per method."""
 
+from jdoptim.aggregation._alignedmtl import AlignedMTL, AlignedMTLWeighting
 from jdoptim.aggregation._bases import (
     Aggregator,
     GramianWeightedAggregator,
@@ -25,6 +26,8 @@ __all__ = [
     "IMTLG",
     "MGDA",
     "Aggregator",
+    "AlignedMTL",
+    "AlignedMTLWeighting",
     "ConFIG",
     "Constant",
     "ConstantWeighting",

@@ -1,0 +1,117 @@
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from jdoptim.aggregation._bases import (
+    GramianWeightedAggregator,
+    Weighting,
+    as_weight_tensor,
+    preference_weights,
+)
+from jdoptim.registry import register
+
+_PAPER = "https://arxiv.org/abs/2305.19000"
+ScaleMode = Literal["min", "median", "rmse"]
+SCALE_MODES: tuple[str, ...] = ("min", "median", "rmse")
+
+
+@register(paper=_PAPER, permutation_invariant=True)
+class AlignedMTLWeighting(Weighting):
+    r"""Aligned-MTL's weights $B u$, with $B$ the balance transformation of the
+    Gramian (see `AlignedMTL`).
+
+    Args:
+        pref_vector: Preference weights $u$ (one per objective); uniform $1/m$ when
+            ``None``.
+        scale_mode: Which eigenvalue $\lambda_\star$ of $G$ sets the scale: ``"min"``
+            (the smallest non-zero one, as in the paper), ``"median"`` (the lower median of the
+            non-zero ones) or ``"rmse"`` (their mean, as in the authors' code).
+    """
+
+    def __init__(
+        self,
+        pref_vector: Tensor | Sequence[float] | None = None,
+        scale_mode: ScaleMode = "min",
+    ) -> None:
+        super().__init__()
+        pref = None if pref_vector is None else as_weight_tensor(pref_vector, "pref_vector")
+        self.register_buffer("pref_vector", pref, persistent=False)
+        if scale_mode not in SCALE_MODES:
+            raise ValueError(
+                f"Invalid scale_mode value: {scale_mode!r}; valid modes: {SCALE_MODES}."
+            )
+        self.scale_mode = scale_mode
+
+    def _weights(self, matrix: Tensor) -> Tensor:
+        m = matrix.shape[0]
+        u = preference_weights(self.pref_vector, m, matrix, type(self).__name__)
+        eigenvalues, vectors = torch.linalg.eigh(matrix)  # ascending
+        eps = max(torch.finfo(matrix.dtype).eps, torch.finfo(torch.float32).eps)
+        kept = eigenvalues > eigenvalues[-1] * m * eps
+        rank = kept.sum()
+        safe = torch.where(kept, eigenvalues, 1.0)
+        inverse_roots = torch.where(kept, safe.rsqrt(), 0.0)
+        if self.scale_mode == "min":
+            scale = torch.where(kept, eigenvalues, torch.inf).min()
+        elif self.scale_mode == "median":
+            # The kept eigenvalues are the last `rank`; their lower median comes first of two.
+            scale = eigenvalues[(m - rank + (rank - 1) // 2).clamp(min=0, max=m - 1)]
+        else:
+            scale = torch.where(kept, eigenvalues, 0.0).sum() / rank.clamp(min=1)
+        balanced = scale.clamp(min=0).sqrt() * (vectors * inverse_roots) @ (vectors.T @ u)
+        return torch.where(rank > 0, balanced, u)
+
+
+@register(paper=_PAPER, permutation_invariant=True)
+class AlignedMTL(GramianWeightedAggregator):
+    r"""Aligned-MTL (Senushkin et al., *Independent Component Alignment for Multi-Task
+    Learning*, CVPR 2023, [arXiv 2305.19000](https://arxiv.org/abs/2305.19000),
+    Algorithm 1).
+
+    The rows are replaced by orthogonal components of equal norm before being combined with
+    the preferences $u$: with the eigendecomposition $G = J J^\top = V \Lambda V^\top$
+    restricted to its $r$ non-zero eigenvalues,
+
+    $$
+    B = \sqrt{\lambda_\star}\; V \Lambda^{-1/2} V^\top,\qquad
+    \mathcal A(J) = J^\top B u
+        = \sqrt{\lambda_\star}\; Q P^\top u \quad (J = P\, \Lambda^{1/2} Q^\top),
+    $$
+
+    so that the aligned gradients $J^\top B$ have orthogonal directions and singular values
+    all equal to $\sqrt{\lambda_\star}$, where $\lambda_\star$ is the smallest non-zero
+    eigenvalue (``"min"``), their lower median (``"median"``) or their mean (``"rmse"``).
+    Eigenvalues up to $m\,\varepsilon\,\lambda_{\max}$ count as zero, with $\varepsilon$ the
+    float32 machine epsilon (or the input dtype's, if larger) whatever the input dtype, as in
+    TorchJD and the authors' code; a zero Gramian gives the weights $u$.
+
+    The update is invariant to the order of the objectives (with uniform preferences). It is
+    not linear under scaling of the rows, and it can conflict with some of them when $m > 2$:
+    $g_i^\top \mathcal A(J) = \sqrt{\lambda_\star}\,(G^{1/2} u)_i$, and the square root of
+    a Gramian can have negative entries. The method only needs the Gramian.
+
+    Args:
+        pref_vector: Preference weights $u$ (one per objective); uniform $1/m$ when
+            ``None``.
+        scale_mode: ``"min"``, ``"median"`` or ``"rmse"``: which eigenvalue sets the scale.
+
+    Examples:
+        >>> import torch
+        >>> from jdoptim import AlignedMTL
+        >>> J = torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
+        >>> AlignedMTL()(J)
+        tensor([0.2133, 0.9673, 0.9673])
+        >>> AlignedMTL().weighting(J @ J.T)
+        tensor([0.5591, 0.4083])
+    """
+
+    def __init__(
+        self,
+        pref_vector: Tensor | Sequence[float] | None = None,
+        scale_mode: ScaleMode = "min",
+    ) -> None:
+        super().__init__(AlignedMTLWeighting(pref_vector, scale_mode))
