@@ -25,6 +25,7 @@ from jdoptim.diagnostics import StepDiagnostics, diagnose
 from jdoptim.distributed import default_process_group, disable_ddp_sync, synchronise
 from jdoptim.functional import as_loss_vector, jacobian, split_update, stack_jacobians
 from jdoptim.registry import build, to_config
+from jdoptim.scalarization import Scalarizer
 
 Mode = Literal["jacobian", "auto"]
 NonFinite = Literal["raise", "skip"]
@@ -66,7 +67,9 @@ class JDOptimizer(Optimizer):
 
     Args:
         optimizer: The inner optimizer, which owns the parameters and takes the steps.
-        aggregator: Maps the Jacobian ``[m, n]`` to an update ``[n]``.
+        aggregator: Maps the Jacobian ``[m, n]`` to an update ``[n]``. A loss `Scalarizer`
+            (from `jdoptim.scalarization`) is accepted too: the optimizer then does one ordinary
+            backward pass of the scalarised loss, with no Jacobian.
         mode: How the Jacobian is obtained. ``"jacobian"``: one batched vector-Jacobian
             product over all losses. ``"auto"``: the fastest mode available for the
             aggregator and model, which is ``"jacobian"`` in this version.
@@ -121,7 +124,7 @@ class JDOptimizer(Optimizer):
     def __init__(
         self,
         optimizer: Optimizer,
-        aggregator: Aggregator,
+        aggregator: Aggregator | Scalarizer,
         *,
         mode: Mode = "jacobian",
         shared_params: Iterable[Tensor] | nn.Module | None = None,
@@ -138,9 +141,9 @@ class JDOptimizer(Optimizer):
                 "Expected a torch.optim.Optimizer to wrap (not a JDOptimizer), got "
                 f"{optimizer!r} of type {type(optimizer).__name__}."
             )
-        if not isinstance(aggregator, Aggregator):
+        if not isinstance(aggregator, (Aggregator, Scalarizer)):
             raise TypeError(
-                "Expected a jdoptim Aggregator (e.g. jdoptim.UPGrad()), got "
+                "Expected a jdoptim Aggregator (e.g. jdoptim.UPGrad()) or Scalarizer, got "
                 f"{aggregator!r} of type {type(aggregator).__name__}."
             )
         if mode not in MODES:
@@ -244,7 +247,7 @@ class JDOptimizer(Optimizer):
             raise ValueError("A JDOptimizer config needs an 'aggregator' key.")
         options = {key: value for key, value in config.items() if key != "aggregator"}
         aggregator = build(config["aggregator"])
-        if not isinstance(aggregator, Aggregator):
+        if not isinstance(aggregator, (Aggregator, Scalarizer)):
             raise TypeError(
                 f"config['aggregator'] built {aggregator!r}, which is not an Aggregator; wrap a "
                 "weighting in jdoptim.GramianWeightedAggregator or name an aggregator."
@@ -329,6 +332,8 @@ class JDOptimizer(Optimizer):
                 "compute them from the model's outputs with grad enabled."
             )
         params = self._parameters()
+        if isinstance(self.aggregator, Scalarizer):
+            return self._scalarized_contribution(vector, params, retain_graph)
         jacobians = self._jacobians(vector, params, retain_graph)
         reached = [(p, jac) for p, jac in zip(params, jacobians, strict=True) if jac is not None]
         if not reached:
@@ -355,6 +360,30 @@ class JDOptimizer(Optimizer):
             )
             self._refuse(what)
         return _Contribution([p for p, _ in shared], matrix, own, finite)
+
+    def _scalarized_contribution(
+        self, vector: Tensor, params: list[Tensor], retain_graph: bool
+    ) -> _Contribution:
+        local = self._group() is None
+        if not bool(torch.isfinite(vector).all()):
+            # Checked before the scalarizer runs, so that a refused step records no state in it.
+            if not self._scaling() and local:
+                bad = (~torch.isfinite(vector)).nonzero().flatten().tolist()
+                self._refuse(f"losses at indices {bad} are not finite")
+            return _Contribution([], None, {}, finite=False)
+        scale = self.scaler.get_scale() if self._scaling() else 1.0
+        loss = self.aggregator(vector / scale) * scale if scale != 1.0 else self.aggregator(vector)
+        grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)
+        own = {p: g for p, g in zip(params, grads, strict=True) if g is not None}
+        if not own:
+            raise ValueError(
+                f"None of the {len(params)} parameters of the optimizer receives a gradient "
+                "from the losses; are they computed from this model?"
+            )
+        finite = bool(torch.stack([torch.isfinite(g).all() for g in own.values()]).all())
+        if not finite and not self._scaling() and local:
+            self._refuse("the gradient of the scalarised loss is not finite")
+        return _Contribution([], None, own, finite)
 
     def backward(
         self, losses: LossesT, *, aggregate: bool = True, retain_graph: bool = False
@@ -430,7 +459,7 @@ class JDOptimizer(Optimizer):
         if not combined.finite:
             # Only reached with a GradScaler: let it see the overflow and skip the step.
             self._pending = []
-            for p in [*combined.shared, *combined.own]:
+            for p in self._parameters():
                 p.grad = torch.full_like(p, float("inf"))
             return
         updates: list[Tensor] = []
