@@ -510,7 +510,8 @@ class JDOptimizer(Optimizer):
             closure: For optimizers that re-evaluate the losses (such as LBFGS): a function
                 that clears the gradients, recomputes and returns the losses. The inner
                 optimizer sees the sum of the losses as the loss value. Non-finite values
-                always raise here.
+                always raise here. A closure that returns ``None`` (as Lightning's manual
+                optimisation passes) only lets the inner optimizer step.
 
         Returns:
             What the inner optimizer's ``step`` returns.
@@ -519,9 +520,12 @@ class JDOptimizer(Optimizer):
             if losses is not None:
                 raise ValueError("Pass either losses or a closure to step(), not both.")
 
-            def jd_closure() -> Tensor:
+            def jd_closure() -> Tensor | None:
                 with torch.enable_grad():
-                    vector = as_loss_vector(closure())
+                    value = closure()
+                    if value is None:
+                        return None  # a closure that only steps, as Lightning passes
+                    vector = as_loss_vector(value)
                     policy, self.nonfinite = self.nonfinite, "raise"
                     try:
                         self.backward(vector)

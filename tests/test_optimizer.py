@@ -414,3 +414,14 @@ def test_closure_for_optimizers_that_reevaluate():
     assert (_losses(model, x, y) < first).all()
     with pytest.raises(ValueError, match="either losses or a closure"):
         optimizer.step(_losses(model, x, y), closure=closure)
+
+
+def test_a_closure_returning_none_only_steps_as_lightning_expects():
+    x, y = _data()
+    model = _model()
+    optimizer = JDOptimizer(SGD(model.parameters(), lr=0.1), UPGrad())
+    optimizer.backward(_losses(model, x, y))
+    before = [p.detach().clone() for p in model.parameters()]
+    assert optimizer.step(closure=lambda: None) is None
+    for old, p in zip(before, model.parameters(), strict=True):
+        torch.testing.assert_close(p.detach(), old - 0.1 * p.grad)
