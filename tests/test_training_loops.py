@@ -3,6 +3,7 @@ diagnostics and torch.compile."""
 
 from __future__ import annotations
 
+import io
 import warnings
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 from torch.optim import SGD
 
+import jdoptim
 from jdoptim import JDOptimizer, Mean, UPGrad
 from jdoptim.diagnostics import StepDiagnostics
 
@@ -254,3 +256,36 @@ def test_a_compiled_model_trains_like_the_eager_one():
             optimizer.step(_task_losses(compiled, x, y))
     for a, b in zip(eager.parameters(), compiled_source.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["gradvac", "pcgrad"])
+def test_checkpoints_resume_bit_exactly_with_stateful_and_randomised_aggregators(name):
+    x, y = _data()
+
+    def make(model):
+        aggregator = jdoptim.build({"name": name, "seed": 7})
+        inner = torch.optim.Adam(model.parameters(), lr=0.01)
+        return JDOptimizer(inner, aggregator, shared_params=model.trunk)
+
+    def run(model, optimizer, steps):
+        for _ in range(steps):
+            optimizer.zero_grad()
+            optimizer.step(_task_losses(model, x, y))
+
+    model = _model()
+    optimizer = make(model)
+    run(model, optimizer, 3)
+    checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    run(model, optimizer, 3)
+
+    buffer.seek(0)
+    restored = torch.load(buffer, weights_only=False)
+    resumed = _model(seed=11)
+    resumed.load_state_dict(restored["model"])
+    resumed_optimizer = make(resumed)
+    resumed_optimizer.load_state_dict(restored["optimizer"])
+    run(resumed, resumed_optimizer, 3)
+    for a, b in zip(model.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
