@@ -16,6 +16,7 @@ from jdoptim.aggregation._imtlg import IMTLG, IMTLGWeighting
 from jdoptim.aggregation._krum import Krum, KrumWeighting
 from jdoptim.aggregation._mean import Mean, MeanWeighting
 from jdoptim.aggregation._mgda import MGDA, MGDAWeighting
+from jdoptim.aggregation._modo import MoDoWeighting
 from jdoptim.aggregation._pcgrad import PCGrad, PCGradWeighting
 from jdoptim.aggregation._random import Random, RandomWeighting
 from jdoptim.aggregation._sum import Sum, SumWeighting
@@ -43,6 +44,7 @@ __all__ = [
     "MGDAWeighting",
     "Mean",
     "MeanWeighting",
+    "MoDoWeighting",
     "PCGrad",
     "PCGradWeighting",
     "Random",
