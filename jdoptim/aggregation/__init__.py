@@ -19,6 +19,7 @@ from jdoptim.aggregation._mgda import MGDA, MGDAWeighting
 from jdoptim.aggregation._modo import MoDoWeighting
 from jdoptim.aggregation._pcgrad import PCGrad, PCGradWeighting
 from jdoptim.aggregation._random import Random, RandomWeighting
+from jdoptim.aggregation._sdmgrad import SDMGradWeighting
 from jdoptim.aggregation._sum import Sum, SumWeighting
 from jdoptim.aggregation._trimmedmean import TrimmedMean
 from jdoptim.aggregation._upgrad import UPGrad, UPGradWeighting
@@ -49,6 +50,7 @@ __all__ = [
     "PCGradWeighting",
     "Random",
     "RandomWeighting",
+    "SDMGradWeighting",
     "Sum",
     "SumWeighting",
     "TrimmedMean",
