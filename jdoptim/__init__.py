@@ -2,6 +2,7 @@
 
 from jdoptim import functional, scalarization
 from jdoptim.aggregation import (
+    CRMOGM,
     IMTLG,
     MGDA,
     Aggregator,
@@ -10,6 +11,7 @@ from jdoptim.aggregation import (
     ConFIG,
     Constant,
     ConstantWeighting,
+    CRMOGMWeighting,
     DualProj,
     DualProjWeighting,
     GradDrop,
@@ -51,11 +53,13 @@ from jdoptim.registry import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "CRMOGM",
     "IMTLG",
     "MGDA",
     "Aggregator",
     "AlignedMTL",
     "AlignedMTLWeighting",
+    "CRMOGMWeighting",
     "ConFIG",
     "Constant",
     "ConstantWeighting",

@@ -9,6 +9,7 @@ from jdoptim.aggregation._bases import (
 )
 from jdoptim.aggregation._config import ConFIG
 from jdoptim.aggregation._constant import Constant, ConstantWeighting
+from jdoptim.aggregation._crmogm import CRMOGM, CRMOGMWeighting
 from jdoptim.aggregation._dualproj import DualProj, DualProjWeighting
 from jdoptim.aggregation._graddrop import GradDrop
 from jdoptim.aggregation._gradvac import GradVac, GradVacWeighting
@@ -25,11 +26,13 @@ from jdoptim.aggregation._trimmedmean import TrimmedMean
 from jdoptim.aggregation._upgrad import UPGrad, UPGradWeighting
 
 __all__ = [
+    "CRMOGM",
     "IMTLG",
     "MGDA",
     "Aggregator",
     "AlignedMTL",
     "AlignedMTLWeighting",
+    "CRMOGMWeighting",
     "ConFIG",
     "Constant",
     "ConstantWeighting",
