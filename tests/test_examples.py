@@ -115,6 +115,12 @@ def test_trajectories(tmp_path: Path) -> None:
     assert all(float(d) < 1.0 for d in distances.values()), output
 
 
+def test_lightning_manual() -> None:
+    pytest.importorskip("lightning")
+    output = run_example("lightning_manual.py", "--epochs", "1", "--samples", "256")
+    assert re.search(r"Trained 1 epochs with Lightning; task losses: \[", output), output
+
+
 def test_distributed_single_process() -> None:
     output = run_example("distributed.py", "--steps", "3")
     assert "1 process, parameter checksum" in output

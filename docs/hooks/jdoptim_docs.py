@@ -4,11 +4,13 @@ Everything listed here is read from jdoptim at build time, so a newly registered
 public name appears in the site without editing any page:
 
 - one page per module of registered methods, ``aggregators/<name>.md`` (an aggregator and the
-  weighting defined beside it share a page), appended to the "Aggregators" section of the nav;
-  a hand-written page at the same path takes precedence;
+  weighting defined beside it share a page), appended to the "Aggregators" section of the nav
+  (methods of other kinds, such as scalarizers, in a sub-section per kind); a hand-written page
+  at the same path takes precedence;
 - the table of the registered methods of each kind with their declared properties
   (``jdoptim.get_spec``), in place of ``<!-- jdoptim:table KIND -->`` where KIND is
-  ``aggregator``, ``weighting``, ... (`Spec.kind`);
+  ``aggregator``, ``weighting``, ... (`Spec.kind`), and a titled table for each other kind
+  present in place of ``<!-- jdoptim:other-tables -->``;
 - the index of ``jdoptim.__all__`` in place of ``<!-- jdoptim:api-index -->``, and one page per
   public submodule, ``reference/<name>.md``, appended to the "API reference" section;
 - the list of benchmark pages found in ``docs/benchmarks/`` in place of
@@ -30,7 +32,10 @@ import jdoptim
 from jdoptim.registry import Spec
 
 TABLE = re.compile(r"<!-- jdoptim:table (\w+) -->")
+OTHER_TABLES = "<!-- jdoptim:other-tables -->"
 API_INDEX = "<!-- jdoptim:api-index -->"
+# Kinds of registered methods with a table and nav entries of their own on the Aggregators page.
+MAIN_KINDS = ("aggregator", "weighting")
 BENCHMARK_PAGES = "<!-- jdoptim:benchmark-pages -->"
 
 # Public submodules documented on their own page even when not re-exported in jdoptim.__all__.
@@ -61,6 +66,10 @@ class MethodPage:
     @property
     def src_uri(self) -> str:
         return f"aggregators/{self.slug}.md"
+
+    @property
+    def kind(self) -> str:
+        return self.specs[0].kind
 
 
 def _specs() -> list[Spec]:
@@ -220,7 +229,7 @@ def benchmark_pages(docs_dir: str) -> list[tuple[str, str]]:
     return pages
 
 
-def _extend_section(nav: list, title: str, entries: list[dict[str, str]]) -> None:
+def _extend_section(nav: list, title: str, entries: list[dict[str, Any]]) -> None:
     for item in nav:
         if isinstance(item, dict) and title in item:
             section = item[title]
@@ -232,7 +241,12 @@ def _extend_section(nav: list, title: str, entries: list[dict[str, str]]) -> Non
 
 def on_config(config: Any) -> Any:
     nav = config["nav"]
-    _extend_section(nav, "Aggregators", [{p.title: p.src_uri} for p in method_pages()])
+    pages = method_pages()
+    entries: list[dict[str, Any]] = [{p.title: p.src_uri} for p in pages if p.kind in MAIN_KINDS]
+    for kind in sorted({p.kind for p in pages} - set(MAIN_KINDS)):
+        of_kind = [{p.title: p.src_uri} for p in pages if p.kind == kind]
+        entries.append({f"{kind.capitalize()}s": of_kind})
+    _extend_section(nav, "Aggregators", entries)
     _extend_section(
         nav,
         "API reference",
@@ -264,6 +278,14 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
         return properties_table(of_kind, uri) if of_kind else f"No {match.group(1)} yet."
 
     markdown = TABLE.sub(table, markdown)
+    if OTHER_TABLES in markdown:
+        kinds = sorted({spec.kind for spec in specs} - set(MAIN_KINDS))
+        sections = [
+            f"### {kind.capitalize()}s\n\n"
+            + properties_table([spec for spec in specs if spec.kind == kind], uri)
+            for kind in kinds
+        ]
+        markdown = markdown.replace(OTHER_TABLES, "\n\n".join(sections))
     if API_INDEX in markdown:
         markdown = markdown.replace(API_INDEX, api_index(uri))
     if BENCHMARK_PAGES in markdown:
