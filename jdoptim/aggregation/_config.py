@@ -43,7 +43,8 @@ class ConFIG(Aggregator):
     $w$) and the update conflicts with none of them. When they are dependent (more objectives
     than the rank of $J$), $U x = w$ is only solved in the least-squares sense and the update
     can conflict with some rows, so the method is not declared non-conflicting. It needs $J$
-    itself (the pseudo-inverse of $U$ is computed from its SVD).
+    itself; the pseudo-inverse of $U$ comes from the SVD of the triangular factor of
+    $U^\top = Q R$ (for $m \le n$).
 
     Args:
         pref_vector: The preferences $w$ (one per objective); all ones when ``None``, as in
@@ -70,9 +71,18 @@ class ConFIG(Aggregator):
             weights = self.pref_vector.to(dtype=matrix.dtype, device=matrix.device)
         norms = matrix.norm(dim=1, keepdim=True)
         units = matrix / torch.where(norms > 0, norms, 1.0)
-        tolerance = torch.finfo(matrix.dtype).eps * math.sqrt(m * matrix.shape[1])
-        direction = torch.linalg.pinv(units, rtol=tolerance) @ weights
-        fitted = (units @ direction).norm()
+        n = matrix.shape[1]
+        tolerance = torch.finfo(matrix.dtype).eps * math.sqrt(m * n)
+        if m <= n:
+            # U = Rᵀ Qᵀ, so U⁺ w = Q (Rᵀ)⁺ w: faster than an SVD of the wide U, and more
+            # accurate in float32.
+            q, r = torch.linalg.qr(units.T)
+            coordinates = torch.linalg.pinv(r.T, rtol=tolerance) @ weights
+            direction = q @ coordinates
+            fitted = (r.T @ coordinates).norm()
+        else:
+            direction = torch.linalg.pinv(units, rtol=tolerance) @ weights
+            fitted = (units @ direction).norm()
         length = direction.norm()
         defined = (fitted > tolerance * weights.norm()) & (length > 0)
         unit = torch.where(defined, direction / torch.where(length > 0, length, 1.0), 0.0)
