@@ -66,11 +66,13 @@ class GradVacWeighting(Weighting):
         coefficients = torch.eye(m, dtype=matrix.dtype, device=matrix.device)
         products = matrix.clone()  # products[i, j] = g_i^PC · g_j
         norms = matrix.diagonal().clamp(min=0).sqrt()
+        squared_norms_pc = matrix.diagonal().clone()  # ‖g_i^PC‖², kept up to date
+        rows_of_j = torch.empty_like(matrix)
         # Rows are independent: step k corrects every g_i^PC against its k-th task at once.
         for k in range(m - 1):
             j = order[:, k]
             dot = products[rows, j]
-            norm_i = (products * coefficients).sum(dim=1).clamp(min=0).sqrt()
+            norm_i = squared_norms_pc.clamp(min=0).sqrt()
             norm_j = norms[j]
             norm_product = norm_i * norm_j
             cosine = torch.where(
@@ -89,7 +91,8 @@ class GradVacWeighting(Weighting):
                 0.0,
             )
             coefficients[rows, j] += step
-            products += step[:, None] * matrix[j]
+            squared_norms_pc += step * (2 * dot + step * norm_j**2)
+            products.addcmul_(step[:, None], torch.index_select(matrix, 0, j, out=rows_of_j))
             targets[rows, j] = (1 - self.beta) * target + self.beta * cosine
         self._targets = targets
         return coefficients.sum(dim=0)

@@ -106,6 +106,7 @@ class PCGradWeighting(Weighting):
         # products[i, j] = g_i^PC · g_j, kept up to date as coefficients change.
         products = matrix.clone()
         squared_norms = matrix.diagonal()
+        rows_of_j = torch.empty_like(matrix)
         # Rows are independent: step k projects every g_i^PC against its k-th task at once.
         for k in range(m - 1):
             j = order[:, k]
@@ -114,7 +115,7 @@ class PCGradWeighting(Weighting):
             conflicting = (dot < 0) & (norm2 > 0)
             step = torch.where(conflicting, -dot / torch.where(norm2 > 0, norm2, 1.0), 0.0)
             coefficients[rows, j] += step
-            products += step[:, None] * matrix[j]
+            products.addcmul_(step[:, None], torch.index_select(matrix, 0, j, out=rows_of_j))
         return coefficients.sum(dim=0)
 
     def get_extra_state(self) -> Any:
