@@ -56,11 +56,18 @@ def test_code_blocks_run(page: Path) -> None:
     assert blocks, f"{page} has ```python fences that the pattern did not match"
     namespace: dict[str, object] = {"__name__": "__docs__"}
     torch.manual_seed(0)
-    for number, code in enumerate(blocks, start=1):
-        try:
-            exec(compile(code, f"{_page_id(page)}, block {number}", "exec"), namespace)
-        except Exception as error:
-            raise AssertionError(f"Block {number} of {_page_id(page)} failed:\n{code}") from error
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small models: more threads only wait on each other
+    try:
+        for number, code in enumerate(blocks, start=1):
+            try:
+                exec(compile(code, f"{_page_id(page)}, block {number}", "exec"), namespace)
+            except Exception as error:
+                raise AssertionError(
+                    f"Block {number} of {_page_id(page)} failed:\n{code}"
+                ) from error
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_every_page_is_in_the_nav_or_generated() -> None:

@@ -3,28 +3,32 @@
 Everything listed here is read from jdoptim at build time, so a newly registered method or a new
 public name appears in the site without editing any page:
 
-- one page per module of registered methods, ``aggregators/<name>.md`` (an aggregator and the
-  weighting defined beside it share a page), appended to the "Aggregators" section of the nav
-  (methods of other kinds, such as scalarizers, in a sub-section per kind); a hand-written page
-  at the same path takes precedence;
-- the table of the registered methods of each kind with their declared properties
-  (``jdoptim.get_spec``), in place of ``<!-- jdoptim:table KIND -->`` where KIND is
-  ``aggregator``, ``weighting``, ... (`Spec.kind`), and a titled table for each other kind
-  present in place of ``<!-- jdoptim:other-tables -->``;
+- one page per module of registered methods (an aggregator and the weighting defined beside it
+  share a page): ``aggregators/<name>.md`` for aggregators and weightings, appended to the
+  "Aggregators" section of the nav, ``scalarizers/<name>.md`` for loss scalarizers, appended to
+  the "Loss scalarizers" section; a method of another kind goes to a sub-section of
+  "Aggregators". A hand-written page at the same path takes precedence;
+- the table of the registered methods of a kind with their declared properties
+  (``jdoptim.get_spec``) in place of ``<!-- jdoptim:table KIND -->`` (KIND is `Spec.kind`:
+  ``aggregator``, ``weighting``, ``scalarizer``), and a titled table for each kind without a
+  section of its own in place of ``<!-- jdoptim:other-tables -->``;
 - the index of ``jdoptim.__all__`` in place of ``<!-- jdoptim:api-index -->``, and one page per
-  public submodule, ``reference/<name>.md``, appended to the "API reference" section;
+  public submodule, ``reference/<name>.md``, appended to the "API reference" section (the
+  registered methods of a submodule are linked there, not documented twice);
 - the list of benchmark pages found in ``docs/benchmarks/`` in place of
   ``<!-- jdoptim:benchmark-pages -->``, each appended to the "Benchmarks" section.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 import posixpath
 import re
 import types
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +38,18 @@ from jdoptim.registry import Spec
 TABLE = re.compile(r"<!-- jdoptim:table (\w+) -->")
 OTHER_TABLES = "<!-- jdoptim:other-tables -->"
 API_INDEX = "<!-- jdoptim:api-index -->"
-# Kinds of registered methods with a table and nav entries of their own on the Aggregators page.
-MAIN_KINDS = ("aggregator", "weighting")
 BENCHMARK_PAGES = "<!-- jdoptim:benchmark-pages -->"
 
+# The nav section and folder of each kind of registered method; other kinds go to a
+# sub-section of "Aggregators", in the aggregators/ folder.
+SECTIONS = {
+    "aggregator": ("Aggregators", "aggregators"),
+    "weighting": ("Aggregators", "aggregators"),
+    "scalarizer": ("Loss scalarizers", "scalarizers"),
+}
+DEFAULT_SECTION = ("Aggregators", "aggregators")
+# Kinds whose methods act on the Jacobian or its Gramian, for which "Gramian-based" applies.
+GRAMIAN_KINDS = ("aggregator", "weighting")
 # Public submodules documented on their own page even when not re-exported in jdoptim.__all__.
 EXTRA_MODULES = ("linalg",)
 # Section titles of the API index, by defining module; other modules use their own name.
@@ -55,17 +67,13 @@ PROPERTIES = (
 )
 
 
-@dataclass
+@dataclass(frozen=True)
 class MethodPage:
     """The registered classes defined in one module, documented on one page."""
 
-    slug: str
+    src_uri: str
     title: str
-    specs: list[Spec]
-
-    @property
-    def src_uri(self) -> str:
-        return f"aggregators/{self.slug}.md"
+    specs: tuple[Spec, ...]
 
     @property
     def kind(self) -> str:
@@ -82,16 +90,23 @@ def _specs() -> list[Spec]:
     return [spec for spec in specs if spec.cls.__module__.startswith("jdoptim.")]
 
 
-def method_pages() -> list[MethodPage]:
-    """One page per module holding registered methods, aggregators first, sorted by slug."""
+@cache
+def method_pages() -> tuple[MethodPage, ...]:
+    """One page per module holding registered methods, aggregators first, sorted by path."""
     by_module: dict[str, list[Spec]] = {}
     for spec in _specs():
         by_module.setdefault(spec.cls.__module__, []).append(spec)
-    pages = []
+    pages: dict[str, MethodPage] = {}
     for specs in by_module.values():
         specs.sort(key=lambda spec: (spec.kind != "aggregator", spec.name))
-        pages.append(MethodPage(slug=specs[0].name, title=specs[0].cls.__name__, specs=specs))
-    return sorted(pages, key=lambda page: page.slug)
+        first = specs[0]
+        folder = SECTIONS.get(first.kind, DEFAULT_SECTION)[1]
+        # Registry names such as "scalarization.mean" are namespaced; the folder says it already.
+        src_uri = f"{folder}/{first.name.rsplit('.', 1)[-1]}.md"
+        if src_uri in pages:
+            raise ValueError(f"{first.name!r} and {pages[src_uri].specs[0].name!r} need one page")
+        pages[src_uri] = MethodPage(src_uri, first.cls.__name__, tuple(specs))
+    return tuple(sorted(pages.values(), key=lambda page: page.src_uri))
 
 
 def page_of(spec: Spec) -> MethodPage:
@@ -99,10 +114,12 @@ def page_of(spec: Spec) -> MethodPage:
 
 
 def identifier(obj: Any) -> str:
-    """The public dotted path of a class or function when jdoptim exports it, else its own."""
-    name = getattr(obj, "__name__", "")
-    if getattr(jdoptim, name, None) is obj:
-        return f"jdoptim.{name}"
+    """The shortest public dotted path under which jdoptim exports ``obj``, else its own."""
+    public = [part for part in obj.__module__.split(".") if not part.startswith("_")]
+    for end in range(1, len(public) + 1):
+        path = ".".join(public[:end])
+        if getattr(importlib.import_module(path), obj.__name__, None) is obj:
+            return f"{path}.{obj.__name__}"
     return f"{obj.__module__}.{obj.__qualname__}"
 
 
@@ -130,13 +147,15 @@ def paper_link(url: str | None) -> str:
 
 
 def properties_table(specs: list[Spec], from_uri: str, *, link: bool = True) -> str:
-    header = ["Method", "Registry name", "Gramian-based"] + [title for _, title in PROPERTIES]
-    rows = ["| " + " | ".join([*header, "Paper"]) + " |", "|" + " --- |" * (len(header) + 1)]
+    gramian = all(spec.kind in GRAMIAN_KINDS for spec in specs)
+    header = ["Method", "Registry name", *(["Gramian-based"] if gramian else [])]
+    header += [title for _, title in PROPERTIES] + ["Paper"]
+    rows = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for spec in specs:
         name = f"`{spec.cls.__name__}`"
         if link:
             name = f"[{name}]({_link(from_uri, page_of(spec).src_uri)})"
-        cells = [name, f"`{spec.name}`", _mark(spec.gramian_based)]
+        cells = [name, f"`{spec.name}`", *([_mark(spec.gramian_based)] if gramian else [])]
         cells += [_mark(getattr(spec, field)) for field, _ in PROPERTIES]
         cells.append(paper_link(spec.paper))
         rows.append("| " + " | ".join(cells) + " |")
@@ -164,7 +183,7 @@ def config_example(spec: Spec) -> str:
 def method_page_markdown(page: MethodPage) -> str:
     parts = [
         f"# {page.title}",
-        properties_table(page.specs, page.src_uri, link=False),
+        properties_table(list(page.specs), page.src_uri, link=False),
         "See [the table of all methods](index.md) for what the properties mean.",
     ]
     parts += [config_example(spec) for spec in page.specs]
@@ -173,21 +192,40 @@ def method_page_markdown(page: MethodPage) -> str:
 
 
 def module_page_markdown(name: str) -> str:
-    return (
-        f"# `jdoptim.{name}`\n\n::: jdoptim.{name}\n    options:\n      show_root_heading: false\n"
-    )
+    """The page of ``jdoptim.<name>``: its docstring and members, with links to the pages of
+    its registered methods instead of a second copy of their documentation."""
+    src_uri = f"reference/{name}.md"
+    module = importlib.import_module(f"jdoptim.{name}")
+    registered = {spec.cls: spec for spec in _specs()}
+    members = getattr(module, "__all__", None)
+    if members is None:
+        members = [m for m in vars(module) if not m.startswith("_")]
+    methods = [registered[getattr(module, m)] for m in members if getattr(module, m) in registered]
+    others = [m for m in members if getattr(module, m) not in registered]
+    options = "    options:\n      show_root_heading: false\n"
+    if methods:
+        listed = ", ".join(f'"{m}"' for m in others)
+        options += f"      members: [{listed}]\n" if others else "      members: false\n"
+    parts = [f"# `jdoptim.{name}`", f"::: jdoptim.{name}\n{options}"]
+    if methods:
+        parts.append("## Registered methods")
+        parts.append(
+            "\n".join(
+                f"- [`{spec.cls.__name__}`]({_link(src_uri, page_of(spec).src_uri)}) "
+                f"(`{spec.name}`)"
+                for spec in sorted(methods, key=lambda spec: spec.cls.__name__.lower())
+            )
+        )
+    return "\n\n".join(parts) + "\n"
 
 
 def api_index(from_uri: str) -> str:
     registered = {spec.cls: spec for spec in _specs()}
     sections: dict[str, list[str]] = {}
     methods: list[Spec] = []
-    modules: list[str] = []
     for name in jdoptim.__all__:
         obj = getattr(jdoptim, name)
-        if isinstance(obj, types.ModuleType):
-            modules.append(name)
-        elif obj in registered:
+        if isinstance(obj, type) and obj in registered:
             methods.append(registered[obj])
         elif inspect.isclass(obj) or inspect.isfunction(obj):
             sections.setdefault(obj.__module__, []).append(f"::: jdoptim.{name}")
@@ -199,7 +237,7 @@ def api_index(from_uri: str) -> str:
     parts.append("## Aggregators and weightings")
     parts.append(
         "Each registered method has its own page, listed under Aggregators; "
-        "all of them are importable from `jdoptim`:"
+        "these are importable from `jdoptim`:"
     )
     parts.append(
         "\n".join(
@@ -240,21 +278,22 @@ def _extend_section(nav: list, title: str, entries: list[dict[str, Any]]) -> Non
 
 
 def on_config(config: Any) -> Any:
+    method_pages.cache_clear()  # `mkdocs serve` rebuilds in the same process
     nav = config["nav"]
     pages = method_pages()
-    entries: list[dict[str, Any]] = [{p.title: p.src_uri} for p in pages if p.kind in MAIN_KINDS]
-    for kind in sorted({p.kind for p in pages} - set(MAIN_KINDS)):
+    by_section: dict[str, list[dict[str, Any]]] = {}
+    for page in pages:
+        if page.kind in SECTIONS:
+            by_section.setdefault(SECTIONS[page.kind][0], []).append({page.title: page.src_uri})
+    for kind in sorted({page.kind for page in pages} - set(SECTIONS)):
         of_kind = [{p.title: p.src_uri} for p in pages if p.kind == kind]
-        entries.append({f"{kind.capitalize()}s": of_kind})
-    _extend_section(nav, "Aggregators", entries)
-    _extend_section(
-        nav,
-        "API reference",
-        [{f"jdoptim.{name}": f"reference/{name}.md"} for name in public_modules()],
-    )
-    _extend_section(
-        nav, "Benchmarks", [{title: uri} for title, uri in benchmark_pages(config["docs_dir"])]
-    )
+        by_section.setdefault(DEFAULT_SECTION[0], []).append({f"{kind.capitalize()}s": of_kind})
+    for section, entries in by_section.items():
+        _extend_section(nav, section, entries)
+    modules = [{f"jdoptim.{name}": f"reference/{name}.md"} for name in public_modules()]
+    _extend_section(nav, "API reference", modules)
+    benchmarks = [{title: uri} for title, uri in benchmark_pages(config["docs_dir"])]
+    _extend_section(nav, "Benchmarks", benchmarks)
     return config
 
 
@@ -279,7 +318,7 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
 
     markdown = TABLE.sub(table, markdown)
     if OTHER_TABLES in markdown:
-        kinds = sorted({spec.kind for spec in specs} - set(MAIN_KINDS))
+        kinds = sorted({spec.kind for spec in specs} - set(SECTIONS))
         sections = [
             f"### {kind.capitalize()}s\n\n"
             + properties_table([spec for spec in specs if spec.kind == kind], uri)
