@@ -59,7 +59,24 @@ class CrossBatchWeighting(Weighting):
         self._state = None if state is None else state.clone()
 
 
-_FEEDING = r"""
+@register(paper="https://arxiv.org/abs/2305.20057", stateful=True)
+class MoDoWeighting(CrossBatchWeighting):
+    r"""Multi-objective gradient with double sampling (Chen et al., *Three-Way Trade-Off
+    in Multi-Objective Learning: Optimization, Generalization and Conflict-Avoidance*, NeurIPS
+    2023, [arXiv 2305.20057](https://arxiv.org/abs/2305.20057), Equation 2.9a).
+
+    One projected gradient step on MGDA's objective $\frac12 \lVert J^\top \lambda \rVert^2$
+    (plus $\frac\rho2 \lVert \lambda \rVert^2$), its gradient estimated without bias from two
+    independent batches:
+
+    $$
+    \lambda_{t+1} = \Pi_{\Delta}\bigl(\lambda_t - \gamma\,(J_1 J_2^\top \lambda_t
+        + \rho\, \lambda_t)\bigr),
+    $$
+
+    with $\Pi_\Delta$ the Euclidean projection onto the simplex and $\lambda_0$ uniform.
+    The new weights $\lambda_{t+1}$ are returned and kept for the next call.
+
     How to feed it: the input is **not** the Gramian of one batch but the cross-batch matrix
     $A = J_1 J_2^\top$ (shape ``[m, m]``, not symmetric in general) of the Jacobians of the
     same $m$ losses on two independent mini-batches; the parameters are then updated with a
@@ -83,34 +100,11 @@ _FEEDING = r"""
     $J J^\top$ of a single batch instead, for example inside a `GramianWeightedAggregator`
     or a `JDOptimizer`, it still runs, but then the weights and the update use the same
     sample and the method's unbiasedness guarantee is lost.
-"""
 
-
-@register(paper="https://arxiv.org/abs/2305.20057", stateful=True)
-class MoDoWeighting(CrossBatchWeighting):
-    __doc__ = (
-        r"""Multi-objective gradient with double sampling (Chen et al., *Three-Way Trade-Off
-    in Multi-Objective Learning: Optimization, Generalization and Conflict-Avoidance*, NeurIPS
-    2023, [arXiv 2305.20057](https://arxiv.org/abs/2305.20057), Equation 2.9a).
-
-    One projected gradient step on MGDA's objective $\frac12 \lVert J^\top \lambda \rVert^2$
-    (plus $\frac\rho2 \lVert \lambda \rVert^2$), its gradient estimated without bias from two
-    independent batches:
-
-    $$
-    \lambda_{t+1} = \Pi_{\Delta}\bigl(\lambda_t - \gamma\,(J_1 J_2^\top \lambda_t
-        + \rho\, \lambda_t)\bigr),
-    $$
-
-    with $\Pi_\Delta$ the Euclidean projection onto the simplex and $\lambda_0$ uniform.
-    The new weights $\lambda_{t+1}$ are returned and kept for the next call.
-"""
-        + _FEEDING
-        + r"""
     State: $\lambda_t$ (a vector of $m$ weights) persists across calls and travels in
     ``state_dict()``; ``reset()`` goes back to uniform weights, and so does a change of $m$.
-    TorchJD's development versions replaced the projection by a softmax; this follows the
-    paper and the authors' code.
+    Some TorchJD versions take a softmax instead of the projection; this follows the paper and
+    the authors' code.
 
     Args:
         gamma: Step size $\gamma > 0$ of the weights.
@@ -127,7 +121,6 @@ class MoDoWeighting(CrossBatchWeighting):
         >>> weighting(J1 @ J2.T)
         tensor([0.5800, 0.4200])
     """
-    )
 
     def __init__(self, gamma: float = 0.1, rho: float = 0.1) -> None:
         super().__init__()

@@ -11,7 +11,6 @@ from jdoptim.aggregation._bases import (
     preference_weights,
 )
 from jdoptim.aggregation._modo import (
-    _FEEDING,
     CrossBatchWeighting,
     check_positive,
     project_onto_simplex,
@@ -21,8 +20,7 @@ from jdoptim.registry import register
 
 @register(paper="https://arxiv.org/abs/2305.18409", stateful=True)
 class SDMGradWeighting(CrossBatchWeighting):
-    __doc__ = (
-        r"""Stochastic direction-oriented multi-objective gradient descent (Xiao et al.,
+    r"""Stochastic direction-oriented multi-objective gradient descent (Xiao et al.,
     *Direction-oriented Multi-objective Learning: Simple and Provable Stochastic Algorithms*,
     NeurIPS 2023, [arXiv 2305.18409](https://arxiv.org/abs/2305.18409), Algorithm 1).
 
@@ -43,9 +41,31 @@ class SDMGradWeighting(CrossBatchWeighting):
     depend on the gradients' scale (as in the authors' code). TorchJD divides by
     $s^2 + 10^{-8}$, which makes the method scale-dependent for gradients of norm below
     about $10^{-4}$; here $\hat A = A$ when $s = 0$.
-"""
-        + _FEEDING
-        + r"""
+
+    How to feed it: the input is **not** the Gramian of one batch but the cross-batch matrix
+    $A = J_1 J_2^\top$ (shape ``[m, m]``, not symmetric in general) of the Jacobians of the
+    same $m$ losses on two independent mini-batches; the parameters are then updated with a
+    third independent batch (or, as in the authors' code, the sum of the first two):
+
+    ```python
+    from jdoptim.functional import jacobian, stack_jacobians
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    for (x1, y1), (x2, y2), (x3, y3) in batches:  # three independent draws
+        J1 = stack_jacobians(jacobian(losses(model(x1), y1), params))  # [m, n]
+        J2 = stack_jacobians(jacobian(losses(model(x2), y2), params))  # [m, n]
+        weights = weighting(J1 @ J2.T)  # [m], no gradient
+        optimizer.zero_grad()
+        (weights @ losses(model(x3), y3)).backward()  # the update J3ᵀ weights
+        optimizer.step()
+    ```
+
+    (every parameter in ``params`` must be used by every batch's losses, so that
+    `jdoptim.functional.jacobian` returns no ``None``). Given the Gramian
+    $J J^\top$ of a single batch instead, for example inside a `GramianWeightedAggregator`
+    or a `JDOptimizer`, it still runs, but then the weights and the update use the same
+    sample and the method's unbiasedness guarantee is lost.
+
     State: $w$ (a vector of $m$ weights) persists across calls and travels in
     ``state_dict()``; ``reset()`` goes back to uniform weights, and so does a change of $m$.
 
@@ -65,7 +85,6 @@ class SDMGradWeighting(CrossBatchWeighting):
         >>> SDMGradWeighting()(J1 @ J2.T)
         tensor([0.1154, 0.8846])
     """
-    )
 
     def __init__(
         self,
