@@ -87,13 +87,18 @@ def main() -> None:
 
     torch.manual_seed(0)
     front = pareto_set()
-    runs = {}
+    runs, titles = {}, {}
     names = args.aggregators if tqdm is None else tqdm(args.aggregators, desc="aggregators")
     for name in names:
         if tqdm is None:
             print(f"running {name}", flush=True)
-        aggregator = jdoptim.build(name)
+        # The defaults, or the registry's example arguments for a method that has none.
+        spec = jdoptim.get_spec(name)
+        aggregator = spec.example(2)
         runs[name] = [trajectory(aggregator, start, args.steps, args.lr) for start in STARTS]
+        arguments = {} if spec.example_args is None else spec.example_args(2)
+        listed = ", ".join(f"{key}={value}" for key, value in arguments.items())
+        titles[name] = spec.cls.__name__ + (f"({listed})" if listed else "")
 
     print(f"Distance from the Pareto set after {args.steps} steps (max over {len(STARTS)} starts):")
     for name, paths in runs.items():
@@ -118,7 +123,7 @@ def main() -> None:
         for color, path in zip(colors, paths, strict=False):
             ax.plot(path[:, 0], path[:, 1], color=color, lw=1.4)
             ax.scatter(path[0, 0], path[0, 1], color=color, s=14, zorder=3)
-        ax.set_title(type(jdoptim.build(name)).__name__)
+        ax.set_title(titles[name], fontsize=10)
         ax.set_xlim(-3, 3)
         ax.set_ylim(-3, 3)
         ax.set_aspect("equal")
