@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import warnings
 import weakref
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -21,6 +22,7 @@ _KEYS = itertools.count()
 _ACCUMULATE_GRAD = type(torch.zeros(1, requires_grad=True).expand(1).grad_fn.next_functions[0][0])
 
 Modules = nn.Module | Iterable[nn.Module]
+_Slot = tuple[Call, int, GradientEdge]  # a recorded call, one of its outputs, its graph edge
 
 
 def _roots(modules: Modules) -> list[nn.Module]:
@@ -116,16 +118,22 @@ def _remove_hooks(handles: list[RemovableHandle]) -> None:
 class _Pending:
     """What `GramianEngine.gramian` leaves for `GramianEngine.backward`."""
 
-    __slots__ = ("dtype", "leaves", "losses", "m", "terms")
+    __slots__ = ("dtype", "leaves", "losses", "m", "retain_graph", "terms")
 
     def __init__(
-        self, losses: Tensor, terms: list[Term], leaves: list[Tensor], dtype: torch.dtype
+        self,
+        losses: Tensor,
+        terms: list[Term],
+        leaves: list[Tensor],
+        dtype: torch.dtype,
+        retain_graph: bool,
     ) -> None:
         self.losses = losses
         self.terms = terms
         self.leaves = leaves
         self.m = losses.numel()
         self.dtype = dtype
+        self.retain_graph = retain_graph
 
 
 class GramianEngine:
@@ -264,11 +272,12 @@ class GramianEngine:
             out.grad_fn.metadata.setdefault(self._key, []).append((call, j))
         call.outputs = None
 
-    def _walk(self, losses: Tensor) -> tuple[list[Call], list[Tensor]]:
-        """Find the recorded calls that the losses reach, and the leaves they reach outside
-        hooked modules."""
+    def _walk(self, losses: Tensor) -> tuple[list[Call], list[_Slot], list[Tensor]]:
+        """Find the recorded calls that the losses reach (in forward order), the graph edges of
+        their outputs, and the leaves the losses reach outside hooked modules."""
         key = self._key
         calls: dict[int, Call] = {}
+        slots: list[_Slot] = []
         leaves: dict[int, Tensor] = {}
         unseen: list[Tensor] = []
         seen: set[Any] = set()
@@ -282,7 +291,7 @@ class GramianEngine:
             if entries:
                 jump = False
                 for call, j in entries:
-                    call.edges[j] = GradientEdge(node, call.out_nrs[j])
+                    slots.append((call, j, GradientEdge(node, call.out_nrs[j])))
                     calls[id(call)] = call
                     if call.handler.jump:
                         jump = True
@@ -311,19 +320,16 @@ class GramianEngine:
                 "before the engine was built or while grad was disabled. Use the parameter only "
                 "through its module, or leave the module out of the hooked modules."
             )
-        return sorted(calls.values(), key=lambda call: call.index), list(leaves.values())
+        ordered = sorted(calls.values(), key=lambda call: call.index)
+        slots.sort(key=lambda slot: (slot[0].index, slot[1]))
+        return ordered, slots, list(leaves.values())
 
-    def _layout(self, losses: Tensor, calls: list[Call], batched: bool | None) -> Layout:
+    def _layout(self, losses: Tensor, slots: list[_Slot], batched: bool | None) -> Layout:
         m = losses.numel()
         B = losses.shape[0]
         if self.batch_dim is None or batched is False:
             return Layout(False, self.batch_dim, 1, m, losses.dtype)
-        sizes = [
-            (call, size)
-            for call in calls
-            for size, edge in zip(call.out_batch, call.edges, strict=True)
-            if edge is not None
-        ]
+        sizes = [(call, call.out_batch[j]) for call, j, _ in slots]
         off = [call for call, size in sizes if size != B]
         if off and (batched or len(off) < len(sizes)):
             call = off[0]
@@ -339,11 +345,11 @@ class GramianEngine:
         return Layout(True, self.batch_dim, B, m // B, losses.dtype)
 
     def _output_grads(
-        self, losses: Tensor, edges: list[GradientEdge], layout: Layout
+        self, losses: Tensor, edges: list[GradientEdge], layout: Layout, keep: bool
     ) -> Sequence[Tensor | None]:
         if layout.per_sample and layout.T == 1:
             return torch.autograd.grad(
-                losses, edges, torch.ones_like(losses), retain_graph=True, allow_unused=True
+                losses, edges, torch.ones_like(losses), retain_graph=keep, allow_unused=True
             )
         n = layout.T if layout.per_sample else layout.S * layout.T
         eye = torch.eye(n, dtype=losses.dtype, device=losses.device)
@@ -353,6 +359,7 @@ class GramianEngine:
             rows = eye.view(n, *losses.shape)
         if self._batched_backward:
             try:
+                # The graph is kept in case the batched pass fails midway and is replayed.
                 return torch.autograd.grad(
                     losses,
                     edges,
@@ -369,15 +376,19 @@ class GramianEngine:
                 )
                 self._batched_backward = False
         per_row = [
-            torch.autograd.grad(losses, edges, row, retain_graph=True, allow_unused=True)
-            for row in rows
+            torch.autograd.grad(
+                losses, edges, row, retain_graph=keep or i + 1 < n, allow_unused=True
+            )
+            for i, row in enumerate(rows)
         ]
         return [
             None if parts[0] is None else torch.stack(parts)  # type: ignore[arg-type]
             for parts in zip(*per_row, strict=True)
         ]
 
-    def gramian(self, losses: Tensor, *, batched: bool | None = None) -> Tensor:
+    def gramian(
+        self, losses: Tensor, *, batched: bool | None = None, retain_graph: bool = False
+    ) -> Tensor:
         r"""Compute the Gramian $G_{kl} = \langle\nabla L_k, \nabla L_l\rangle$ of the losses
         with respect to the hooked modules' parameters.
 
@@ -392,6 +403,9 @@ class GramianEngine:
                 hooked modules saw along ``batch_dim``, and loss ``[i, ...]`` depends on sample
                 ``i`` only). ``None`` (default): per-sample exactly when that first dimension is
                 the batch size.
+            retain_graph: Keep the autograd graph of the losses after `backward` (as
+                ``Tensor.backward(retain_graph=True)`` does). Otherwise its buffers are freed
+                as soon as they are no longer needed.
 
         Returns:
             The ``[m, m]`` Gramian, in the losses' dtype and on their device.
@@ -416,33 +430,42 @@ class GramianEngine:
                 "compute them from the model's outputs with grad enabled."
             )
         self._pending = None
-        calls, leaves = self._walk(losses)
+        calls, slots, leaves = self._walk(losses)
         for call in calls:
             call.check_unmodified()
-        layout = self._layout(losses, calls, batched)
-        slots = [(call, j) for call in calls for j, edge in enumerate(call.edges) if edge]
-        grads = self._output_grads(losses, [call.edges[j] for call, j in slots], layout)  # type: ignore[misc]
+        layout = self._layout(losses, slots, batched)
+        keep = retain_graph or bool(leaves)  # `backward` needs the graph for the leaves
+        grads = list(self._output_grads(losses, [edge for _, _, edge in slots], layout, keep))
         cotangents: dict[int, list[Tensor | None]] = {
-            id(call): [None] * len(call.edges) for call in calls
+            id(call): [None] * len(call.out_nrs) for call in calls
         }
-        for (call, j), grad in zip(slots, grads, strict=True):
+        for (call, j, _), grad in zip(slots, grads, strict=True):
             cotangents[id(call)][j] = grad
+        del slots, grads  # each call's output gradients are released once it is processed
+        owners = Counter(id(p) for call in calls for p in call.params if p is not None)
+        m = losses.numel()
         terms: list[Term] = []
+        shared: list[Term] = []
         self._recording = False
         try:
             with torch.no_grad():
-                for call in calls:
-                    if all(g is None for g in cotangents[id(call)]):
-                        continue
-                    terms.extend(call.handler.terms(call, cotangents[id(call)], layout))
-                terms = combine(terms)
-                m = losses.numel()
                 G = torch.zeros(m, m, dtype=losses.dtype, device=losses.device)
-                for term in terms:
+                for call in calls:
+                    outputs = cotangents.pop(id(call))
+                    if all(g is None for g in outputs):
+                        continue
+                    for term in call.handler.terms(call, outputs, layout):
+                        if all(owners[id(p)] == 1 for p in term.params):
+                            term.add_gramian(G)
+                            terms.append(term)
+                        else:
+                            shared.append(term)
+                for term in combine(shared):
                     term.add_gramian(G)
+                    terms.append(term)
         finally:
             self._recording = True
-        self._pending = _Pending(losses, terms, leaves, losses.dtype)
+        self._pending = _Pending(losses, terms, leaves, losses.dtype, retain_graph)
         return G
 
     def backward(
@@ -450,7 +473,6 @@ class GramianEngine:
         weights: Tensor,
         *,
         params: Iterable[Tensor] | None = None,
-        retain_graph: bool = False,
     ) -> None:
         r"""Add $\sum_k w_k \nabla L_k$ into ``.grad``, for the losses of the last `gramian`.
 
@@ -463,7 +485,6 @@ class GramianEngine:
             weights: One weight per loss, shape ``[m]``.
             params: Only write into these tensors (for example an optimizer's parameters);
                 ``None`` for every leaf the losses reach.
-            retain_graph: Keep the autograd graph after the weighted backward pass.
 
         Raises:
             RuntimeError: If `gramian` was not called since the last `backward`.
@@ -488,7 +509,7 @@ class GramianEngine:
                 losses,
                 leaves,
                 w.view(losses.shape),
-                retain_graph=retain_graph,
+                retain_graph=pending.retain_graph,
                 allow_unused=True,
             )
         write = _writer(allowed)
@@ -552,7 +573,7 @@ def gramian_backward(
         weighting: Maps the ``[m, m]`` Gramian to ``m`` weights, for example
             ``jdoptim.UPGradWeighting()`` or ``jdoptim.UPGrad().weighting``.
         params: As in `GramianEngine.backward`.
-        retain_graph: As in `GramianEngine.backward`.
+        retain_graph: As in `GramianEngine.gramian`.
         batched: As in `GramianEngine.gramian`.
 
     Returns:
@@ -571,7 +592,7 @@ def gramian_backward(
         >>> weights.shape, model.weight.grad.shape
         (torch.Size([4]), torch.Size([1, 3]))
     """
-    G = engine.gramian(losses, batched=batched)
+    G = engine.gramian(losses, batched=batched, retain_graph=retain_graph)
     weights = weighting(G)
-    engine.backward(weights, params=params, retain_graph=retain_graph)
+    engine.backward(weights, params=params)
     return weights

@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.graph import GradientEdge, get_gradient_edge
+from torch.autograd.graph import get_gradient_edge
 from torch.nn import functional as nnf
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from jdoptim.gramian._terms import DenseTerm, EmbeddingTerm, FactoredTerm, Term
+from jdoptim.gramian._terms import DenseTerm, EmbeddingTerm, FactoredTerm, Term, prefer_ghost
 
 _BATCH_NORMS = (nn.modules.batchnorm._BatchNorm,)
 _RMS_NORMS: tuple[type[nn.Module], ...] = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
@@ -33,7 +33,6 @@ class Call:
 
     __slots__ = (
         "__weakref__",
-        "edges",
         "handler",
         "index",
         "input_edges",
@@ -71,7 +70,6 @@ class Call:
             None if batch_dim is None or out.ndim <= batch_dim else out.shape[batch_dim]
             for out in outputs
         ]
-        self.edges: list[GradientEdge | None] = [None] * len(outputs)
         self.out_positions: list[int] = [0]
         self.names: list[str] = []
         self.spec: Any = None
@@ -200,14 +198,19 @@ def _numel(shape: Sequence[int]) -> int:
 
 
 class ConvHandler(Handler):
-    """``nn.Conv1d`` and ``nn.Conv2d`` (stride, padding of any mode, dilation, groups), by
-    unfolding the input into patches (im2col)."""
+    """``nn.Conv1d`` and ``nn.Conv2d`` (stride, padding of any mode, dilation, groups).
+
+    Per-sample weight gradients come from one grouped convolution backward pass (the samples
+    become groups), or, when the layer has few positions and many weights, ghost inner products
+    of its unfolded input patches (im2col) are cheaper.
+    """
 
     def terms(self, call: Call, cotangents: list[Tensor | None], layout: Layout) -> list[Term]:
         module: Any = self.module
         spatial = 1 if isinstance(module, nn.Conv1d) else 2
         x = _cast(layout.samples(call.inputs[0], self.name), layout.dtype)
-        S = x.shape[0]
+        D = _cast(layout.cotangent(cotangents[0]), layout.dtype)  # type: ignore[arg-type]
+        S, T = x.shape[0], layout.T
         lead = _numel(x.shape[1 : x.ndim - spatial - 1])
         x = x.reshape(S * lead, *x.shape[x.ndim - spatial - 1 :])
         padding: Any = module.padding
@@ -215,30 +218,67 @@ class ConvHandler(Handler):
             mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
             x = nnf.pad(x, module._reversed_padding_repeated_twice, mode=mode)
             padding = (0,) * spatial
+        groups = module.groups
+        d_out = module.out_channels // groups
+        d_in = module.in_channels // groups * _numel(module.kernel_size)
+        positions = _numel(D.shape[D.ndim - spatial :])
+        weight, bias = call.params
+        if (
+            weight is not None
+            and lead == 1
+            and not prefer_ghost(S, T, groups, positions, d_in, d_out)
+        ):
+            grads = self._per_sample(x, D, padding, layout)
+            term: Term = DenseTerm([weight], [grads])
+            if bias is not None:
+                term = DenseTerm([weight, bias], [grads, D.reshape(S * T, -1, positions).sum(2)])
+            return [term]
         kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
         if spatial == 1:
             x = x.unsqueeze(2)
             kernel, dilation, stride = (1, *kernel), (1, *dilation), (1, *stride)
             padding = (0, *padding)
         patches = nnf.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
-        groups = module.groups
-        d_in = patches.shape[1] // groups
-        positions = patches.shape[2]
         A = (
             patches.view(S, lead, groups, d_in, positions)
             .permute(0, 2, 1, 4, 3)
             .reshape(S, groups, lead * positions, d_in)
         )
-        T = layout.T
-        d_out = module.out_channels // groups
-        D = _cast(layout.cotangent(cotangents[0]), layout.dtype)  # type: ignore[arg-type]
         D = (
             D.reshape(S, T, lead, groups, d_out, positions)
             .permute(0, 1, 3, 2, 5, 4)
             .reshape(S, T, groups, lead * positions, d_out)
         )
-        weight, bias = call.params
         return [FactoredTerm(weight, bias, A, D)]
+
+    def _per_sample(self, x: Tensor, D: Tensor, padding: Any, layout: Layout) -> Tensor:
+        """Per-objective weight gradients ``[S·T, numel]`` by one convolution backward pass
+        in which each sample (and convolution group) is a group."""
+        module: Any = self.module
+        S, T, groups = layout.S, layout.T, module.groups
+        d_out = module.out_channels // groups
+        out_spatial = D.shape[3:]
+        if T > 1:
+            D = D.reshape(S, T, groups, d_out, *out_spatial).transpose(1, 2)
+        grad_output = D.reshape(1, S * groups * T * d_out, *out_spatial)
+        inputs = x.reshape(1, S * x.shape[1], *x.shape[2:])
+        kernel = module.weight.shape[1:]
+        weight = inputs.new_zeros(()).expand(S * groups * T * d_out, *kernel)
+        _, grads, _ = torch.ops.aten.convolution_backward(
+            grad_output,
+            inputs,
+            weight,
+            None,
+            list(module.stride),
+            list(padding),
+            list(module.dilation),
+            False,
+            [0] * len(kernel[1:]),
+            S * groups,
+            [False, True, False],
+        )
+        grads = grads.view(S, groups, T, d_out * _numel(kernel))
+        return grads.transpose(1, 2).reshape(S * T, -1)
 
 
 class EmbeddingHandler(Handler):

@@ -80,9 +80,13 @@ def _ghost(AA: Tensor, D: Tensor, G: Tensor) -> None:
     G.add_(DD.sum(dim=(0, 3, 6)).view(m, m))
 
 
-def _ghost_cost(S: int, T: int, groups: int, P: int, d_in: int, d_out: int) -> int:
+def prefer_ghost(S: int, T: int, groups: int, P: int, d_in: int, d_out: int) -> bool:
+    """Whether ghost inner products cost fewer operations than materialised gradients, for
+    ``S·T`` objectives, ``Γ`` groups and ``P`` positions of a ``d_in → d_out`` map."""
     m = S * T
-    return groups * ((S * P) ** 2 * d_in + (m * P) ** 2 * (d_out + 1))
+    ghost = groups * ((S * P) ** 2 * d_in + (m * P) ** 2 * (d_out + 1))
+    materialize = groups * (m * P * d_in * d_out + m * m * d_in * d_out)
+    return ghost < materialize
 
 
 class FactoredTerm(Term):
@@ -128,18 +132,11 @@ class FactoredTerm(Term):
 
     def _use_ghost(self) -> bool:
         S, T, groups, P, d_out = self.D.shape
-        d_in = self.A.shape[-1]
-        m = S * T
-        materialize = groups * (m * P * d_in * d_out + m * m * d_in * d_out)
-        return self.weight is not None and _ghost_cost(S, T, groups, P, d_in, d_out) < materialize
+        return self.weight is not None and prefer_ghost(S, T, groups, P, self.A.shape[-1], d_out)
 
     def add_gramian(self, G: Tensor) -> None:
         S, _, groups, P, _ = self.D.shape
         d_in = self.A.shape[-1]
-        if self.weight is None:
-            Mb = self._bias_grads()
-            G.addmm_(Mb, Mb.T)
-            return
         if self._use_ghost():
             if P == 1 and groups == 1:
                 A2 = self.A.reshape(S, d_in)
@@ -151,11 +148,12 @@ class FactoredTerm(Term):
                 AA.add_(1.0)
             _ghost(AA, self.D, G)
             return
-        self._M = self._weight_grads()
-        G.addmm_(self._M, self._M.T)
-        if self.bias is not None:
-            self._Mb = self._bias_grads()
-            G.addmm_(self._Mb, self._Mb.T)
+        self._M, self._Mb = self.materialize_parts()
+        for M in (self._M, self._Mb):
+            if M is not None:
+                G.addmm_(M, M.T)
+        # The materialised gradients are all that `accumulate` needs now.
+        self.A = self.D = None  # type: ignore[assignment]
 
     def _weight_grads(self) -> Tensor:
         S, T, groups, P, d_out = self.D.shape
@@ -168,22 +166,26 @@ class FactoredTerm(Term):
         S, T, groups, _, d_out = self.D.shape
         return self.D.sum(dim=3).reshape(S * T, groups * d_out)
 
+    def materialize_parts(self) -> tuple[Tensor | None, Tensor | None]:
+        """The weight's and the bias's gradients ``[m, numel]`` (``None`` where absent)."""
+        if self.A is None:
+            return self._M, self._Mb
+        weight = None if self.weight is None else self._weight_grads()
+        bias = None if self.bias is None else self._bias_grads()
+        return weight, bias
+
     def materialize(self) -> list[Tensor]:
-        grads = []
-        if self.weight is not None:
-            grads.append(self._M if self._M is not None else self._weight_grads())
-        if self.bias is not None:
-            grads.append(self._Mb if self._Mb is not None else self._bias_grads())
-        return grads
+        return [M for M in self.materialize_parts() if M is not None]
 
     def accumulate(self, w: Tensor, write: Write) -> None:
-        S, T, groups, P, d_out = self.D.shape
-        d_in = self.A.shape[-1]
-        if self._M is not None and S * T <= S * P:
-            write(self.weight, (w @ self._M).view(self.weight.shape))
+        if self.A is None:
+            if self.weight is not None:
+                write(self.weight, (w @ self._M).view(self.weight.shape))
             if self.bias is not None:
                 write(self.bias, w @ self._Mb)
             return
+        S, T, groups, P, d_out = self.D.shape
+        d_in = self.A.shape[-1]
         if P == 1 and groups == 1:
             D2 = self.D.reshape(S, T, d_out)
             Dw = D2[:, 0] * w[:, None] if T == 1 else torch.einsum("st,sto->so", w.view(S, T), D2)
@@ -237,8 +239,8 @@ class EmbeddingTerm(Term):
         S, T, P, d = self.D.shape
         V = self.weight.shape[0]
         m = S * T
-        materialize = m * P * d + m * m * V * d
-        if _ghost_cost(S, T, 1, P, 1, d) > materialize:
+        ghost = (S * P) ** 2 + (m * P) ** 2 * (d + 1)
+        if ghost > m * P * d + m * m * V * d:
             M = self.materialize()[0]
             G.addmm_(M, M.T)
             return

@@ -187,6 +187,32 @@ def test_records_live_as_long_as_the_graph() -> None:
         assert engine._index == 2  # the two layers of the first forward only
 
 
+def test_records_are_released_after_a_step() -> None:
+    model = mlp()
+    with GramianEngine(model) as engine:
+        out = model(torch.randn(4, 3))
+        (entries,) = [value for value in out.grad_fn.metadata.values()]
+        record = weakref.ref(entries[0][0])
+        del entries
+        losses = (out**2).sum(dim=1)
+        engine.backward(MeanWeighting()(engine.gramian(losses)))
+        del losses, out
+        gc.collect()
+        assert record() is None
+
+
+def test_retain_graph() -> None:
+    model = mlp()
+    with GramianEngine(model) as engine:
+        losses = per_sample_losses(model)
+        engine.backward(MeanWeighting()(engine.gramian(losses)))
+        with pytest.raises(RuntimeError, match="second time"):
+            losses.sum().backward()
+        losses = per_sample_losses(model)
+        engine.backward(MeanWeighting()(engine.gramian(losses, retain_graph=True)))
+        losses.sum().backward()
+
+
 def test_params_restricts_writes_and_grads_accumulate() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
