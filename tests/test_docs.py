@@ -27,11 +27,12 @@ FENCE = re.compile(
 )
 
 
-def python_blocks(text: str) -> list[str]:
-    """The code of the ```python blocks of a Markdown text, without the skipped ones."""
+def python_blocks(text: str, *, skipped: bool = False) -> list[str]:
+    """The code of the ```python blocks of a Markdown text, without the skipped ones unless
+    ``skipped``."""
     blocks = []
     for match in FENCE.finditer(text):
-        if match.group("skip"):
+        if match.group("skip") and not skipped:
             continue
         indent = len(match.group("indent"))
         blocks.append("".join(line[indent:] for line in match.group("code").splitlines(True)))
@@ -50,10 +51,17 @@ def _page_id(page: Path) -> str:
     return str(page.relative_to(ROOT))
 
 
-@pytest.mark.parametrize("page", [p for p in PAGES if "```python" in p.read_text()], ids=_page_id)
+@pytest.mark.parametrize("page", PAGES, ids=_page_id)
+def test_every_python_fence_is_found(page: Path) -> None:
+    text = page.read_text(encoding="utf-8")
+    assert len(python_blocks(text, skipped=True)) == text.count("```python"), page
+
+
+@pytest.mark.parametrize(
+    "page", [p for p in PAGES if python_blocks(p.read_text(encoding="utf-8"))], ids=_page_id
+)
 def test_code_blocks_run(page: Path) -> None:
     blocks = python_blocks(page.read_text(encoding="utf-8"))
-    assert blocks, f"{page} has ```python fences that the pattern did not match"
     namespace: dict[str, object] = {"__name__": "__docs__"}
     torch.manual_seed(0)
     threads = torch.get_num_threads()

@@ -13,7 +13,7 @@ public name appears in the site without editing any page:
   ``aggregator``, ``weighting``, ``scalarizer``), and a titled table for each kind without a
   section of its own in place of ``<!-- jdoptim:other-tables -->``;
 - the index of ``jdoptim.__all__`` in place of ``<!-- jdoptim:api-index -->``, and one page per
-  public submodule, ``reference/<name>.md``, appended to the "API reference" section (the
+  other public submodule, ``reference/<name>.md``, appended to the "API reference" section (the
   registered methods of a submodule are linked there, not documented twice);
 - the list of benchmark pages found in ``docs/benchmarks/`` in place of
   ``<!-- jdoptim:benchmark-pages -->``, each appended to the "Benchmarks" section.
@@ -24,9 +24,9 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import pkgutil
 import posixpath
 import re
-import types
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -50,8 +50,8 @@ SECTIONS = {
 DEFAULT_SECTION = ("Aggregators", "aggregators")
 # Kinds whose methods act on the Jacobian or its Gramian, for which "Gramian-based" applies.
 GRAMIAN_KINDS = ("aggregator", "weighting")
-# Public submodules documented on their own page even when not re-exported in jdoptim.__all__.
-EXTRA_MODULES = ("linalg",)
+# Public submodules documented by the API index itself rather than on a page of their own.
+INDEXED_MODULES = ("aggregation", "optimizer", "registry")
 # Section titles of the API index, by defining module; other modules use their own name.
 MODULE_TITLES = {
     "jdoptim.optimizer": "Optimizer",
@@ -124,10 +124,9 @@ def identifier(obj: Any) -> str:
 
 
 def public_modules() -> list[str]:
-    exported = [
-        name for name in jdoptim.__all__ if isinstance(getattr(jdoptim, name), types.ModuleType)
-    ]
-    return sorted(set(exported) | set(EXTRA_MODULES))
+    """The public submodules of jdoptim that get a page of their own."""
+    names = {module.name for module in pkgutil.iter_modules(jdoptim.__path__)}
+    return sorted(name for name in names - set(INDEXED_MODULES) if not name.startswith("_"))
 
 
 def _link(from_uri: str, to_uri: str) -> str:
