@@ -18,7 +18,14 @@ from torch.autograd.graph import get_gradient_edge
 from torch.nn import functional as nnf
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from jdoptim.gramian._terms import DenseTerm, EmbeddingTerm, FactoredTerm, Term, prefer_ghost
+from jdoptim.gramian._terms import (
+    ConvTerm,
+    DenseTerm,
+    EmbeddingTerm,
+    FactoredTerm,
+    Term,
+    prefer_ghost,
+)
 
 _BATCH_NORMS = (nn.modules.batchnorm._BatchNorm,)
 _RMS_NORMS: tuple[type[nn.Module], ...] = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
@@ -228,11 +235,8 @@ class ConvHandler(Handler):
             and lead == 1
             and not prefer_ghost(S, T, groups, positions, d_in, d_out)
         ):
-            grads = self._per_sample(x, D, padding, layout)
-            term: Term = DenseTerm([weight], [grads])
-            if bias is not None:
-                term = DenseTerm([weight, bias], [grads, D.reshape(S * T, -1, positions).sum(2)])
-            return [term]
+            config = (list(module.stride), list(padding), list(module.dilation), groups)
+            return [ConvTerm(weight, bias, x, D, config)]
         kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
         if spatial == 1:
             x = x.unsqueeze(2)
@@ -250,35 +254,6 @@ class ConvHandler(Handler):
             .reshape(S, T, groups, lead * positions, d_out)
         )
         return [FactoredTerm(weight, bias, A, D)]
-
-    def _per_sample(self, x: Tensor, D: Tensor, padding: Any, layout: Layout) -> Tensor:
-        """Per-objective weight gradients ``[S·T, numel]`` by one convolution backward pass
-        in which each sample (and convolution group) is a group."""
-        module: Any = self.module
-        S, T, groups = layout.S, layout.T, module.groups
-        d_out = module.out_channels // groups
-        out_spatial = D.shape[3:]
-        if T > 1:
-            D = D.reshape(S, T, groups, d_out, *out_spatial).transpose(1, 2)
-        grad_output = D.reshape(1, S * groups * T * d_out, *out_spatial)
-        inputs = x.reshape(1, S * x.shape[1], *x.shape[2:])
-        kernel = module.weight.shape[1:]
-        weight = inputs.new_zeros(()).expand(S * groups * T * d_out, *kernel)
-        _, grads, _ = torch.ops.aten.convolution_backward(
-            grad_output,
-            inputs,
-            weight,
-            None,
-            list(module.stride),
-            list(padding),
-            list(module.dilation),
-            False,
-            [0] * len(kernel[1:]),
-            S * groups,
-            [False, True, False],
-        )
-        grads = grads.view(S, groups, T, d_out * _numel(kernel))
-        return grads.transpose(1, 2).reshape(S * T, -1)
 
 
 class EmbeddingHandler(Handler):

@@ -148,12 +148,14 @@ class FactoredTerm(Term):
                 AA.add_(1.0)
             _ghost(AA, self.D, G)
             return
-        self._M, self._Mb = self.materialize_parts()
-        for M in (self._M, self._Mb):
-            if M is not None:
-                G.addmm_(M, M.T)
-        # The materialised gradients are all that `accumulate` needs now.
-        self.A = self.D = None  # type: ignore[assignment]
+        M, Mb = self.materialize_parts()
+        for grads in (M, Mb):
+            if grads is not None:
+                G.addmm_(grads, grads.T)
+        # `accumulate` needs either the gradients or the factors: keep the smaller.
+        if M is None or M.numel() <= self.A.numel() + self.D.numel():
+            self._M, self._Mb = M, Mb
+            self.A = self.D = None  # type: ignore[assignment]
 
     def _weight_grads(self) -> Tensor:
         S, T, groups, P, d_out = self.D.shape
@@ -204,6 +206,93 @@ class FactoredTerm(Term):
             write(self.weight, torch.bmm(Dg, Ag).view(self.weight.shape))
         if self.bias is not None:
             write(self.bias, Dw.sum(dim=(0, 2)).reshape(-1))
+
+
+class ConvTerm(Term):
+    """Gradients of a convolution's weight (and bias), per sample and task, from one grouped
+    convolution backward pass in which every sample (and convolution group) is a group.
+
+    Args:
+        weight: The weight ``[C_out, C_in/Γ, *kernel]``.
+        bias: The bias ``[C_out]``, or ``None``.
+        x: The (already padded) inputs, ``[S, C_in, *spatial]``.
+        D: Output gradients, ``[S, T, C_out, *spatial_out]``.
+        config: ``(stride, padding, dilation, groups)`` of the convolution.
+    """
+
+    def __init__(
+        self,
+        weight: Tensor,
+        bias: Tensor | None,
+        x: Tensor,
+        D: Tensor,
+        config: tuple[list[int], list[int], list[int], int],
+    ) -> None:
+        self.weight = weight
+        self.bias = bias
+        self.params = tuple(p for p in (weight, bias) if p is not None)
+        self.x = x
+        self.D = D
+        self.config = config
+        self._grads: list[Tensor] | None = None
+
+    def _weight_grads(self, grad_output: Tensor, inputs: Tensor, groups: int) -> Tensor:
+        stride, padding, dilation, _ = self.config
+        kernel = self.weight.shape[1:]
+        weight = inputs.new_zeros(()).expand(grad_output.shape[1], *kernel)
+        _, grads, _ = torch.ops.aten.convolution_backward(
+            grad_output,
+            inputs,
+            weight,
+            None,
+            stride,
+            padding,
+            dilation,
+            False,
+            [0] * len(kernel[1:]),
+            groups,
+            [False, True, False],
+        )
+        return grads
+
+    def materialize(self) -> list[Tensor]:
+        if self._grads is not None:
+            return self._grads
+        S, T, C_out = self.D.shape[:3]
+        out_spatial = self.D.shape[3:]
+        groups = self.config[3]
+        D = self.D
+        if T > 1:  # group-major output channels: [S, Γ, T, C_out/Γ]
+            D = D.reshape(S, T, groups, C_out // groups, *out_spatial).transpose(1, 2)
+        grad_output = D.reshape(1, S * T * C_out, *out_spatial)
+        inputs = self.x.reshape(1, -1, *self.x.shape[2:])
+        grads = self._weight_grads(grad_output, inputs, S * groups)
+        grads = grads.view(S, groups, T, -1).transpose(1, 2).reshape(S * T, -1)
+        if self.bias is None:
+            return [grads]
+        return [grads, self.D.reshape(S * T, C_out, -1).sum(dim=2)]
+
+    def add_gramian(self, G: Tensor) -> None:
+        grads = self.materialize()
+        for M in grads:
+            G.addmm_(M, M.T)
+        if grads[0].numel() <= self.x.numel() + self.D.numel():
+            self._grads = grads
+            self.x = self.D = None  # type: ignore[assignment]
+
+    def accumulate(self, w: Tensor, write: Write) -> None:
+        if self._grads is not None:
+            for param, M in zip(self.params, self._grads, strict=True):
+                write(param, (w @ M).view(param.shape))
+            return
+        S, T = self.D.shape[:2]
+        if T == 1:
+            Dw = self.D[:, 0] * w.view(S, *[1] * (self.D.ndim - 2))
+        else:
+            Dw = torch.einsum("st,st...->s...", w.view(S, T), self.D)
+        write(self.weight, self._weight_grads(Dw, self.x, self.config[3]))
+        if self.bias is not None:
+            write(self.bias, Dw.transpose(0, 1).reshape(Dw.shape[1], -1).sum(dim=1))
 
 
 class EmbeddingTerm(Term):

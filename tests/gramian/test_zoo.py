@@ -68,6 +68,26 @@ def test_conv1d_and_batch_norm_in_eval_mode():
     check_against_jacobian(model, per_sample_ce(model, x, y))
 
 
+def test_conv_with_few_positions_and_iwmtl():
+    # Few positions and many weights: the weighted gradient is recomputed from the factors.
+    model = nn.Sequential(
+        nn.Conv2d(8, 8, 3, padding=1), nn.Tanh(), nn.Conv2d(8, 6, 3), nn.Flatten(), nn.Linear(24, 3)
+    )
+    x, y = torch.randn(B, 8, 4, 4), torch.randn(B, 3)
+    check_against_jacobian(model, lambda: (model(x) - y) ** 2)  # [B, 3]
+
+
+def test_linear_on_sequences():
+    # Materialised gradients larger than the layer's inputs and output gradients.
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+    head = nn.Linear(16, 3)
+    x, y = torch.randn(B, 6, 16), torch.randint(0, 3, (B,))
+    full = nn.ModuleList([model, head])
+    check_against_jacobian(
+        full, lambda: nnf.cross_entropy(head(model(x).mean(dim=1)), y, reduction="none")
+    )
+
+
 class Classifier(nn.Module):
     def __init__(self, body: nn.Module, d: int, classes: int = 3) -> None:
         super().__init__()
