@@ -1,0 +1,351 @@
+"""The dual-cone projection: the batched active-set solver against KKT, quadprog and geometry.
+
+Each projection solves min_v vᵀGv subject to v ≥ u. Its KKT conditions (v ≥ u, λ = Gv ≥ 0,
+(v − u)ᵀλ = 0) are checked in float64, relative to the problem's scale
+σ = Σ_j ‖g_j‖ (|u_j| + |v_j − u_j|), the size of the terms of Jᵀv (so that λ_j / ‖g_j‖ ≥ −tol·σ
+is a statement about angles). Where G is
+singular the minimiser v need not be unique, but Jᵀv is: comparisons then go through Jᵀv or Gv.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import Tensor
+
+from jdoptim import DualProj, UPGrad
+from jdoptim.linalg._dual_cone import (
+    SOLVERS,
+    DualConeConvergenceError,
+    project_weights,
+    project_weights_active_set,
+)
+from jdoptim.linalg._quadprog import project_weights_quadprog
+
+F64 = torch.float64
+DTYPES = [torch.float64, torch.float32]
+
+# Non-conflict bar: g_i · d ≥ −BAR · ‖g_i‖ ‖d‖; KKT bar: relative residuals ≤ KKT_BAR.
+BAR = {torch.float64: 1e-10, torch.float32: 1e-5}
+KKT_BAR = {torch.float64: 1e-9, torch.float32: 1e-5}
+
+
+def _normal(m: int, n: int, seed: int) -> Tensor:
+    return torch.randn(m, n, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+def _rows(*rows: Tensor) -> Tensor:
+    return torch.stack(rows)
+
+
+def _duplicated() -> Tensor:
+    J = _normal(4, 7, 3)
+    return torch.cat([J, J[[0, 2]], J[[0]]])
+
+
+def _zero_row() -> Tensor:
+    J = _normal(5, 7, 4)
+    J[1] = 0.0
+    return J
+
+
+def _strongly_stationary() -> Tensor:
+    g, h = _normal(2, 6, 5)
+    return _rows(g, -g, h, -h, g + h, -(g + h))
+
+
+def _weakly_stationary() -> Tensor:
+    g, h, k = _normal(3, 6, 6)
+    return _rows(g, -g, h, k)
+
+
+def _spread_norms() -> Tensor:
+    return _normal(7, 9, 7) * torch.logspace(-3, 3, 7, dtype=F64)[:, None]
+
+
+def _mostly_agree() -> Tensor:
+    J = _normal(10, 12, 8)
+    return J + 1.5 * _normal(1, 12, 9)
+
+
+LIBRARY: dict[str, Callable[[], Tensor]] = {
+    "normal_5x8": lambda: _normal(5, 8, 0),
+    "normal_2x3": lambda: _normal(2, 3, 1),
+    "normal_12x6_rank6": lambda: _normal(12, 6, 2),
+    "normal_24x40": lambda: _normal(24, 40, 10),
+    "rank3_9x11": lambda: _normal(9, 3, 11).abs() @ _normal(3, 11, 12),
+    "rank1_3x5_same_sign": lambda: (
+        torch.tensor([[1.0], [2.0], [0.5]], dtype=F64) @ _normal(1, 5, 13)
+    ),
+    "zero_4x6": lambda: torch.zeros(4, 6, dtype=F64),
+    "single_row": lambda: _normal(1, 7, 14),
+    "duplicated_rows": _duplicated,
+    "zero_row": _zero_row,
+    "strongly_stationary": _strongly_stationary,
+    "rank1_mixed_signs": lambda: (
+        torch.tensor([[1.0], [-2.0], [0.5], [-1.0]], dtype=F64) @ _normal(1, 5, 15)
+    ),
+    "weakly_stationary": _weakly_stationary,
+    "spread_norms": _spread_norms,
+    "mostly_agree": _mostly_agree,
+    **{
+        f"scaled_{scale:.0e}": (lambda scale=scale: _normal(6, 9, 16) * scale)
+        for scale in (1e-10, 1e-5, 1e5, 1e10, 1e15)
+    },
+}
+"""Name → float64 Jacobian; tests cast it to the dtype under test."""
+
+ZERO_PROJECTION = {"zero_4x6", "strongly_stationary", "rank1_mixed_signs"}
+"""0 is a positive combination of all the rows: the dual cone is the orthogonal complement of
+the rows, so every projection, and UPGrad's update, is 0."""
+
+
+def _kkt_residuals(U: Tensor, G: Tensor, V: Tensor) -> tuple[float, float]:
+    """Largest relative dual infeasibility and complementarity gap, computed in float64."""
+    U, G, V = U.to(F64), G.to(F64), V.to(F64)
+    norms = G.diagonal().clamp(min=0).sqrt()
+    lam = V @ G
+    sigma = ((U.abs() + (V - U).abs()) * norms).sum(dim=1, keepdim=True)
+    scaled = torch.where(norms > 0, lam / torch.where(norms > 0, norms, 1.0), 0.0)
+    floor = torch.finfo(F64).tiny
+    dual = (-scaled).clamp(min=0) / sigma.clamp(min=floor)
+    gap = ((V - U) * lam).sum(dim=1).abs() / (sigma.squeeze(1) ** 2).clamp(min=floor)
+    return float(dual.max()), float(gap.max())
+
+
+def _assert_kkt(U: Tensor, G: Tensor, V: Tensor, bar: float) -> None:
+    assert V.shape == U.shape
+    assert torch.isfinite(V).all()
+    assert (V >= U).all()
+    dual, gap = _kkt_residuals(U, G, V)
+    assert dual <= bar, f"dual infeasibility {dual:.3g}"
+    assert gap <= bar, f"complementarity gap {gap:.3g}"
+
+
+def _random_bounds(k: int, m: int, seed: int) -> Tensor:
+    """Lower bounds of both signs, as DualProj and general callers may pass."""
+    return torch.randn(k, m, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+# --- UPGrad without regularisation is non-conflicting, to rounding -------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", LIBRARY)
+def test_upgrad_update_does_not_conflict(name: str, dtype: torch.dtype):
+    J = LIBRARY[name]().to(dtype)
+    aggregator = UPGrad(norm_eps=0.0, reg_eps=0.0, solver="active_set")
+    d = aggregator(J)
+    w = aggregator.weighting(J @ J.T)
+    assert d.dtype == dtype
+    assert torch.isfinite(d).all()
+    J64, d64 = J.to(F64), d.to(F64)
+    row_norms = J64.norm(dim=1)
+    if name in ZERO_PROJECTION:
+        # d = 0 up to the rounding of Jᵀw.
+        scale = (w.to(F64).abs() * row_norms).sum()
+        assert d64.norm() <= BAR[dtype] * scale
+    else:
+        assert (J64 @ d64 >= -BAR[dtype] * row_norms * d64.norm()).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", LIBRARY)
+def test_each_projection_satisfies_kkt(name: str, dtype: torch.dtype):
+    J = LIBRARY[name]().to(dtype)
+    G = J @ J.T
+    m = G.shape[0]
+    for U in (torch.eye(m, dtype=dtype) / m, _random_bounds(3, m, seed=m).to(dtype)):
+        V = project_weights(U, G, "active_set")
+        assert V.dtype == dtype
+        _assert_kkt(U, G, V, KKT_BAR[dtype])
+
+
+@pytest.mark.parametrize("name", ["normal_5x8", "duplicated_rows", "spread_norms"])
+def test_update_is_linear_under_scaling_of_the_whole_matrix(name: str):
+    J = LIBRARY[name]()
+    aggregator = UPGrad(norm_eps=0.0, reg_eps=0.0)
+    reference = aggregator(J)
+    for scale in (1e-10, 1e-3, 1e4, 1e15):
+        torch.testing.assert_close(aggregator(J * scale) / scale, reference, rtol=1e-9, atol=0)
+
+
+# --- Against the quadprog reference --------------------------------------------------------------
+
+
+def _random_problem(seed: int) -> tuple[Tensor, Tensor]:
+    """A random Jacobian of one of several degenerate kinds, and bounds (UPGrad's or random)."""
+    gen = torch.Generator().manual_seed(seed)
+    m = int(torch.randint(1, 16, (1,), generator=gen))
+    n = int(torch.randint(1, 16, (1,), generator=gen))
+    J = torch.randn(m, n, generator=gen, dtype=F64)
+    kind = seed % 5
+    if kind == 1 and m > 1:
+        J[-1] = J[0]
+    elif kind == 2:
+        rank = max(1, min(m, n) // 2)
+        factor = torch.randn(m, rank, generator=gen, dtype=F64)
+        J = factor @ torch.randn(rank, n, generator=gen, dtype=F64)
+    elif kind == 3:
+        J = J + 2.0 * torch.randn(1, n, generator=gen, dtype=F64)
+    elif kind == 4:
+        J = J * torch.logspace(-2, 2, m, dtype=F64)[:, None]
+    if seed % 2:
+        U = torch.diag(torch.rand(m, generator=gen, dtype=F64))
+    else:
+        U = torch.randn(4, m, generator=gen, dtype=F64)
+    return J, U
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_matches_quadprog_on_regularised_gramian(seed: int):
+    J, U = _random_problem(seed)
+    G = J @ J.T
+    G = G / G.trace() + 1e-4 * torch.eye(G.shape[0], dtype=F64)
+    expected = project_weights_quadprog(U, G)
+    actual = project_weights_active_set(U, G)
+    scale = expected.abs().amax()
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-9 * float(scale))
+    objective = ((actual @ G) * actual).sum(dim=1)
+    objective_qp = ((expected @ G) * expected).sum(dim=1)
+    torch.testing.assert_close(objective, objective_qp, rtol=1e-9, atol=1e-12 * float(scale) ** 2)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_unregularised_problem_satisfies_kkt(seed: int):
+    J, U = _random_problem(seed)
+    G = J @ J.T
+    _assert_kkt(U, G, project_weights_active_set(U, G), KKT_BAR[F64])
+
+
+def test_matches_quadprog_on_a_larger_problem():
+    J = _normal(64, 96, 20)
+    G = J @ J.T
+    G = G / G.trace() + 1e-6 * torch.eye(64, dtype=F64)
+    U = torch.eye(64, dtype=F64) / 64
+    expected = project_weights_quadprog(U, G)
+    torch.testing.assert_close(
+        project_weights_active_set(U, G), expected, rtol=0, atol=1e-9 * float(expected.abs().max())
+    )
+
+
+def test_duplicated_and_zero_rows_give_the_projection_of_the_reduced_problem():
+    # Dual cone of [A; a_0; 0] = dual cone of A, and projection is positively homogeneous, so
+    # UPGrad on [A; a_0; 0] with uniform preferences equals UPGrad on A with preferences
+    # (2, 1, 1, 1)/m. A has independent rows, so quadprog solves the reduced problem exactly.
+    A = _normal(4, 7, 21)
+    J = torch.cat([A, A[:1], torch.zeros(1, 7, dtype=F64)])
+    actual = UPGrad(norm_eps=0.0, reg_eps=0.0, solver="active_set")(J)
+    preferences = torch.tensor([2.0, 1.0, 1.0, 1.0], dtype=F64) / 6
+    expected = UPGrad(preferences, norm_eps=0.0, reg_eps=0.0, solver="quadprog")(A)
+    torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_g_and_minus_g_project_to_zero_exactly_enough():
+    g = _normal(1, 5, 22)
+    G = torch.cat([g, -g]) @ torch.cat([g, -g]).T
+    V = project_weights_active_set(torch.eye(2, dtype=F64), G)
+    assert (torch.eye(2, dtype=F64) <= V).all()
+    torch.testing.assert_close(
+        V @ G, torch.zeros(2, 2, dtype=F64), atol=1e-12 * float(G[0, 0]), rtol=0
+    )
+
+
+# --- UPGrad and DualProj: published values with either solver ------------------------------------
+
+PAPER_J = torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]], dtype=F64)
+TORCHJD_EPS = {"norm_eps": 1e-4, "reg_eps": 1e-4}
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_published_values_with_either_solver(solver: str):
+    upgrad = UPGrad(**TORCHJD_EPS, solver=solver)
+    expected = torch.tensor([0.2929, 1.9004, 1.9004], dtype=F64)
+    torch.testing.assert_close(upgrad(PAPER_J), expected, atol=1e-4, rtol=0)
+    weights = upgrad.weighting(PAPER_J @ PAPER_J.T)
+    torch.testing.assert_close(
+        weights, torch.tensor([1.1109, 0.7894], dtype=F64), atol=1e-4, rtol=0
+    )
+    dualproj = DualProj(**TORCHJD_EPS, solver=solver)
+    expected = torch.tensor([0.5563, 1.1109, 1.1109], dtype=F64)
+    torch.testing.assert_close(dualproj(PAPER_J), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_upgrad_and_dualproj_agree_across_solvers(seed: int):
+    J = _normal(8, 10, 30 + seed)
+    for cls in (UPGrad, DualProj):
+        torch.testing.assert_close(
+            cls(solver="active_set")(J), cls(solver="quadprog")(J), rtol=1e-9, atol=1e-12
+        )
+
+
+# --- Solver interface ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_output_has_the_input_dtype_and_device(dtype: torch.dtype):
+    J = _normal(6, 4, 40).to(dtype)
+    U = torch.eye(6, dtype=dtype)
+    V = project_weights(U, J @ J.T, "active_set")
+    assert V.dtype == dtype
+    assert V.device == U.device
+    assert V.shape == U.shape
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_runs_on_cuda(dtype: torch.dtype):
+    J = _normal(32, 48, 41)
+    U = torch.eye(32, dtype=F64) / 32
+    G = J @ J.T
+    V = project_weights(U.to("cuda", dtype), G.to("cuda", dtype), "active_set")
+    assert V.device.type == "cuda"
+    assert V.dtype == dtype
+    _assert_kkt(U, G, V.cpu(), KKT_BAR[dtype])
+
+
+def test_leading_dimensions_and_independent_problems():
+    J = _normal(7, 9, 42)
+    G = J @ J.T
+    U = _random_bounds(6, 7, seed=43).reshape(2, 3, 7)
+    V = project_weights(U, G, "active_set")
+    assert V.shape == (2, 3, 7)
+    one_by_one = torch.stack([project_weights_active_set(u[None], G)[0] for u in U.reshape(6, 7)])
+    torch.testing.assert_close(V.reshape(6, 7), one_by_one, rtol=0, atol=1e-13)
+
+
+def test_problems_without_conflict_are_returned_unchanged():
+    J = torch.rand(5, 6, generator=torch.Generator().manual_seed(44), dtype=F64)  # G ≥ 0
+    U = torch.rand(5, 5, generator=torch.Generator().manual_seed(45), dtype=F64)
+    assert torch.equal(project_weights_active_set(U, J @ J.T, max_iters=0), U)
+
+
+def test_empty_batch():
+    G = torch.eye(3, dtype=F64)
+    assert project_weights(torch.zeros(0, 3, dtype=F64), G, "active_set").shape == (0, 3)
+
+
+def test_non_convergence_raises_with_iterations_and_residuals():
+    J = _normal(32, 48, 46)
+    U = torch.eye(32, dtype=F64) / 32
+    with pytest.raises(DualConeConvergenceError, match="did not converge in 8 iterations") as info:
+        project_weights_active_set(U, J @ J.T, max_iters=1)
+    error = info.value
+    assert isinstance(error, RuntimeError)
+    assert error.iterations == 8
+    assert 0 < error.unsolved <= 32
+    assert set(error.residuals) == {"stationarity", "dual_feasibility", "primal_feasibility"}
+    assert max(error.residuals.values()) > 0
+
+
+def test_unknown_solver_and_bad_shapes_are_rejected():
+    G = torch.eye(3, dtype=F64)
+    with pytest.raises(ValueError, match="Unknown dual-cone solver 'cvxpy'"):
+        project_weights(torch.eye(3, dtype=F64), G, "cvxpy")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"shape \[\.\.\., 3\].*got \(2, 4\)"):
+        project_weights(torch.zeros(2, 4, dtype=F64), G, "active_set")
+    with pytest.raises(ValueError, match="square Gramian"):
+        project_weights(torch.zeros(2, 3, dtype=F64), torch.zeros(3, 2, dtype=F64), "active_set")
