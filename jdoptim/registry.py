@@ -213,7 +213,7 @@ def build(config: str | Mapping[str, Any]) -> Configurable:
     Examples:
         >>> import jdoptim
         >>> jdoptim.build({"name": "upgrad", "norm_eps": 1e-3})
-        UPGrad(pref_vector=None, norm_eps=0.001, reg_eps=0.0001, solver='quadprog')
+        UPGrad(pref_vector=None, norm_eps=0.001, reg_eps=0.0001, solver='active_set')
         >>> jdoptim.build("mean")
         Mean()
     """

@@ -166,7 +166,7 @@ def test_each_projection_satisfies_kkt(name: str, dtype: torch.dtype):
 @pytest.mark.parametrize("name", ["normal_5x8", "duplicated_rows", "spread_norms"])
 def test_update_is_linear_under_scaling_of_the_whole_matrix(name: str):
     J = LIBRARY[name]()
-    aggregator = UPGrad(norm_eps=0.0, reg_eps=0.0)
+    aggregator = UPGrad(norm_eps=0.0, reg_eps=0.0, solver="active_set")
     reference = aggregator(J)
     for scale in (1e-10, 1e-3, 1e4, 1e15):
         torch.testing.assert_close(aggregator(J * scale) / scale, reference, rtol=1e-9, atol=0)
@@ -271,6 +271,11 @@ def test_published_values_with_either_solver(solver: str):
     dualproj = DualProj(**TORCHJD_EPS, solver=solver)
     expected = torch.tensor([0.5563, 1.1109, 1.1109], dtype=F64)
     torch.testing.assert_close(dualproj(PAPER_J), expected, atol=1e-4, rtol=0)
+
+
+def test_active_set_is_the_default_solver():
+    assert UPGrad().weighting.solver == "active_set"
+    assert DualProj().weighting.solver == "active_set"
 
 
 @pytest.mark.parametrize("seed", range(5))

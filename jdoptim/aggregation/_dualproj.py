@@ -24,7 +24,9 @@ class DualProjWeighting(DualConeWeighting):
             TorchJD uses 1e-4, which turns small gradients (trace < 1e-4) into their mean;
             the default 0 keeps the projection exact at every scale.
         reg_eps: ``reg_eps·I`` is added to the normalised Gramian before solving.
-        solver: Dual-cone projection solver.
+        solver: Dual-cone projection solver: ``"active_set"`` (all projections at once, in
+            torch on the Gramian's device, exact for singular Gramians) or ``"quadprog"`` (the
+            reference, one quadratic program at a time on the CPU).
     """
 
     def _weights(self, matrix: Tensor) -> Tensor:
@@ -50,7 +52,9 @@ class DualProj(GramianWeightedAggregator):
             TorchJD uses 1e-4, which turns small gradients (trace < 1e-4) into their mean;
             the default 0 keeps the projection exact at every scale.
         reg_eps: ``reg_eps·I`` is added to the normalised Gramian before solving.
-        solver: Dual-cone projection solver.
+        solver: Dual-cone projection solver: ``"active_set"`` (all projections at once, in
+            torch on the Gramian's device, exact for singular Gramians) or ``"quadprog"`` (the
+            reference, one quadratic program at a time on the CPU).
 
     Examples:
         >>> import torch
@@ -64,6 +68,6 @@ class DualProj(GramianWeightedAggregator):
         pref_vector: Tensor | Sequence[float] | None = None,
         norm_eps: float = 0.0,
         reg_eps: float = 0.0001,
-        solver: Solver = "quadprog",
+        solver: Solver = "active_set",
     ) -> None:
         super().__init__(DualProjWeighting(pref_vector, norm_eps, reg_eps, solver))

@@ -39,7 +39,7 @@ class DualConeWeighting(Weighting):
         pref_vector: Tensor | Sequence[float] | None = None,
         norm_eps: float = 0.0,
         reg_eps: float = 0.0001,
-        solver: Solver = "quadprog",
+        solver: Solver = "active_set",
     ) -> None:
         super().__init__()
         pref = None if pref_vector is None else as_weight_tensor(pref_vector, "pref_vector")
@@ -67,7 +67,9 @@ class UPGradWeighting(DualConeWeighting):
             TorchJD uses 1e-4, which turns small gradients (trace < 1e-4) into their mean;
             the default 0 keeps the projection exact at every scale.
         reg_eps: ``reg_eps·I`` is added to the normalised Gramian before solving.
-        solver: Dual-cone projection solver.
+        solver: Dual-cone projection solver: ``"active_set"`` (all projections at once, in
+            torch on the Gramian's device, exact for singular Gramians) or ``"quadprog"`` (the
+            reference, one quadratic program at a time on the CPU).
     """
 
     def _weights(self, matrix: Tensor) -> Tensor:
@@ -102,7 +104,9 @@ class UPGrad(GramianWeightedAggregator):
             TorchJD uses 1e-4, which turns small gradients (trace < 1e-4) into their mean;
             the default 0 keeps the projection exact at every scale.
         reg_eps: ``reg_eps·I`` is added to the normalised Gramian before solving.
-        solver: Dual-cone projection solver.
+        solver: Dual-cone projection solver: ``"active_set"`` (all projections at once, in
+            torch on the Gramian's device, exact for singular Gramians) or ``"quadprog"`` (the
+            reference, one quadratic program at a time on the CPU).
 
     Examples:
         >>> import torch
@@ -119,6 +123,6 @@ class UPGrad(GramianWeightedAggregator):
         pref_vector: Tensor | Sequence[float] | None = None,
         norm_eps: float = 0.0,
         reg_eps: float = 0.0001,
-        solver: Solver = "quadprog",
+        solver: Solver = "active_set",
     ) -> None:
         super().__init__(UPGradWeighting(pref_vector, norm_eps, reg_eps, solver))
