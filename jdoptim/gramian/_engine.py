@@ -160,18 +160,23 @@ class GramianEngine:
     computed from the Gramians of inputs and output gradients ("ghost" inner products, as for
     per-sample gradient norms in [Goodfellow, arXiv 1510.01799](https://arxiv.org/abs/1510.01799)
     and [Li et al., arXiv 2110.05679](https://arxiv.org/abs/2110.05679)), or from materialised
-    per-sample gradients, whichever costs fewer operations for that layer. Closed forms cover
-    ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Embedding``, and the affine parts of
-    ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm`` and eval-mode ``nn.BatchNorm``; any other
-    module with parameters gets per-sample gradients from ``torch.func`` (``vjp`` and ``vmap``
-    of its functional forward). A layer called several times (or a parameter shared by several
-    layers) gets the sum of its per-call gradients before inner products are taken.
+    per-sample gradients, whichever costs fewer operations for that layer. The weighted
+    gradient of a linear layer is $\sum_{i,p} w_i\, \delta_{ip} a_{ip}^\top$, one more
+    product of the same factors, so no second backward pass through the hooked layers is needed
+    (the book-keeping idea of [Bu et al., arXiv 2210.00038](https://arxiv.org/abs/2210.00038)).
+    Closed forms cover ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Embedding``, and the
+    affine parts of ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm`` and eval-mode
+    ``nn.BatchNorm``; any other module with parameters gets per-sample gradients from
+    ``torch.func`` (``vjp`` and ``vmap`` of its functional forward). A layer called several
+    times (or a parameter shared by several layers) gets the sum of its per-call gradients
+    before inner products are taken.
 
     Losses of shape:
 
-    - ``[B]`` (instance-wise risk minimisation) or ``[B, T, ...]`` (one loss per sample and
-      task) when ``B`` is the batch size the hooked modules saw along ``batch_dim``: the loss of
-      sample $i$ must depend on sample $i$ only;
+    - ``[B]`` (instance-wise risk minimisation, as in
+      [Quinton & Rey, arXiv 2406.16232](https://arxiv.org/abs/2406.16232)) or ``[B, T, ...]``
+      (one loss per sample and task) when ``B`` is the batch size the hooked modules saw
+      along ``batch_dim``: the loss of sample $i$ must depend on sample $i$ only;
     - anything else (for example ``[T]`` task losses averaged over the batch), or any shape when
       ``batch_dim=None``: one backward pass per loss (batched), no per-sample assumption.
 

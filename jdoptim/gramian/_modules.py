@@ -166,12 +166,13 @@ class Handler:
 
     def capture(self, args: tuple, kwargs: dict, output: Any, index: int) -> Call | None:
         """Record a call, or return ``None`` when none of its parameters needs a gradient."""
-        if not isinstance(output, Tensor) or output.grad_fn is None or not args:
+        x = args[0] if args else kwargs.get("input")
+        if not isinstance(output, Tensor) or output.grad_fn is None or x is None:
             return None
         params = self.own_params()
         if all(p is None for p in params):
             return None
-        return Call(self, index, (args[0],), params, [output], self.batch_dim)
+        return Call(self, index, (x,), params, [output], self.batch_dim)
 
     def terms(self, call: Call, cotangents: list[Tensor | None], layout: Layout) -> list[Term]:
         """Build the terms of a call from the gradients of its outputs."""
@@ -494,14 +495,8 @@ def _plain(module: nn.Module, *bases: type[nn.Module]) -> bool:
 
 
 def make_handler(module: nn.Module, name: str, batch_dim: int | None) -> Handler | None:
-    """Choose the handler of a module, or ``None`` if only its children are to be hooked.
-
-    Raises:
-        ValueError: If the module cannot work with the engine (see `module_problem`).
-    """
-    problem = module_problem(module, name, batch_dim)
-    if problem is not None:
-        raise ValueError(problem)
+    """Choose the handler of a module (checked by `module_problem` first), or ``None`` if
+    only its children are to be hooked."""
     if _plain(module, nn.Linear):
         return LinearHandler(module, name, batch_dim)
     if _plain(module, nn.Conv1d, nn.Conv2d):
