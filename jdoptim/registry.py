@@ -37,6 +37,8 @@ class Spec:
         randomised: The method draws random numbers.
         example_args: For methods without usable defaults: a function of the number of
             objectives ``m`` returning constructor arguments, used by the test suite and the docs.
+        min_objectives: The fewest objectives (rows) the method is defined for; fewer raise a
+            ``ValueError`` (Krum, for example, needs at least three).
     """
 
     name: str
@@ -48,6 +50,7 @@ class Spec:
     stateful: bool = False
     randomised: bool = False
     example_args: Callable[[int], dict[str, Any]] | None = None
+    min_objectives: int = 1
 
     def example(self, m: int) -> Configurable:
         """Build an instance suited to ``m`` objectives (defaults, or ``example_args(m)``)."""
@@ -86,6 +89,7 @@ def register(
     stateful: bool = False,
     randomised: bool = False,
     example_args: Callable[[int], dict[str, Any]] | None = None,
+    min_objectives: int = 1,
 ) -> Callable[[C], C]: ...
 
 
@@ -180,7 +184,7 @@ def list_aggregators(pattern: str | None = None) -> list[str]:
 
     Examples:
         >>> import jdoptim
-        >>> jdoptim.list_aggregators("*grad")
+        >>> jdoptim.list_aggregators("up*")
         ['upgrad']
     """
     return _names("aggregator", pattern)
@@ -213,7 +217,7 @@ def build(config: str | Mapping[str, Any]) -> Configurable:
     Examples:
         >>> import jdoptim
         >>> jdoptim.build({"name": "upgrad", "norm_eps": 1e-3})
-        UPGrad(pref_vector=None, norm_eps=0.001, reg_eps=0.0001, solver='active_set')
+        UPGrad(pref_vector=None, norm_eps=0.001, reg_eps=0.0, solver='active_set')
         >>> jdoptim.build("mean")
         Mean()
     """

@@ -143,11 +143,17 @@ class WeightedAggregator(Aggregator):
             )
         self.weighting = weighting
 
-    def _constructor_arg(self, name: str) -> Any:
-        # A method that builds its own weighting stores its arguments there.
-        if name in self.__dict__ or name in self._modules or name in self._buffers:
-            return getattr(self, name)
-        return getattr(self.weighting, name)
+    def __getattr__(self, name: str) -> Any:
+        # A method that builds its own weighting stores its arguments there: expose them here,
+        # so that `UPGrad(reg_eps=0.1).reg_eps` reads as it was written.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            weighting = self.__dict__["_modules"].get("weighting")
+            parameters = inspect.signature(type(self).__init__).parameters
+            if weighting is None or name not in parameters or name == "weighting":
+                raise
+            return getattr(weighting, name)
 
     def reset(self) -> None:
         self.weighting.reset()

@@ -23,7 +23,10 @@ class DualProjWeighting(DualConeWeighting):
         norm_eps: The Gramian is divided by its trace; up to this trace it is treated as zero.
             TorchJD uses 1e-4, which turns small gradients (trace < 1e-4) into their mean;
             the default 0 keeps the projection exact at every scale.
-        reg_eps: ``reg_eps·I`` is added to the normalised Gramian before solving.
+        reg_eps: ``reg_eps·I`` is added to the normalised Gramian before solving. TorchJD
+            uses 1e-4, which quadprog needs for singular Gramians but which lets the update
+            conflict slightly with objectives whose gradients are small; the default active-set
+            solver needs none, and with 0 the update is exactly non-conflicting.
         solver: Dual-cone projection solver: ``"active_set"`` (all projections at once, in
             torch on the Gramian's device, exact for singular Gramians) or ``"quadprog"`` (the
             reference, one quadratic program at a time on the CPU).
@@ -51,7 +54,10 @@ class DualProj(GramianWeightedAggregator):
         norm_eps: The Gramian is divided by its trace; up to this trace it is treated as zero.
             TorchJD uses 1e-4, which turns small gradients (trace < 1e-4) into their mean;
             the default 0 keeps the projection exact at every scale.
-        reg_eps: ``reg_eps·I`` is added to the normalised Gramian before solving.
+        reg_eps: ``reg_eps·I`` is added to the normalised Gramian before solving. TorchJD
+            uses 1e-4, which quadprog needs for singular Gramians but which lets the update
+            conflict slightly with objectives whose gradients are small; the default active-set
+            solver needs none, and with 0 the update is exactly non-conflicting.
         solver: Dual-cone projection solver: ``"active_set"`` (all projections at once, in
             torch on the Gramian's device, exact for singular Gramians) or ``"quadprog"`` (the
             reference, one quadratic program at a time on the CPU).
@@ -59,7 +65,10 @@ class DualProj(GramianWeightedAggregator):
     Examples:
         >>> import torch
         >>> from jdoptim import DualProj
-        >>> DualProj()(torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]], dtype=torch.float64))
+        >>> J = torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]], dtype=torch.float64)
+        >>> DualProj()(J)  # exactly J^T (11/18, 1/2)
+        tensor([0.5556, 1.1111, 1.1111], dtype=torch.float64)
+        >>> DualProj(norm_eps=1e-4, reg_eps=1e-4)(J)  # TorchJD's defaults
         tensor([0.5563, 1.1109, 1.1109], dtype=torch.float64)
     """
 
@@ -67,7 +76,7 @@ class DualProj(GramianWeightedAggregator):
         self,
         pref_vector: Tensor | Sequence[float] | None = None,
         norm_eps: float = 0.0,
-        reg_eps: float = 0.0001,
+        reg_eps: float = 0.0,
         solver: Solver = "active_set",
     ) -> None:
         super().__init__(DualProjWeighting(pref_vector, norm_eps, reg_eps, solver))

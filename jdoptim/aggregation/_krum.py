@@ -20,7 +20,7 @@ def _example(m: int) -> dict[str, int]:
     return {"n_byzantine": n_byzantine, "n_selected": max(1, m - 2 * n_byzantine - 2)}
 
 
-@register(paper=_PAPER, example_args=_example)
+@register(paper=_PAPER, example_args=_example, min_objectives=3)
 class KrumWeighting(Weighting):
     r"""(Multi-)Krum's weights: $1/k$ on the $k$ rows of smallest Krum score, 0 elsewhere
     (see `Krum`).
@@ -59,7 +59,7 @@ class KrumWeighting(Weighting):
         return weights
 
 
-@register(paper=_PAPER, example_args=_example)
+@register(paper=_PAPER, example_args=_example, min_objectives=3)
 class Krum(GramianWeightedAggregator):
     r"""Krum and Multi-Krum, for gradients some of which may be adversarial (Blanchard et al.,
     *Machine Learning with Adversaries: Byzantine Tolerant Gradient Descent*, NeurIPS 2017,

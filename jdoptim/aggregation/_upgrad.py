@@ -38,7 +38,7 @@ class DualConeWeighting(Weighting):
         self,
         pref_vector: Tensor | Sequence[float] | None = None,
         norm_eps: float = 0.0,
-        reg_eps: float = 0.0001,
+        reg_eps: float = 0.0,
         solver: Solver = "active_set",
     ) -> None:
         super().__init__()
@@ -66,7 +66,10 @@ class UPGradWeighting(DualConeWeighting):
         norm_eps: The Gramian is divided by its trace; up to this trace it is treated as zero.
             TorchJD uses 1e-4, which turns small gradients (trace < 1e-4) into their mean;
             the default 0 keeps the projection exact at every scale.
-        reg_eps: ``reg_eps·I`` is added to the normalised Gramian before solving.
+        reg_eps: ``reg_eps·I`` is added to the normalised Gramian before solving. TorchJD
+            uses 1e-4, which quadprog needs for singular Gramians but which lets the update
+            conflict slightly with objectives whose gradients are small; the default active-set
+            solver needs none, and with 0 the update is exactly non-conflicting.
         solver: Dual-cone projection solver: ``"active_set"`` (all projections at once, in
             torch on the Gramian's device, exact for singular Gramians) or ``"quadprog"`` (the
             reference, one quadratic program at a time on the CPU).
@@ -94,8 +97,9 @@ class UPGrad(GramianWeightedAggregator):
     (Proposition 1 of the paper). The update never conflicts with any objective, and is
     linear under positive scaling of the rows.
 
-    The Gramian is divided by its trace, and ``reg_eps·I`` is added, before solving; the
-    defaults reproduce the paper's reference implementation.
+    The Gramian is divided by its trace, and ``reg_eps·I`` is added, before solving. The
+    defaults solve the projections exactly; ``norm_eps=1e-4, reg_eps=1e-4`` reproduce the
+    paper's reference implementation (TorchJD) to its printed digits.
 
     Args:
         pref_vector: Preference weights $u$ (one per objective); uniform $1/m$
@@ -103,7 +107,10 @@ class UPGrad(GramianWeightedAggregator):
         norm_eps: The Gramian is divided by its trace; up to this trace it is treated as zero.
             TorchJD uses 1e-4, which turns small gradients (trace < 1e-4) into their mean;
             the default 0 keeps the projection exact at every scale.
-        reg_eps: ``reg_eps·I`` is added to the normalised Gramian before solving.
+        reg_eps: ``reg_eps·I`` is added to the normalised Gramian before solving. TorchJD
+            uses 1e-4, which quadprog needs for singular Gramians but which lets the update
+            conflict slightly with objectives whose gradients are small; the default active-set
+            solver needs none, and with 0 the update is exactly non-conflicting.
         solver: Dual-cone projection solver: ``"active_set"`` (all projections at once, in
             torch on the Gramian's device, exact for singular Gramians) or ``"quadprog"`` (the
             reference, one quadratic program at a time on the CPU).
@@ -113,16 +120,18 @@ class UPGrad(GramianWeightedAggregator):
         >>> from jdoptim import UPGrad
         >>> J = torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]], dtype=torch.float64)
         >>> UPGrad()(J)
+        tensor([0.2924, 1.9006, 1.9006], dtype=torch.float64)
+        >>> UPGrad().weighting(J @ J.T)  # exactly (10/9, 15/19)
+        tensor([1.1111, 0.7895], dtype=torch.float64)
+        >>> UPGrad(norm_eps=1e-4, reg_eps=1e-4)(J)  # TorchJD's defaults
         tensor([0.2929, 1.9004, 1.9004], dtype=torch.float64)
-        >>> UPGrad().weighting(J @ J.T)
-        tensor([1.1109, 0.7894], dtype=torch.float64)
     """
 
     def __init__(
         self,
         pref_vector: Tensor | Sequence[float] | None = None,
         norm_eps: float = 0.0,
-        reg_eps: float = 0.0001,
+        reg_eps: float = 0.0,
         solver: Solver = "active_set",
     ) -> None:
         super().__init__(UPGradWeighting(pref_vector, norm_eps, reg_eps, solver))
