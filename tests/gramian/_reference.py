@@ -52,21 +52,23 @@ def check_against_jacobian(
     hooked = trainable(model if modules is None else modules)
     params = trainable(model)
     unreached = {id(p) for p in expect_unreached}
+    by_param: dict[int, Tensor | None] = {}
     with GramianEngine(model if modules is None else modules, batch_dim=batch_dim) as engine:
         for weighting in weightings:
             for p in params:
                 p.grad = None
             losses = make_losses()
-            jacobians = jacobian(losses.reshape(-1), params, retain_graph=True)
-            by_param = {id(p): jac for p, jac in zip(params, jacobians, strict=True)}
-            for p in params:
-                assert (by_param[id(p)] is None) == (id(p) in unreached), "reachability"
             m = losses.numel()
-            J = torch.cat(
-                [by_param[id(p)].reshape(m, -1) for p in hooked if by_param[id(p)] is not None],
-                dim=1,
-            )
-            G_ref = J @ J.T
+            if not by_param:  # the parameters do not change between the iterations
+                jacobians = jacobian(losses.reshape(-1), params, retain_graph=True)
+                by_param = {id(p): jac for p, jac in zip(params, jacobians, strict=True)}
+                for p in params:
+                    assert (by_param[id(p)] is None) == (id(p) in unreached), "reachability"
+                J = torch.cat(
+                    [by_param[id(p)].reshape(m, -1) for p in hooked if by_param[id(p)] is not None],
+                    dim=1,
+                )
+                G_ref = J @ J.T
             G = engine.gramian(losses, batched=batched)
             assert_close(G, G_ref, "Gramian")
             w_ref = weighting(G_ref)
