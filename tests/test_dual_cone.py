@@ -3,8 +3,8 @@
 Each projection solves min_v vᵀGv subject to v ≥ u. Its KKT conditions (v ≥ u, λ = Gv ≥ 0,
 (v − u)ᵀλ = 0) are checked in float64, relative to the problem's scale
 σ = Σ_j ‖g_j‖ (|u_j| + |v_j − u_j|), the size of the terms of Jᵀv (so that λ_j / ‖g_j‖ ≥ −tol·σ
-is a statement about angles). Where G is
-singular the minimiser v need not be unique, but Jᵀv is: comparisons then go through Jᵀv or Gv.
+is a statement about angles). Where G is singular the minimiser v need not be unique, but Jᵀv
+is: comparisons then go through Jᵀv or Gv.
 """
 
 from __future__ import annotations
@@ -241,6 +241,25 @@ def test_duplicated_and_zero_rows_give_the_projection_of_the_reduced_problem():
     preferences = torch.tensor([2.0, 1.0, 1.0, 1.0], dtype=F64) / 6
     expected = UPGrad(preferences, norm_eps=0.0, reg_eps=0.0, solver="quadprog")(A)
     torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_more_rows_than_columns(seed: int):
+    # 37 rows of rank 18: passive sets of dependent rows make block pivoting cycle, and the
+    # monotone phase has to finish these problems. Random rows may or may not positively span
+    # R¹⁸ (then UPGrad's update is 0); nonnegative combinations of 18 random rows do not.
+    random_rows = _normal(37, 18, 50 + seed)
+    cone_rows = _normal(37, 18, 60 + seed).abs() @ _normal(18, 18, 70 + seed)
+    aggregator = UPGrad(norm_eps=0.0, reg_eps=0.0, solver="active_set")
+    for J in (random_rows, cone_rows):
+        G = J @ J.T
+        for U in (torch.eye(37, dtype=F64) / 37, _random_bounds(4, 37, seed=seed)):
+            _assert_kkt(U, G, project_weights_active_set(U, G), KKT_BAR[F64])
+        d = aggregator(J)
+        scale = (aggregator.weighting(G).abs() * J.norm(dim=1)).sum()
+        if d.norm() > BAR[F64] * scale:  # else d = 0 to rounding: 0 is inside the rows' hull
+            assert (J @ d >= -BAR[F64] * J.norm(dim=1) * d.norm()).all()
+    assert aggregator(cone_rows).norm() > 0
 
 
 def test_g_and_minus_g_project_to_zero_exactly_enough():

@@ -129,10 +129,11 @@ def project_weights_active_set(U: Tensor, G: Tensor, *, max_iters: int | None = 
        in a few exchanges when the passive rows are independent, but may cycle when they are
        not, so it is kept only while it reduces the number of infeasible indices (with three
        steps of grace).
-    2. Then a monotone method that cannot cycle, from $w$ clipped to $w \ge 0$: $w$ stays
-       feasible, each step is an exact line search that stops where some $w_i$ reaches 0
-       (which leaves $P$), and indices with $\lambda_i < 0$ join $P$. The objective decreases
-       at every step, so no passive set is visited twice; this needs no independence.
+    2. Then a feasible, monotone active-set method (after the NNLS algorithm of Lawson and
+       Hanson), from $w$ clipped to $w \ge 0$: each step is an exact line search cut short
+       where some $w_i$ reaches 0 (which then leaves $P$), and indices with $\lambda_i < 0$
+       join $P$. The objective never increases, which keeps this phase from cycling where
+       the first one does, and it needs no independence.
 
     All problems are solved together, as rows of one batch. The equations on the passive sets
     are solved by conjugate gradients on the Gramian scaled to a unit diagonal (rows scaled to
