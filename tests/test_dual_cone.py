@@ -347,6 +347,13 @@ def test_problems_without_conflict_are_returned_unchanged():
     assert torch.equal(project_weights_active_set(U, J @ J.T, max_iters=0), U)
 
 
+def test_solutions_are_not_tracked_by_autograd():
+    J = _normal(6, 4, 47).requires_grad_()
+    U = torch.eye(6, dtype=F64)
+    for solver in SOLVERS:
+        assert not project_weights(U, J @ J.T, solver).requires_grad
+
+
 def test_empty_batch():
     G = torch.eye(3, dtype=F64)
     assert project_weights(torch.zeros(0, 3, dtype=F64), G, "active_set").shape == (0, 3)

@@ -186,8 +186,9 @@ def project_weights_active_set(U: Tensor, G: Tensor, *, max_iters: int | None = 
     device = G.device
     if k == 0 or m == 0:
         return U.clone()
-    U_work = U.to(device=device, dtype=dtype)
-    G = G.to(dtype)
+    # The solution is not differentiated through (nor is quadprog's).
+    U_work = U.detach().to(device=device, dtype=dtype)
+    G = G.detach().to(dtype)
     tau = 4.0 * max(m, 16) * torch.finfo(dtype).eps
     tiny = torch.finfo(dtype).tiny
     accept_stuck = torch.finfo(dtype).eps ** 0.5
