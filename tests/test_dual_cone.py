@@ -348,8 +348,8 @@ def test_problems_without_conflict_are_returned_unchanged():
 
 
 def test_solutions_are_not_tracked_by_autograd():
-    J = _normal(6, 4, 47).requires_grad_()
-    U = torch.eye(6, dtype=F64)
+    J = _normal(4, 6, 47).requires_grad_()
+    U = torch.eye(4, dtype=F64)
     for solver in SOLVERS:
         assert not project_weights(U, J @ J.T, solver).requires_grad
 
