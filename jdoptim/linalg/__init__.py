@@ -3,12 +3,13 @@
 These are plain functions with no optimizer state; the aggregators import them.
 """
 
-from jdoptim.linalg._dual_cone import SOLVERS, project_weights
+from jdoptim.linalg._dual_cone import SOLVERS, DualConeConvergenceError, project_weights
 from jdoptim.linalg._gramian import normalize_gramian, regularize_gramian
 from jdoptim.linalg._min_norm import min_norm_frank_wolfe
 
 __all__ = [
     "SOLVERS",
+    "DualConeConvergenceError",
     "min_norm_frank_wolfe",
     "normalize_gramian",
     "project_weights",
