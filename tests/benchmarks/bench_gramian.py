@@ -14,10 +14,11 @@ rounds of one process:
   (the UPGrad solver's share).
 
 Times are medians over the rounds, as wall-clock time and as CPU time of the thread (torch runs
-on one thread, printed), whose ratios hold up better when other processes share the cores.
-Memory is the growth of the peak resident set size (Linux ``VmHWM``, reset through
-``/proc/self/clear_refs``) over a few steps of each variant run alone in a fresh process: torch's
-CPU allocations are invisible to ``tracemalloc``, but not to the resident set.
+on one thread, printed), whose ratios hold up better when other processes share the cores. Each
+variant is also run alone in a fresh process (interleaving changes the allocator's behaviour):
+the median CPU time of its steps after the first, and the growth of the peak resident set size
+over those steps (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``), since torch's CPU
+allocations are invisible to ``tracemalloc`` but not to the resident set.
 
 Run: ``python tests/benchmarks/bench_gramian.py [--rounds 30] [--jacobian-rounds 3]``.
 """
@@ -105,11 +106,12 @@ def measure(setup: Setup, x: torch.Tensor, y: torch.Tensor) -> tuple[float, floa
     return time.perf_counter() - wall, time.thread_time() - cpu
 
 
-def peak_rss_growth(kind: str, batch: int, variant: str, steps: int) -> float:
+def run_alone(kind: str, batch: int, variant: str, steps: int) -> tuple[float, float]:
     """Run one variant alone in a fresh process; return how far ``steps`` steps raise the peak
-    resident memory above the resident memory just before them, in MiB (Linux only)."""
+    resident memory above the resident memory just before them, in MiB (Linux only), and the
+    median CPU time of the steps after the first, in seconds."""
     code = f"""
-import sys, torch
+import statistics, sys, time, torch
 sys.path.insert(0, "tests/benchmarks")
 torch.set_num_threads(1)
 import bench_gramian as b
@@ -121,12 +123,12 @@ x, y = b.make_data({kind!r}, {batch})
 with open("/proc/self/clear_refs", "w") as refs:
     refs.write("5")  # resets the peak (VmHWM) to the current resident size
 base = rss("VmRSS:")
-for _ in range({steps}):
-    setup.step(x, y)
-print(rss("VmHWM:") - base)
+times = [b.measure(setup, x, y)[1] for _ in range({steps})]
+print(rss("VmHWM:") - base, statistics.median(times[1:]))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(out.stdout.strip()) / 1024
+    rss, cpu = out.stdout.split()
+    return int(rss) / 1024, float(cpu)
 
 
 def main() -> None:
@@ -135,15 +137,17 @@ def main() -> None:
     parser.add_argument(
         "--jacobian-rounds", type=int, default=3, help="rounds for the (slow) jacobian variants"
     )
-    parser.add_argument("--no-memory", action="store_true", help="skip the memory runs")
+    parser.add_argument(
+        "--no-alone", action="store_true", help="skip the runs alone (time and memory)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, threads: {torch.get_num_threads()}, rounds: {args.rounds}")
     print(
         "| workload | variant | wall ms | × SGD | CPU ms | × SGD | weighting CPU ms | "
-        "peak RSS growth MiB | × SGD |"
+        "alone: CPU ms | × SGD | peak RSS growth MiB | × SGD |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for kind, batch in WORKLOADS:
         x, y = make_data(kind, batch)
         setups = {variant: Setup(kind, variant) for variant in VARIANTS}
@@ -159,26 +163,33 @@ def main() -> None:
                 weighting[variant].append(setup.weighting_time)
         wall_ref = statistics.median(t[0] for t in times["sgd"])
         cpu_ref = statistics.median(t[1] for t in times["sgd"])
-        rss_ref = None
+        alone_ref: tuple[float, float] | None = None
         for variant in VARIANTS:
             wall = statistics.median(t[0] for t in times[variant])
             cpu = statistics.median(t[1] for t in times[variant])
             solver = statistics.median(weighting[variant])
-            solver_text = f"{1e3 * solver:.2f}" if variant.startswith("gramian") else "–"
-            if args.no_memory:
-                rss_text = ratio_text = "–"
+            cells = [
+                f"{kind.upper()} batch {batch}",
+                variant,
+                f"{1e3 * wall:.2f}",
+                f"{wall / wall_ref:.2f}",
+                f"{1e3 * cpu:.2f}",
+                f"{cpu / cpu_ref:.2f}",
+                f"{1e3 * solver:.2f}" if variant.startswith("gramian") else "–",
+            ]
+            if args.no_alone:
+                cells += ["–"] * 4
             else:
-                steps = 1 if variant.startswith("jacobian") else 3
-                rss = peak_rss_growth(kind, batch, variant, steps)
-                rss_ref = rss if rss_ref is None else rss_ref
-                rss_text = f"{rss:.1f}"
-                ratio_text = f"{rss / rss_ref:.2f}" if rss_ref > 0 else "–"
-            print(
-                f"| {kind.upper()} batch {batch} | {variant} | {1e3 * wall:.2f} | "
-                f"{wall / wall_ref:.2f} | {1e3 * cpu:.2f} | {cpu / cpu_ref:.2f} | {solver_text} | "
-                f"{rss_text} | {ratio_text} |",
-                flush=True,
-            )
+                steps = 2 if variant.startswith("jacobian") else 8
+                rss, alone = run_alone(kind, batch, variant, steps)
+                alone_ref = alone_ref or (rss, alone)
+                cells += [
+                    f"{1e3 * alone:.2f}",
+                    f"{alone / alone_ref[1]:.2f}",
+                    f"{rss:.1f}",
+                    f"{rss / alone_ref[0]:.2f}" if alone_ref[0] > 0 else "–",
+                ]
+            print("| " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":
