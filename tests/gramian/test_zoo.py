@@ -71,7 +71,11 @@ def test_conv1d_and_batch_norm_in_eval_mode():
 def test_conv_with_few_positions_and_iwmtl():
     # Few positions and many weights: the weighted gradient is recomputed from the factors.
     model = nn.Sequential(
-        nn.Conv2d(8, 8, 3, padding=1), nn.Tanh(), nn.Conv2d(8, 6, 3), nn.Flatten(), nn.Linear(24, 3)
+        nn.Conv2d(8, 8, 3, padding=1, groups=2),
+        nn.Tanh(),
+        nn.Conv2d(8, 6, 3),
+        nn.Flatten(),
+        nn.Linear(24, 3),
     )
     x, y = torch.randn(B, 8, 4, 4), torch.randn(B, 3)
     check_against_jacobian(model, lambda: (model(x) - y) ** 2)  # [B, 3]
@@ -115,9 +119,9 @@ def test_text_model_embedding_mean_pool():
 
 
 class Residual(nn.Module):
-    def __init__(self, d: int) -> None:
+    def __init__(self, d: int, rms: bool = False) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(d)
+        self.norm = nn.RMSNorm(d) if rms else nn.LayerNorm(d)
         self.inner = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -125,7 +129,7 @@ class Residual(nn.Module):
 
 
 def test_residual_block():
-    model = nn.Sequential(nn.Linear(4, 6), Residual(6), Residual(6), nn.Linear(6, 3))
+    model = nn.Sequential(nn.Linear(4, 6), Residual(6), Residual(6, rms=True), nn.Linear(6, 3))
     x, y = torch.randn(B, 4), torch.randint(0, 3, (B,))
     check_against_jacobian(model, per_sample_ce(model, x, y))
 
@@ -196,6 +200,12 @@ def test_task_losses_averaged_over_the_batch():
     losses = lambda: ((model(x) - y) ** 2).mean(dim=0)  # noqa: E731  [3]
     check_against_jacobian(model, losses)
     check_against_jacobian(model, losses, batch_dim=None)
+
+
+def test_batch_norm_in_training_mode_with_task_losses():
+    model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.BatchNorm1d(3), nn.Flatten(), nn.Linear(9, 2))
+    x, y = torch.randn(B, 2, 5), torch.randn(B, 2)
+    check_against_jacobian(model, lambda: ((model(x) - y) ** 2).mean(dim=0), batch_dim=None)
 
 
 def test_per_sample_losses_in_general_mode():
