@@ -264,3 +264,20 @@ def test_mean_weighting_matches_autograd_in_float32() -> None:
     nnf.cross_entropy(model(x), y).backward()
     for grad, p in zip(grads, model.parameters(), strict=True):
         assert_close(grad, p.grad, "mean gradient", rtol=1e-6)
+
+
+def test_training_loop_reduces_the_losses() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 1))
+    x = torch.randn(8, 3)
+    y = x.sum(dim=1, keepdim=True).sin()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    weighting = UPGrad().weighting
+    with GramianEngine(model) as engine:
+        initial = ((model(x) - y) ** 2).squeeze(1).detach()
+        for _ in range(30):
+            optimizer.zero_grad()
+            gramian_backward(((model(x) - y) ** 2).squeeze(1), engine, weighting)
+            optimizer.step()
+        final = ((model(x) - y) ** 2).squeeze(1).detach()
+    assert final.mean() < 0.5 * initial.mean()
