@@ -18,6 +18,7 @@ from jdoptim.aggregation._krum import Krum, KrumWeighting
 from jdoptim.aggregation._mean import Mean, MeanWeighting
 from jdoptim.aggregation._mgda import MGDA, MGDAWeighting
 from jdoptim.aggregation._modo import MoDoWeighting
+from jdoptim.aggregation._pcd import PCD, PCDWeighting
 from jdoptim.aggregation._pcgrad import PCGrad, PCGradWeighting
 from jdoptim.aggregation._random import Random, RandomWeighting
 from jdoptim.aggregation._sdmgrad import SDMGradWeighting
@@ -29,6 +30,7 @@ __all__ = [
     "CRMOGM",
     "IMTLG",
     "MGDA",
+    "PCD",
     "Aggregator",
     "AlignedMTL",
     "AlignedMTLWeighting",
@@ -49,6 +51,7 @@ __all__ = [
     "Mean",
     "MeanWeighting",
     "MoDoWeighting",
+    "PCDWeighting",
     "PCGrad",
     "PCGradWeighting",
     "Random",

@@ -1,0 +1,372 @@
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from jdoptim.aggregation._bases import (
+    GramianWeightedAggregator,
+    Weighting,
+    as_weight_tensor,
+    check_length,
+    check_non_negative,
+)
+from jdoptim.registry import register
+
+_PAPER = "https://arxiv.org/abs/2606.29521"
+
+
+class Tolerances(NamedTuple):
+    """Relative tolerances of `project_onto_constraints`."""
+
+    slack: float
+    """A constraint counts as satisfied when violated by at most this fraction of the magnitude
+    of the terms of its slack."""
+    dependence: float
+    """A row counts as a combination of others when its squared distance to their span is at
+    most this fraction of its squared norm."""
+
+
+def tolerances(dtype: torch.dtype) -> Tolerances:
+    """Tolerances for a Gramian computed in ``dtype``.
+
+    Its entries carry relative rounding errors of about ``eps(dtype)``, so that rows dependent in
+    exact arithmetic, or constraints that hold together with equality, look slightly otherwise:
+    both tolerances are set well above that (100 eps, at most 1e-2), and the slack tolerance is
+    never below 1e-10.
+    """
+    noise = min(100.0 * torch.finfo(dtype).eps, 1e-2)
+    return Tolerances(slack=max(1e-10, noise), dependence=noise)
+
+
+def gramian_factor(G: Tensor, dtype: torch.dtype) -> Tensor:
+    r"""A factor $L$ (``[m, r]``, float64) with $L L^\top \approx G$, without the directions
+    of ``G`` that are below the rounding level of ``dtype``.
+
+    A Gramian computed in ``dtype`` has entries $G_{ij}$ wrong by about
+    $\mathrm{eps} \lVert g_i \rVert \lVert g_j \rVert$, so that rows that are linearly dependent
+    look independent through tiny eigenvalues, which conditioning then amplifies. The eigenvalues
+    of the correlation matrix $D^{-1} G D^{-1}$ ($D = \operatorname{diag}(\lVert g_i \rVert)$,
+    which makes this independent of the scales of the rows) up to ``m`` times the dependence
+    tolerance of `tolerances` are dropped. Row $i$ of $L$ holds the coordinates of $g_i$ in an
+    orthonormal basis of the remaining span, so $r$ is the numerical rank of the rows.
+    """
+    m = G.shape[0]
+    norms = G.diagonal().clamp(min=0.0).sqrt()
+    inverse = torch.where(norms > 0.0, 1.0 / norms, 0.0)
+    eigenvalues, eigenvectors = torch.linalg.eigh(G * torch.outer(inverse, inverse))
+    keep = eigenvalues > m * tolerances(dtype).dependence
+    return norms[:, None] * eigenvectors[:, keep] * eigenvalues[keep].sqrt()
+
+
+def project_onto_constraints(
+    L: Tensor,
+    b: Tensor,
+    tol: Tolerances,
+    b_magnitude: Tensor | None = None,
+    max_iters: int | None = None,
+) -> tuple[Tensor, bool]:
+    r"""Multipliers of the projection of a point onto a polyhedron, from the constraint rows'
+    coordinates only.
+
+    Solves $\min_d \tfrac12 \lVert d - x_0 \rVert^2$ subject to $a_j^\top d \ge h_j$
+    ($j = 1..k$) given $L$ with $L L^\top = K = A A^\top$ (e.g. from `gramian_factor`) and
+    $b = h - A x_0$. By the KKT conditions the solution is $d = x_0 + A^\top \mu$ with
+    $\mu \ge 0$, $K\mu \ge b$ and $\mu^\top (K\mu - b) = 0$; this returns $\mu$.
+
+    The method is the dual active-set method of Goldfarb and Idnani (Math. Programming 27, 1983)
+    for an identity Hessian: starting from $\mu = 0$ (the unconstrained minimum), it adds the
+    most violated constraint, dropping active constraints whose multiplier reaches zero on the
+    way. It stops after finitely many steps in exact arithmetic; at the end, the multipliers are
+    recomputed by one solve on the final active set, so that they are exact up to rounding.
+
+    A constraint counts as violated when its slack $(K\mu - b)_j$ is below $-$``tol.slack`` times
+    $\sum_i |K_{ji} \mu_i| + \beta_j$, where $\beta_j$ is the magnitude of the terms that $b_j$
+    was computed from (``b_magnitude``, $|b_j|$ by default). A constraint whose row's component
+    $z$ orthogonal to the active rows (computed from the coordinates, which is accurate even when
+    the active rows are ill-conditioned) has $\lVert z \rVert^2$ at most ``tol.dependence``
+    times its squared norm counts as dependent on them; so does any row once the active rows
+    span all $r$ coordinates.
+
+    Args:
+        L: Coordinates of the constraint rows, shape ``[k, r]``.
+        b: ``h - A x0``, shape ``[k]``; $b_j > 0$ when $x_0$ violates constraint $j$.
+        tol: Relative tolerances (see `tolerances`).
+        b_magnitude: Magnitude of the terms summed into ``b`` (such as $|h| + |A x_0|$ computed
+            from absolute values), so that cancellation in ``b`` is not mistaken for violation.
+        max_iters: Largest number of add or drop steps; ``10 k + 10`` by default.
+
+    Returns:
+        ``(mu, feasible)``. When the constraints cannot hold together, ``feasible`` is ``False``
+        and ``mu`` holds the multipliers reached so far.
+
+    Raises:
+        RuntimeError: If the method has not finished within ``max_iters`` steps (only rounding
+            errors can make it cycle).
+    """
+    k, rank = L.shape
+    K = L @ L.T
+    mu = K.new_zeros(k)
+    if k == 0:
+        return mu, True
+    if max_iters is None:
+        max_iters = 10 * k + 10
+    if b_magnitude is None:
+        b_magnitude = b.abs()
+    tiny = torch.finfo(K.dtype).tiny
+
+    def violations(mu: Tensor) -> Tensor:
+        slack = K @ mu - b
+        return slack / torch.clamp(K.abs() @ mu.abs() + b_magnitude, min=tiny)
+
+    active: list[int] = []
+    steps = 0
+    while True:
+        violation = violations(mu)
+        if active:
+            violation[active] = 0.0
+        p = int(violation.argmin())
+        if violation[p] >= -tol.slack:
+            break
+        slack_p = K[p] @ mu - b[p]
+        while True:
+            steps += 1
+            if steps > max_iters:
+                raise RuntimeError(
+                    f"The active-set projection did not finish within {max_iters} steps on a "
+                    f"{k}x{k} problem; the constraints are too ill-conditioned."
+                )
+            if active:
+                index = torch.tensor(active, device=K.device)
+                r = torch.linalg.solve(K[index][:, index], K[index, p])
+                z = L[p] - r @ L[index]
+                positive = r > 0
+                ratios = torch.where(positive, mu[index] / torch.where(positive, r, 1.0), math.inf)
+                drop = int(ratios.argmin())
+                partial_step = float(ratios[drop])
+            else:
+                index = None
+                r = None
+                z = L[p]
+                drop = -1
+                partial_step = math.inf
+            # z is the part of row p orthogonal to the active rows; if it vanishes, adding p can
+            # only be done by trading multipliers with the active constraints.
+            z_sq = z @ z
+            independent = (
+                len(active) < rank and bool(K[p, p] > 0) and bool(z_sq > tol.dependence * K[p, p])
+            )
+            full_step = float(-slack_p / z_sq) if independent else math.inf
+            step = min(partial_step, full_step)
+            if step == math.inf:
+                return mu, False
+            if index is not None:
+                mu[index] -= step * r
+            mu[p] += step
+            if full_step <= partial_step:
+                active.append(p)
+                break
+            mu[active[drop]] = 0.0
+            del active[drop]
+            slack_p = K[p] @ mu - b[p]
+    mu = mu.clamp(min=0.0)
+    if active:
+        # Recompute the multipliers in one solve, unless rounding makes that worse.
+        index = torch.tensor(active, device=K.device)
+        polished = K.new_zeros(k)
+        polished[index] = torch.linalg.solve(K[index][:, index], b[index])
+        if bool((polished >= -tol.slack * polished.abs().max()).all()):
+            polished = polished.clamp(min=0.0)
+            worst = min(float(violations(mu).min()), -tol.slack)
+            if float(violations(polished).min()) >= worst:
+                mu = polished
+    return mu, True
+
+
+def _check_tau(tau: float | Tensor | Sequence[float]) -> float | Tensor:
+    if isinstance(tau, (int, float)) and not isinstance(tau, bool):
+        if not 0.0 <= tau <= 1.0:
+            raise ValueError(f"Invalid tau value: {tau!r}; expected a number in [0, 1].")
+        return float(tau)
+    if not isinstance(tau, Tensor):
+        tau = torch.as_tensor(tau, dtype=torch.float64)
+    values = as_weight_tensor(tau, "tau")
+    if not ((values >= 0.0) & (values <= 1.0)).all():
+        raise ValueError(f"Invalid tau value: {values.tolist()}; expected values in [0, 1].")
+    return values
+
+
+@register(paper=_PAPER, stateful=True)
+class PCDWeighting(Weighting):
+    r"""Weights of Priority-Constrained Descent (see `PCD`); row 0 of the Gramian is the
+    primary objective.
+
+    Args:
+        tau: Fraction $\tau \in [0, 1]$ of normalised first-order progress guaranteed to each
+            secondary objective: one number, or one per secondary objective ($m - 1$ values).
+        beta: Decay $\beta \in [0, 1)$ of the moving average of the squared gradient norms.
+        eps: Constant $\epsilon \ge 0$ added to the moving average before its inverse square
+            root.
+    """
+
+    def __init__(
+        self,
+        tau: float | Tensor | Sequence[float] = 0.02,
+        beta: float = 0.999,
+        eps: float = 1e-8,
+    ) -> None:
+        super().__init__()
+        tau = _check_tau(tau)
+        if isinstance(tau, Tensor):
+            self.register_buffer("tau", tau, persistent=False)
+        else:
+            self.tau = tau
+        beta = check_non_negative(beta, "beta")
+        if not beta < 1.0:
+            raise ValueError(f"Invalid beta value: {beta!r}; expected a number in [0, 1).")
+        self.beta = beta
+        self.eps = check_non_negative(eps, "eps")
+        self._sq_norm_average: Tensor | None = None
+        self._n_steps = 0
+
+    def reset(self) -> None:
+        """Forget the moving average of the squared gradient norms."""
+        self._sq_norm_average = None
+        self._n_steps = 0
+
+    def get_extra_state(self) -> Any:
+        return {"sq_norm_average": self._sq_norm_average, "n_steps": torch.tensor(self._n_steps)}
+
+    def set_extra_state(self, state: Any) -> None:
+        self._sq_norm_average = state["sq_norm_average"]
+        self._n_steps = int(state["n_steps"])
+
+    def _taus(self, m: int) -> Tensor:
+        if isinstance(self.tau, Tensor):
+            check_length(self.tau, m - 1, type(self).__name__, "values of tau (one per secondary)")
+            return self.tau.to(torch.float64).cpu()
+        return torch.full((m - 1,), self.tau, dtype=torch.float64)
+
+    def _scales(self, sq_norms: Tensor) -> Tensor:
+        """Update the moving average with this call's squared norms; return the scales $s_i$."""
+        m = sq_norms.shape[0]
+        if self._sq_norm_average is None or self._sq_norm_average.shape[0] != m:
+            self._sq_norm_average = torch.zeros(m, dtype=torch.float64)
+            self._n_steps = 0
+        self._n_steps += 1
+        self._sq_norm_average = self.beta * self._sq_norm_average + (1.0 - self.beta) * sq_norms
+        debiased = self._sq_norm_average / (1.0 - self.beta**self._n_steps)
+        denominators = (debiased + self.eps).sqrt()
+        # An average of zero means the gradient was always zero: its scale does not matter.
+        return torch.where(denominators > 0.0, 1.0 / denominators, 0.0)
+
+    def _weights(self, matrix: Tensor) -> Tensor:
+        m = matrix.shape[0]
+        taus = self._taus(m)
+        # The solver branches on values at every step: one transfer to the CPU costs less than a
+        # host synchronisation per step.
+        G = matrix.detach().to(device="cpu", dtype=torch.float64)
+        if not torch.isfinite(G).all():
+            return torch.full_like(matrix[0], math.nan)
+        sq_norms = G.diagonal().clamp(min=0.0)
+        scales = self._scales(sq_norms)
+        weights = torch.zeros(m, dtype=torch.float64)
+        if sq_norms[0] > 0.0:
+            L = scales[:, None] * gramian_factor(G, matrix.dtype)  # rows: the g̃_i
+            Gs = L @ L.T
+            w = self._solve(L, taus, matrix.dtype)
+            direction_sq_norm = w @ Gs @ w
+            # Rounding scale of the squared norm of d~ = sum_i w_i s_i g_i, read from the Gramian.
+            magnitude = (w.abs() @ Gs.diagonal().clamp(min=0.0).sqrt()) ** 2
+            if direction_sq_norm > 10.0 * torch.finfo(matrix.dtype).eps * magnitude:
+                weights = w * scales * (sq_norms[0] / direction_sq_norm).sqrt()
+        return weights.to(device=matrix.device, dtype=matrix.dtype)
+
+    @staticmethod
+    def _solve(L: Tensor, taus: Tensor, dtype: torch.dtype) -> Tensor:
+        """Weights $(1, \\mu_2, \\dots, \\mu_m)$ of $\\tilde d$, from the coordinates ``L`` of the
+        normalised gradients."""
+        m = L.shape[0]
+        w = torch.zeros(m, dtype=L.dtype)
+        w[0] = 1.0
+        if m == 1:
+            return w
+        sq_norms = (L[1:] * L[1:]).sum(dim=1)
+        products = L[1:] @ L[0]  # g̃_jᵀ g̃_1
+        b = taus * sq_norms - products
+        b_magnitude = taus * sq_norms + products.abs()
+        mu, feasible = project_onto_constraints(L[1:], b, tolerances(dtype), b_magnitude)
+        if not feasible:
+            warnings.warn(
+                "PCD's constraints cannot all hold at this step (some secondary gradients are "
+                "opposed); as Algorithm 1 of the paper prescribes, they are dropped and the "
+                "update follows the primary gradient.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return w
+        w[1:] = mu
+        return w
+
+
+@register(paper=_PAPER, stateful=True)
+class PCD(GramianWeightedAggregator):
+    r"""Priority-Constrained Descent (Varam & AlHajri, *Not All Objectives Are Born Equal:
+    Priority-Constrained Descent for Hierarchical Multi-Objective Optimization*, TMLR 2026,
+    [arXiv 2606.29521](https://arxiv.org/abs/2606.29521)).
+
+    Row 0 is the primary objective $g_1$; the other rows are secondary objectives. The update
+    follows the primary gradient as closely as possible while every secondary objective gets at
+    least a fraction $\tau$ of the first-order progress a step along its own normalised gradient
+    would give (Definition 4.1):
+
+    $$
+    \tilde d = \arg\min_d \tfrac12 \lVert d - \tilde g_1 \rVert^2
+    \quad\text{s.t.}\quad \tilde g_j^\top d \ge \tau_j \lVert \tilde g_j \rVert^2,
+    \quad j = 2, \dots, m,
+    $$
+
+    with normalised gradients $\tilde g_i = s_i g_i$, $s_i = 1/\sqrt{\hat v_i + \epsilon}$, where
+    $\hat v_i$ is the bias-corrected moving average of $\lVert g_i \rVert^2$ over the calls, with
+    decay $\beta$ (Definition 4.5). The update is $\tilde d$ rescaled to the norm of $g_1$
+    (Algorithm 1): $\mathcal A(J) = \lVert g_1 \rVert\, \tilde d / \lVert \tilde d \rVert$.
+
+    The problem is solved exactly from the Gramian by a dual active-set method (Goldfarb and
+    Idnani, 1983), which also covers linearly dependent gradients; the paper's code enumerates
+    the active sets instead, which gives the same minimiser in time exponential in $m$.
+
+    Special cases, as in Algorithm 1: if $g_1 = 0$ the update is zero; if the constraints cannot
+    hold together (possible from $m = 3$, e.g. two opposite secondary gradients), they are
+    dropped for that call, the update is $g_1$ and a `RuntimeWarning` says so; if
+    $\tilde d = 0$ up to rounding, the update is zero. A Gramian with non-finite entries gives
+    NaN weights and leaves the moving average unchanged.
+
+    The method is stateful (the moving average). It restarts when the number of rows changes;
+    `reset` clears it.
+
+    Args:
+        tau: Fraction $\tau \in [0, 1]$ of normalised first-order progress guaranteed to each
+            secondary objective: one number, or one per secondary objective ($m - 1$ values).
+        beta: Decay $\beta \in [0, 1)$ of the moving average of the squared gradient norms.
+        eps: Constant $\epsilon \ge 0$ added to the moving average before its inverse square
+            root.
+
+    Examples:
+        >>> import torch
+        >>> from jdoptim import PCD
+        >>> J = torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]], dtype=torch.float64)
+        >>> PCD(tau=0.5)(J)
+        tensor([2.0889, 2.6112, 2.6112], dtype=torch.float64)
+    """
+
+    def __init__(
+        self,
+        tau: float | Tensor | Sequence[float] = 0.02,
+        beta: float = 0.999,
+        eps: float = 1e-8,
+    ) -> None:
+        super().__init__(PCDWeighting(tau, beta, eps))
