@@ -7,6 +7,7 @@ from jdoptim.aggregation._bases import (
     WeightedAggregator,
     Weighting,
 )
+from jdoptim.aggregation._cagrad import CAGrad, CAGradWeighting
 from jdoptim.aggregation._config import ConFIG
 from jdoptim.aggregation._constant import Constant, ConstantWeighting
 from jdoptim.aggregation._crmogm import CRMOGM, CRMOGMWeighting
@@ -34,6 +35,8 @@ __all__ = [
     "Aggregator",
     "AlignedMTL",
     "AlignedMTLWeighting",
+    "CAGrad",
+    "CAGradWeighting",
     "CRMOGMWeighting",
     "ConFIG",
     "Constant",
