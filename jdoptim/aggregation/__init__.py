@@ -20,6 +20,7 @@ from jdoptim.aggregation._krum import Krum, KrumWeighting
 from jdoptim.aggregation._mean import Mean, MeanWeighting
 from jdoptim.aggregation._mgda import MGDA, MGDAWeighting
 from jdoptim.aggregation._modo import MoDoWeighting
+from jdoptim.aggregation._nashmtl import NashMTL, NashMTLWeighting
 from jdoptim.aggregation._pcd import PCD, PCDWeighting
 from jdoptim.aggregation._pcgrad import PCGrad, PCGradWeighting
 from jdoptim.aggregation._random import Random, RandomWeighting
@@ -57,6 +58,8 @@ __all__ = [
     "Mean",
     "MeanWeighting",
     "MoDoWeighting",
+    "NashMTL",
+    "NashMTLWeighting",
     "PCDWeighting",
     "PCGrad",
     "PCGradWeighting",
