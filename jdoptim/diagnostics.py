@@ -43,6 +43,23 @@ def _safe_divide(numerator: Tensor, denominator: Tensor) -> Tensor:
     return torch.where(denominator > 0, numerator / denominator, torch.zeros_like(numerator))
 
 
+def _from_products(
+    gramian: Tensor, products: Tensor, update_norm: Tensor, weights: Tensor | None
+) -> StepDiagnostics:
+    norms = gramian.diagonal().clamp(min=0).sqrt()
+    cosines = _safe_divide(gramian, norms[:, None] * norms[None, :])
+    alignments = _safe_divide(products, norms * update_norm)
+    return StepDiagnostics(
+        weights=None if weights is None else weights.detach(),
+        gradient_norms=norms,
+        cosine_similarities=cosines,
+        conflicting_pairs=(cosines < -CONFLICT_TOLERANCE).triu(diagonal=1).sum(),
+        alignments=alignments,
+        update_conflicts=(alignments < -CONFLICT_TOLERANCE).any(),
+        update_norm=update_norm,
+    )
+
+
 def diagnose(matrix: Tensor, update: Tensor, weights: Tensor | None = None) -> StepDiagnostics:
     """Compute `StepDiagnostics` from a Jacobian ``[m, n]`` and its aggregated update ``[n]``.
 
@@ -58,18 +75,23 @@ def diagnose(matrix: Tensor, update: Tensor, weights: Tensor | None = None) -> S
         False
     """
     with torch.no_grad():
-        gramian = matrix @ matrix.T
-        norms = gramian.diagonal().clamp(min=0).sqrt()
-        cosines = _safe_divide(gramian, norms[:, None] * norms[None, :])
-        conflicting = (cosines < -CONFLICT_TOLERANCE).triu(diagonal=1).sum()
-        update_norm = update.norm()
-        alignments = _safe_divide(matrix @ update, norms * update_norm)
-        return StepDiagnostics(
-            weights=None if weights is None else weights.detach(),
-            gradient_norms=norms,
-            cosine_similarities=cosines,
-            conflicting_pairs=conflicting,
-            alignments=alignments,
-            update_conflicts=(alignments < -CONFLICT_TOLERANCE).any(),
-            update_norm=update_norm,
-        )
+        return _from_products(matrix @ matrix.T, matrix @ update, update.norm(), weights)
+
+
+def diagnose_gramian(gramian: Tensor, weights: Tensor) -> StepDiagnostics:
+    """Compute `StepDiagnostics` from a Gramian ``G = J Jᵀ`` and the weights of the update
+    ``d = Jᵀ w``, without the Jacobian: ``J d = G w`` and ``‖d‖² = wᵀ G w``.
+
+    Examples:
+        >>> import torch
+        >>> from jdoptim.diagnostics import diagnose, diagnose_gramian
+        >>> J = torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]], dtype=torch.float64)
+        >>> w = torch.tensor([0.5, 0.5], dtype=torch.float64)
+        >>> from_gramian = diagnose_gramian(J @ J.T, w)
+        >>> torch.allclose(from_gramian.alignments, diagnose(J, w @ J).alignments)
+        True
+    """
+    with torch.no_grad():
+        products = gramian @ weights
+        update_norm = (weights @ products).clamp(min=0).sqrt()
+        return _from_products(gramian, products, update_norm, weights)

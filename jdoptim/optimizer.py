@@ -20,23 +20,24 @@ from torch.distributed import ProcessGroup
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from jdoptim.aggregation import Aggregator, WeightedAggregator
-from jdoptim.diagnostics import StepDiagnostics, diagnose
+from jdoptim.aggregation import Aggregator, GramianWeightedAggregator, WeightedAggregator
+from jdoptim.diagnostics import StepDiagnostics, diagnose, diagnose_gramian
 from jdoptim.distributed import default_process_group, disable_ddp_sync, synchronise
 from jdoptim.functional import as_loss_vector, jacobian, split_update, stack_jacobians
+from jdoptim.gramian import GramianEngine, is_supported
 from jdoptim.registry import build, to_config
 from jdoptim.scalarization import Scalarizer
 
-Mode = Literal["jacobian", "auto"]
+Mode = Literal["jacobian", "gramian", "auto"]
 NonFinite = Literal["raise", "skip"]
 Accumulation = Literal["sum", "concat"]
-MODES: tuple[str, ...] = ("jacobian", "auto")
+MODES: tuple[str, ...] = ("jacobian", "gramian", "auto")
 NONFINITE_POLICIES: tuple[str, ...] = ("raise", "skip")
 ACCUMULATIONS: tuple[str, ...] = ("sum", "concat")
 LossesT = Tensor | Sequence[Tensor]
 DiagnosticsHook = Callable[["JDOptimizer", StepDiagnostics], None]
 _STATE_KEY = "jdoptim"
-_CONFIG_OPTIONS = ("mode", "chunk_size", "nonfinite", "accumulation", "diagnostics")
+_CONFIG_OPTIONS = ("mode", "batch_dim", "chunk_size", "nonfinite", "accumulation", "diagnostics")
 
 
 class NonFiniteError(ValueError):
@@ -70,9 +71,15 @@ class JDOptimizer(Optimizer):
         aggregator: Maps the Jacobian ``[m, n]`` to an update ``[n]``. A loss `Scalarizer`
             (from `jdoptim.scalarization`) is accepted too: the optimizer then does one ordinary
             backward pass of the scalarised loss, with no Jacobian.
-        mode: How the Jacobian is obtained. ``"jacobian"``: one batched vector-Jacobian
-            product over all losses. ``"auto"``: the fastest mode available for the
-            aggregator and model, which is ``"jacobian"`` in this version.
+        mode: How the update is obtained. ``"jacobian"``: the Jacobian from one batched
+            vector-Jacobian product over all losses, then the aggregator. ``"gramian"``: the
+            ``m × m`` Gramian from one backward pass through ``modules`` without the Jacobian
+            (see `jdoptim.gramian.GramianEngine`), the aggregator's weighting, then the weighted
+            gradient; it needs a Gramian-based aggregator (such as `UPGrad`) and ``modules``,
+            and is much cheaper for one loss per sample. ``"auto"``: ``"gramian"`` when the
+            aggregator is Gramian-based, ``modules`` are given, every layer in them has a closed
+            form, and neither ``shared_params`` nor data parallelism is used; else
+            ``"jacobian"``. The mode chosen is `resolved_mode`.
         shared_params: For multi-task learning: the parameters (or a module holding them)
             whose Jacobian is aggregated. Every other parameter receives the ordinary gradient
             of the sum of the losses that reach it (a task head gets its own task's gradient).
@@ -93,9 +100,13 @@ class JDOptimizer(Optimizer):
         diagnostics: Compute `StepDiagnostics` at each aggregation (an extra ``m × m`` Gramian),
             available as ``last_diagnostics`` and passed to hooks added with
             `register_diagnostics_hook`.
-        modules: The model (or modules) the losses come from. A ``DistributedDataParallel``
-            model among them has its own gradient synchronisation turned off, since the
-            optimizer reduces the Jacobian itself.
+        modules: The model (or modules) the losses come from. In gramian mode, the modules
+            whose parameters define the Gramian (a subset gives partial Jacobian descent: every
+            parameter is still updated); build the optimizer before the forward pass, which
+            they record. A ``DistributedDataParallel`` model among them has its own gradient
+            synchronisation turned off, since the optimizer reduces the Jacobian itself.
+        batch_dim: Gramian mode: the batch dimension of the modules' inputs and outputs, or
+            ``None`` when losses never decompose per sample.
         process_group: Under data parallelism, the ranks that step together; ``None`` uses the
             default group once ``torch.distributed`` is initialised with several ranks. Each
             aggregation then reduces the Jacobian across ranks (averaged with
@@ -134,6 +145,7 @@ class JDOptimizer(Optimizer):
         accumulation: Accumulation = "sum",
         diagnostics: bool = False,
         modules: nn.Module | Sequence[nn.Module] | None = None,
+        batch_dim: int | None = 0,
         process_group: ProcessGroup | None = None,
     ) -> None:
         if not isinstance(optimizer, Optimizer) or isinstance(optimizer, JDOptimizer):
@@ -172,7 +184,9 @@ class JDOptimizer(Optimizer):
         self.accumulation = accumulation
         self.diagnostics = diagnostics
         self.modules = self._check_modules(modules)
+        self.batch_dim = batch_dim
         self.process_group = process_group
+        self._engine = self._make_engine()
         self.last_diagnostics: StepDiagnostics | None = None
         self._diagnostics_hooks: OrderedDict[int, DiagnosticsHook] = OrderedDict()
         # None until the first batched backward pass tells whether vmap runs on this graph.
@@ -197,6 +211,40 @@ class JDOptimizer(Optimizer):
             disable_ddp_sync(module)
         return listed
 
+    def _make_engine(self) -> GramianEngine | None:
+        gramian_based = isinstance(self.aggregator, GramianWeightedAggregator)
+        if self.mode == "gramian":
+            if not gramian_based:
+                raise ValueError(
+                    f"mode='gramian' needs a Gramian-based aggregator (such as UPGrad), but "
+                    f"{self.aggregator!r} needs the Jacobian; use mode='jacobian'."
+                )
+            if not self.modules:
+                raise ValueError("mode='gramian' needs the model: pass modules=model.")
+            if self.shared_params is not None:
+                raise ValueError(
+                    "mode='gramian' updates every parameter with the weighted gradient, so it "
+                    "cannot give task heads their own gradients: drop shared_params, or use "
+                    "mode='jacobian'."
+                )
+            return GramianEngine(self.modules, batch_dim=self.batch_dim)
+        if (
+            self.mode == "auto"
+            and gramian_based
+            and self.modules
+            and self.shared_params is None
+            and default_process_group() is None
+            and self.process_group is None
+            and is_supported(self.modules, batch_dim=self.batch_dim)
+        ):
+            return GramianEngine(self.modules, batch_dim=self.batch_dim)
+        return None
+
+    @property
+    def resolved_mode(self) -> Literal["jacobian", "gramian"]:
+        """The mode in use: ``"gramian"`` or ``"jacobian"`` (what ``"auto"`` chose)."""
+        return "jacobian" if self._engine is None else "gramian"
+
     def _check_shared(self, shared: Iterable[Tensor] | nn.Module | None) -> list[Tensor] | None:
         if shared is None:
             return None
@@ -215,15 +263,19 @@ class JDOptimizer(Optimizer):
         return params
 
     @classmethod
-    def from_config(cls, optimizer: Optimizer, config: Mapping[str, Any]) -> JDOptimizer:
+    def from_config(
+        cls, optimizer: Optimizer, config: Mapping[str, Any], **objects: Any
+    ) -> JDOptimizer:
         """Build a `JDOptimizer` from a dictionary.
 
         Args:
             optimizer: The inner optimizer.
             config: ``{"aggregator": <aggregator config>, **options}``, where the aggregator
                 config is a registry name or ``{"name": ..., **arguments}``, and the options
-                are ``mode``, ``chunk_size``, ``nonfinite``, ``accumulation`` and
-                ``diagnostics``.
+                are ``mode``, ``batch_dim``, ``chunk_size``, ``nonfinite``, ``accumulation``
+                and ``diagnostics``.
+            **objects: The arguments that are objects rather than configuration:
+                ``modules``, ``shared_params``, ``scaler``, ``process_group``.
 
         Examples:
             >>> import torch
@@ -246,13 +298,17 @@ class JDOptimizer(Optimizer):
         if "aggregator" not in config:
             raise ValueError("A JDOptimizer config needs an 'aggregator' key.")
         options = {key: value for key, value in config.items() if key != "aggregator"}
+        objects_allowed = ("modules", "shared_params", "scaler", "process_group")
+        unknown = [key for key in objects if key not in objects_allowed]
+        if unknown:
+            raise TypeError(f"Unknown arguments {unknown}; valid ones: {objects_allowed}.")
         aggregator = build(config["aggregator"])
         if not isinstance(aggregator, (Aggregator, Scalarizer)):
             raise TypeError(
                 f"config['aggregator'] built {aggregator!r}, which is not an Aggregator; wrap a "
                 "weighting in jdoptim.GramianWeightedAggregator or name an aggregator."
             )
-        return cls(optimizer, aggregator, **options)
+        return cls(optimizer, aggregator, **options, **objects)
 
     def to_config(self) -> dict[str, Any]:
         """Return the configuration that `from_config` turns back into this wrapper (the
@@ -406,12 +462,63 @@ class JDOptimizer(Optimizer):
             NonFiniteError: If losses, Jacobian or update are not finite and
                 ``nonfinite="raise"``.
         """
+        if self._engine is not None:
+            return self._gramian_backward(losses, aggregate, retain_graph)
         contribution = self._contribution(losses, retain_graph)
         if self._skip_next_step:
             return
         self._pending.append(contribution)
         if aggregate:
             self._aggregate_pending()
+
+    def _gramian_backward(self, losses: LossesT, aggregate: bool, retain_graph: bool) -> None:
+        engine = self._engine
+        assert engine is not None
+        if not aggregate:
+            raise ValueError(
+                "Gramian mode aggregates every backward pass; accumulate micro-batches with "
+                "mode='jacobian'."
+            )
+        if self._group() is not None:
+            raise ValueError(
+                "Gramian mode does not reduce across ranks; use mode='jacobian' under data "
+                "parallelism."
+            )
+        vector = as_loss_vector(losses)
+        if not vector.requires_grad:
+            raise ValueError(
+                "The losses do not require grad, so they are not connected to any parameter; "
+                "compute them from the model's outputs with grad enabled."
+            )
+        if self._skip_next_step:
+            engine.reset()
+            return None
+        # The engine reads the per-sample structure from the loss tensor's shape.
+        tensor = losses if isinstance(losses, Tensor) else vector
+        finite = bool(torch.isfinite(vector).all())
+        gramian = engine.gramian(tensor, retain_graph=retain_graph) if finite else None
+        scale = self.scaler.get_scale() if self._scaling() else 1.0
+        if gramian is not None:
+            gramian = gramian / scale**2 if scale != 1.0 else gramian
+            finite = bool(torch.isfinite(gramian).all())
+        if not finite:
+            engine.reset()
+            if self._scaling():
+                for p in self._parameters():
+                    p.grad = torch.full_like(p, float("inf"))
+                return None
+            bad = (~torch.isfinite(vector)).nonzero().flatten().tolist()
+            return self._refuse(
+                f"losses at indices {bad} are not finite" if bad else "the Gramian is not finite"
+            )
+        weights = self.aggregator.weighting(gramian)
+        if not bool(torch.isfinite(weights).all()):
+            engine.reset()
+            return self._refuse(f"{self.aggregator!r} returned non-finite weights")
+        if self.diagnostics:
+            self._report(diagnose_gramian(gramian, weights))
+        engine.backward(weights, params=self._parameters())
+        return None
 
     def _combine(self, pending: list[_Contribution]) -> _Contribution:
         first = pending[0]
