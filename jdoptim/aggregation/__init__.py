@@ -12,6 +12,7 @@ from jdoptim.aggregation._config import ConFIG
 from jdoptim.aggregation._constant import Constant, ConstantWeighting
 from jdoptim.aggregation._crmogm import CRMOGM, CRMOGMWeighting
 from jdoptim.aggregation._dualproj import DualProj, DualProjWeighting
+from jdoptim.aggregation._excessmtl import ExcessMTL, ExcessMTLWeighting
 from jdoptim.aggregation._fairgrad import FairGrad, FairGradWeighting
 from jdoptim.aggregation._graddrop import GradDrop
 from jdoptim.aggregation._gradvac import GradVac, GradVacWeighting
@@ -45,6 +46,8 @@ __all__ = [
     "ConstantWeighting",
     "DualProj",
     "DualProjWeighting",
+    "ExcessMTL",
+    "ExcessMTLWeighting",
     "FairGrad",
     "FairGradWeighting",
     "GradDrop",
