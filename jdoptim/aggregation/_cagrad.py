@@ -183,7 +183,9 @@ class CAGrad(GramianWeightedAggregator):
     When the optimum is not unique, which happens only when $0$ is in the convex hull of the
     rows (the optimal value is then $0$ and $g_{w^\star} = 0$), the update is the optimal $d$
     closest to $g_0$. TorchJD returns $0$ in that case, which lies outside the ball when
-    $c < 1$. When $g_0 = 0$ or $c = 0$, the update is $g_0$.
+    $c < 1$. When $c = 0$, or $g_0 = 0$ up to the rounding level of the Gramian's dtype, the
+    update is $g_0$. Directions of the Gramian below that rounding level are removed before
+    solving (`gramian_factor`).
 
     Args:
         c: Radius of the ball around $g_0$, relative to $\lVert g_0 \rVert$.

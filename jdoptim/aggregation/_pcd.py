@@ -336,8 +336,10 @@ class PCD(GramianWeightedAggregator):
     (Algorithm 1): $\mathcal A(J) = \lVert g_1 \rVert\, \tilde d / \lVert \tilde d \rVert$.
 
     The problem is solved exactly from the Gramian by a dual active-set method (Goldfarb and
-    Idnani, 1983), which also covers linearly dependent gradients; the paper's code enumerates
-    the active sets instead, which gives the same minimiser in time exponential in $m$.
+    Idnani, 1983), which also covers linearly dependent gradients (directions of the Gramian
+    below the rounding level of its dtype are removed first, see `gramian_factor`); the paper's
+    code enumerates the active sets instead, which gives the same minimiser in time exponential
+    in $m$.
 
     Special cases, as in Algorithm 1: if $g_1 = 0$ the update is zero; if the constraints cannot
     hold together (possible from $m = 3$, e.g. two opposite secondary gradients), they are
