@@ -13,7 +13,7 @@ Examples:
     tensor([[ 2.,  0.],
             [-2.,  2.]])
     >>> aggregate([J], UPGrad())
-    [tensor([0.4998, 1.4999])]
+    [tensor([0.5000, 1.5000])]
 """
 
 from __future__ import annotations

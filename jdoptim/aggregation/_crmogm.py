@@ -155,7 +155,7 @@ class CRMOGM(GramianWeightedAggregator):
         >>> aggregator = jdoptim.build({"name": "crmogm", "weighting": {"name": "upgradweighting"}})
         >>> J = torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]], dtype=torch.float64)
         >>> aggregator(J)  # the first call is UPGrad's update
-        tensor([0.2929, 1.9004, 1.9004], dtype=torch.float64)
+        tensor([0.2924, 1.9006, 1.9006], dtype=torch.float64)
         >>> jdoptim.to_config(aggregator)["weighting"]["name"]
         'upgradweighting'
     """
