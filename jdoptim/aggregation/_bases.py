@@ -232,3 +232,96 @@ def check_positive_int(value: int, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"Invalid {name} value: {value!r}; expected an integer >= 1.")
     return value
+
+
+def check_seed(seed: int | None) -> int | None:
+    """Raise unless ``seed`` is an integer or ``None``."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"Invalid seed value: {seed!r}; expected an integer or None.")
+    return seed
+
+
+class RandomSource:
+    """Uniform random numbers for a randomised method.
+
+    Without a seed, draws come from torch's global generator of the input's device, so
+    ``torch.manual_seed`` makes them reproducible. With a seed, they come from a generator owned
+    by the method, created from the seed on the device of the first draw (a seed gives the same
+    numbers on the same device; CPU and CUDA streams differ); its state travels in
+    ``state_dict()`` through `state` and `load_state`.
+    """
+
+    def __init__(self, seed: int | None) -> None:
+        self.seed = check_seed(seed)
+        self._generator: torch.Generator | None = None
+
+    def reset(self) -> None:
+        """Restart from ``seed`` at the next draw."""
+        self._generator = None
+
+    def rand(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """Draw uniform numbers in ``[0, 1)`` with ``like``'s dtype, on ``like``'s device."""
+        if self.seed is None:
+            return torch.rand(shape, dtype=like.dtype, device=like.device)
+        generator = self._generator_for(like)
+        draws = torch.rand(shape, generator=generator, dtype=like.dtype, device=generator.device)
+        return draws.to(like.device)
+
+    def randn(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """Draw standard normal numbers with ``like``'s dtype, on ``like``'s device."""
+        if self.seed is None:
+            return torch.randn(shape, dtype=like.dtype, device=like.device)
+        generator = self._generator_for(like)
+        draws = torch.randn(shape, generator=generator, dtype=like.dtype, device=generator.device)
+        return draws.to(like.device)
+
+    def _generator_for(self, like: Tensor) -> torch.Generator:
+        if self._generator is None:
+            self._generator = torch.Generator(device=like.device).manual_seed(self.seed)
+        return self._generator
+
+    def permutations_of_others(self, m: int, like: Tensor) -> Tensor:
+        """Row ``i`` of the ``[m, m - 1]`` result is a uniformly random order of ``{j ≠ i}``."""
+        keys = self.rand((m, m), like)
+        keys.fill_diagonal_(2.0)  # above every draw, so that i itself sorts last
+        return keys.argsort(dim=1)[:, : m - 1]
+
+    def state(self) -> dict[str, Any] | None:
+        """The owned generator's device and state, or ``None`` before the first seeded draw."""
+        if self._generator is None:
+            return None
+        return {"device": str(self._generator.device), "state": self._generator.get_state()}
+
+    def load_state(self, state: dict[str, Any] | None, owner: str) -> None:
+        """Restore what `state` returned."""
+        if state is None:
+            self._generator = None
+            return
+        if self.seed is None:
+            raise ValueError(f"This state holds a generator state, but this {owner} has no seed.")
+        generator = torch.Generator(device=state["device"])
+        generator.set_state(state["state"])
+        self._generator = generator
+
+
+class Seeded:
+    """Mixin of the randomised methods: a ``seed`` argument, an owned `RandomSource` in
+    ``self._random`` (set it in ``__init__``), its generator state in ``state_dict()``, and
+    `reset` restarting it."""
+
+    _random: RandomSource
+
+    @property
+    def seed(self) -> int | None:
+        """The seed of the owned generator, or ``None`` for torch's global generator."""
+        return self._random.seed
+
+    def reset(self) -> None:
+        """Restart the owned generator from ``seed``."""
+        self._random.reset()
+
+    def get_extra_state(self) -> Any:
+        return self._random.state()
+
+    def set_extra_state(self, state: Any) -> None:
+        self._random.load_state(state, type(self).__name__)

@@ -1,18 +1,22 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from jdoptim.aggregation._bases import Aggregator, as_weight_tensor, check_length
-from jdoptim.aggregation._pcgrad import RandomSource
+from jdoptim.aggregation._bases import (
+    Aggregator,
+    RandomSource,
+    Seeded,
+    as_weight_tensor,
+    check_length,
+)
 from jdoptim.registry import register
 
 
 @register(paper="https://arxiv.org/abs/2010.06808", stateful=True, randomised=True)
-class GradDrop(Aggregator):
+class GradDrop(Seeded, Aggregator):
     r"""Gradient sign dropout (Chen et al., *Just Pick a Sign: Optimizing Deep Multitask
     Models with Gradient Sign Dropout*, NeurIPS 2020,
     [arXiv 2010.06808](https://arxiv.org/abs/2010.06808), Algorithm 1, lines 10 to 15).
@@ -72,14 +76,6 @@ class GradDrop(Aggregator):
         self.register_buffer("leak", leak, persistent=False)
         self._random = RandomSource(seed)
 
-    @property
-    def seed(self) -> int | None:
-        return self._random.seed
-
-    def reset(self) -> None:
-        """Restart the owned generator from ``seed``."""
-        self._random.reset()
-
     def _aggregate(self, matrix: Tensor) -> Tensor:
         m, n = matrix.shape
         if self.leak is None:
@@ -102,9 +98,3 @@ class GradDrop(Aggregator):
             + torch.where(f_purity > draws, positive, 0.0)
             + torch.where(f_purity < draws, negative, 0.0)
         )
-
-    def get_extra_state(self) -> Any:
-        return self._random.state()
-
-    def set_extra_state(self, state: Any) -> None:
-        self._random.load_state(state, type(self).__name__)

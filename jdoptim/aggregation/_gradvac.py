@@ -5,8 +5,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from jdoptim.aggregation._bases import GramianWeightedAggregator, Weighting, check_non_negative
-from jdoptim.aggregation._pcgrad import RandomSource
+from jdoptim.aggregation._bases import (
+    GramianWeightedAggregator,
+    RandomSource,
+    Seeded,
+    Weighting,
+    check_non_negative,
+)
 from jdoptim.registry import register
 
 _PAPER = "https://arxiv.org/abs/2010.05874"
@@ -19,7 +24,7 @@ def _check_beta(beta: float) -> float:
 
 
 @register(paper=_PAPER, stateful=True, randomised=True)
-class GradVacWeighting(Weighting):
+class GradVacWeighting(Seeded, Weighting):
     r"""GradVac's weights: $w = \mathbf 1^\top C$, where row $i$ of $C$ holds the
     coefficients of $g_i^{\mathrm{PC}} = \sum_k C_{ik} g_k$ (see `GradVac`).
 
@@ -41,10 +46,6 @@ class GradVacWeighting(Weighting):
         self.eps = check_non_negative(eps, "eps")
         self._random = RandomSource(seed)
         self._targets: Tensor | None = None
-
-    @property
-    def seed(self) -> int | None:
-        return self._random.seed
 
     @property
     def targets(self) -> Tensor | None:

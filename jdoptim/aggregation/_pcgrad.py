@@ -1,78 +1,16 @@
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from jdoptim.aggregation._bases import GramianWeightedAggregator, Weighting
+from jdoptim.aggregation._bases import GramianWeightedAggregator, RandomSource, Seeded, Weighting
 from jdoptim.registry import register
 
 _PAPER = "https://arxiv.org/abs/2001.06782"
 
 
-def check_seed(seed: int | None) -> int | None:
-    """Raise unless ``seed`` is an integer or ``None``."""
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ValueError(f"Invalid seed value: {seed!r}; expected an integer or None.")
-    return seed
-
-
-class RandomSource:
-    """Uniform random numbers for a randomised method.
-
-    Without a seed, draws come from torch's global generator of the input's device, so
-    ``torch.manual_seed`` makes them reproducible. With a seed, they come from a generator owned
-    by the method, created from the seed on the device of the first draw (a seed gives the same
-    numbers on the same device; CPU and CUDA streams differ); its state travels in
-    ``state_dict()`` through `state` and `load_state`.
-    """
-
-    def __init__(self, seed: int | None) -> None:
-        self.seed = check_seed(seed)
-        self._generator: torch.Generator | None = None
-
-    def reset(self) -> None:
-        """Restart from ``seed`` at the next draw."""
-        self._generator = None
-
-    def rand(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
-        """Draw uniform numbers in ``[0, 1)`` with ``like``'s dtype, on ``like``'s device."""
-        if self.seed is None:
-            return torch.rand(shape, dtype=like.dtype, device=like.device)
-        if self._generator is None:
-            self._generator = torch.Generator(device=like.device).manual_seed(self.seed)
-        draws = torch.rand(
-            shape, generator=self._generator, dtype=like.dtype, device=self._generator.device
-        )
-        return draws.to(like.device)
-
-    def permutations_of_others(self, m: int, like: Tensor) -> Tensor:
-        """Row ``i`` of the ``[m, m - 1]`` result is a uniformly random order of ``{j ≠ i}``."""
-        keys = self.rand((m, m), like)
-        keys.fill_diagonal_(2.0)  # above every draw, so that i itself sorts last
-        return keys.argsort(dim=1)[:, : m - 1]
-
-    def state(self) -> dict[str, Any] | None:
-        """The owned generator's device and state, or ``None`` before the first seeded draw."""
-        if self._generator is None:
-            return None
-        return {"device": str(self._generator.device), "state": self._generator.get_state()}
-
-    def load_state(self, state: dict[str, Any] | None, owner: str) -> None:
-        """Restore what `state` returned."""
-        if state is None:
-            self._generator = None
-            return
-        if self.seed is None:
-            raise ValueError(f"This state holds a generator state, but this {owner} has no seed.")
-        generator = torch.Generator(device=state["device"])
-        generator.set_state(state["state"])
-        self._generator = generator
-
-
 @register(paper=_PAPER, stateful=True, randomised=True)
-class PCGradWeighting(Weighting):
+class PCGradWeighting(Seeded, Weighting):
     r"""PCGrad's weights: $w = \mathbf 1^\top C$, where row $i$ of $C$ holds the
     coefficients of $g_i^{\mathrm{PC}} = \sum_k C_{ik} g_k$ (see `PCGrad`).
 
@@ -89,14 +27,6 @@ class PCGradWeighting(Weighting):
     def __init__(self, seed: int | None = None) -> None:
         super().__init__()
         self._random = RandomSource(seed)
-
-    @property
-    def seed(self) -> int | None:
-        return self._random.seed
-
-    def reset(self) -> None:
-        """Restart the owned generator from ``seed``."""
-        self._random.reset()
 
     def _weights(self, matrix: Tensor) -> Tensor:
         m = matrix.shape[0]
@@ -117,12 +47,6 @@ class PCGradWeighting(Weighting):
             coefficients[rows, j] += step
             products.addcmul_(step[:, None], torch.index_select(matrix, 0, j, out=rows_of_j))
         return coefficients.sum(dim=0)
-
-    def get_extra_state(self) -> Any:
-        return self._random.state()
-
-    def set_extra_state(self, state: Any) -> None:
-        self._random.load_state(state, type(self).__name__)
 
 
 @register(paper=_PAPER, stateful=True, randomised=True)

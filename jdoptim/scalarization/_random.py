@@ -1,10 +1,8 @@
 from __future__ import annotations
 
-from typing import Any
-
-import torch
 from torch import Tensor
 
+from jdoptim.aggregation._bases import RandomSource, Seeded
 from jdoptim.registry import register
 from jdoptim.scalarization._bases import Scalarizer
 
@@ -15,7 +13,7 @@ from jdoptim.scalarization._bases import Scalarizer
     stateful=True,
     randomised=True,
 )
-class Random(Scalarizer):
+class Random(Seeded, Scalarizer):
     r"""Random Loss Weighting: $s(L) = \sum_i w_i L_i$ with fresh weights at every call,
     $w = \operatorname{softmax}(z)$, $z \sim \mathcal N(0, I_m)$ (Lin et al., *Reasonable
     Effectiveness of Random Weighting*, Algorithm 2,
@@ -38,29 +36,8 @@ class Random(Scalarizer):
 
     def __init__(self, seed: int | None = None) -> None:
         super().__init__()
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ValueError(f"Invalid seed value: {seed!r}; expected an integer or None.")
-        self.seed = seed
-        self._generator: torch.Generator | None = None
-        self.reset()
-
-    def reset(self) -> None:
-        """Restart the owned generator from ``seed``."""
-        if self.seed is not None:
-            self._generator = torch.Generator().manual_seed(self.seed)
+        self._random = RandomSource(seed)
 
     def _scalarize(self, losses: Tensor) -> Tensor:
-        # Drawn on the CPU, so that a seed gives the same weights on every device.
-        z = torch.randn(losses.shape[0], generator=self._generator, dtype=losses.dtype)
-        return z.softmax(dim=0).to(losses.device) @ losses
-
-    def get_extra_state(self) -> Any:
-        return None if self._generator is None else self._generator.get_state()
-
-    def set_extra_state(self, state: Any) -> None:
-        if state is not None:
-            if self._generator is None:
-                raise ValueError(
-                    "This state holds a generator state, but this Random scalarizer has no seed."
-                )
-            self._generator.set_state(state)
+        # Constant weights: the draws do not depend on the losses.
+        return self._random.randn((losses.shape[0],), losses.detach()).softmax(dim=0) @ losses

@@ -71,5 +71,7 @@ def test_random_without_a_seed_follows_the_global_generator():
 def test_random_seed_is_validated_and_state_needs_a_seed():
     with pytest.raises(ValueError, match="Invalid seed value"):
         Random(seed=1.5)
+    seeded = Random(seed=0)
+    seeded(torch.ones(2))  # the owned generator starts at the first draw
     with pytest.raises(ValueError, match="has no seed"):
-        Random().load_state_dict(Random(seed=0).state_dict())
+        Random().load_state_dict(seeded.state_dict())
