@@ -227,6 +227,14 @@ def check_non_negative(value: float, name: str) -> float:
     return float(value)
 
 
+def check_positive(value: float, name: str) -> float:
+    """Raise unless ``value`` is a finite real number > 0; return it as a float."""
+    value = check_non_negative(value, name)
+    if value == 0:
+        raise ValueError(f"Invalid {name} value: {value!r}; expected a number > 0.")
+    return value
+
+
 def check_positive_int(value: int, name: str) -> int:
     """Raise unless ``value`` is an integer ≥ 1."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:

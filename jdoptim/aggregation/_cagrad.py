@@ -11,7 +11,7 @@ from jdoptim.aggregation._bases import (
     check_non_negative,
     check_positive_int,
 )
-from jdoptim.aggregation._pcd import (
+from jdoptim.linalg._constraints import (
     Tolerances,
     gramian_factor,
     project_onto_constraints,

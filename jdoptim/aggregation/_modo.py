@@ -2,36 +2,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from jdoptim.aggregation._bases import Weighting, check_non_negative
+from jdoptim.aggregation._bases import Weighting, check_non_negative, check_positive
+from jdoptim.linalg._simplex import project_onto_simplex
 from jdoptim.registry import register
-
-
-def project_onto_simplex(y: Tensor) -> Tensor:
-    r"""Euclidean projection of ``y`` onto the probability simplex $\{w \ge 0,\ \sum w = 1\}$.
-
-    Sort-based and exact (Held, Wolfe and Crowder, 1974): with $v$ the entries of $y$ in
-    decreasing order and $\rho$ the largest $k$ such that
-    $v_k > (\sum_{i \le k} v_i - 1)/k$, the projection is
-    $\max(y - \theta, 0)$, $\theta = (\sum_{i \le \rho} v_i - 1)/\rho$. No host
-    synchronisation.
-    """
-    ordered = y.sort(descending=True).values
-    shifted_sums = ordered.cumsum(dim=0) - 1
-    counts = torch.arange(1, y.shape[0] + 1, dtype=y.dtype, device=y.device)
-    rho = (ordered - shifted_sums / counts > 0).sum().clamp(min=1) - 1
-    theta = shifted_sums[rho] / (rho + 1).to(y.dtype)
-    return (y - theta).clamp(min=0)
-
-
-def check_positive(value: float, name: str) -> float:
-    """Raise unless ``value`` is a finite real number > 0; return it as a float."""
-    value = check_non_negative(value, name)
-    if value == 0:
-        raise ValueError(f"Invalid {name} value: {value!r}; expected a number > 0.")
-    return value
 
 
 class CrossBatchWeighting(Weighting):

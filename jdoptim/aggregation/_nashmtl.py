@@ -13,8 +13,8 @@ from jdoptim.aggregation._bases import (
     check_non_negative,
     check_positive_int,
 )
-from jdoptim.aggregation._fairgrad import RESIDUAL_TOL, fair_weights
-from jdoptim.aggregation._pcd import gramian_factor, tolerances
+from jdoptim.linalg._constraints import gramian_factor, tolerances
+from jdoptim.linalg._fair import RESIDUAL_TOL, fair_weights
 from jdoptim.registry import register
 
 _PAPER = "https://arxiv.org/abs/2202.01017"

@@ -7,14 +7,12 @@ from torch import Tensor
 from jdoptim.aggregation._bases import (
     as_weight_tensor,
     check_non_negative,
+    check_positive,
     check_positive_int,
     preference_weights,
 )
-from jdoptim.aggregation._modo import (
-    CrossBatchWeighting,
-    check_positive,
-    project_onto_simplex,
-)
+from jdoptim.aggregation._modo import CrossBatchWeighting
+from jdoptim.linalg._simplex import project_onto_simplex
 from jdoptim.registry import register
 
 

@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 
 from jdoptim import MoDoWeighting
-from jdoptim.aggregation._modo import project_onto_simplex
 from jdoptim.functional import jacobian, stack_jacobians
+from jdoptim.linalg import project_onto_simplex
 
 
 def _simplex_projection_by_qp(y: Tensor) -> Tensor:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from jdoptim import PCD, PCDWeighting
-from jdoptim.aggregation._pcd import gramian_factor, project_onto_constraints, tolerances
+from jdoptim.linalg._constraints import gramian_factor, project_onto_constraints, tolerances
 
 J_BASE = torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]], dtype=torch.float64)
 
