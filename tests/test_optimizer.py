@@ -42,12 +42,7 @@ def _assert_same_snapshot(first, second):
     assert str(first[2]) == str(second[2])
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def test_mean_aggregator_is_sgd_on_the_mean_loss():

@@ -10,13 +10,7 @@ from torch.optim import SGD
 import jdoptim
 from jdoptim import JDOptimizer, Mean, NonFiniteError, UPGrad
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def _mlp(seed: int = 0, outputs: int = 3) -> nn.Module:

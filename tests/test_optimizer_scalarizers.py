@@ -12,13 +12,7 @@ from torch.optim import SGD, Adam
 from jdoptim import JDOptimizer, NonFiniteError
 from jdoptim.scalarization import FAMO, STCH, UW, Mean
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def _model(seed: int = 0) -> nn.Module:

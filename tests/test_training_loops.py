@@ -15,13 +15,7 @@ import jdoptim
 from jdoptim import JDOptimizer, Mean, UPGrad
 from jdoptim.diagnostics import StepDiagnostics
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 class MultiTask(nn.Module):
