@@ -40,29 +40,10 @@ class SDMGradWeighting(CrossBatchWeighting):
     $s^2 + 10^{-8}$, which makes the method scale-dependent for gradients of norm below
     about $10^{-4}$; here $\hat A = A$ when $s = 0$.
 
-    How to feed it: the input is **not** the Gramian of one batch but the cross-batch matrix
-    $A = J_1 J_2^\top$ (shape ``[m, m]``, not symmetric in general) of the Jacobians of the
-    same $m$ losses on two independent mini-batches; the parameters are then updated with a
-    third independent batch (or, as in the authors' code, the sum of the first two):
-
-    ```python
-    from jdoptim.functional import jacobian, stack_jacobians
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    for (x1, y1), (x2, y2), (x3, y3) in batches:  # three independent draws
-        J1 = stack_jacobians(jacobian(losses(model(x1), y1), params))  # [m, n]
-        J2 = stack_jacobians(jacobian(losses(model(x2), y2), params))  # [m, n]
-        weights = weighting(J1 @ J2.T)  # [m], no gradient
-        optimizer.zero_grad()
-        (weights @ losses(model(x3), y3)).backward()  # the update J3ᵀ weights
-        optimizer.step()
-    ```
-
-    (every parameter in ``params`` must be used by every batch's losses, so that
-    `jdoptim.functional.jacobian` returns no ``None``). Given the Gramian
-    $J J^\top$ of a single batch instead, for example inside a `GramianWeightedAggregator`
-    or a `JDOptimizer`, it still runs, but then the weights and the update use the same
-    sample and the method's unbiasedness guarantee is lost.
+    How to feed it: as `MoDoWeighting`, with the cross-batch matrix $A = J_1 J_2^\top$ of the
+    Jacobians of the same $m$ losses on two independent mini-batches, and the update from a third
+    (see the example there). Given the Gramian of a single batch instead, it still runs, but the
+    weights and the update then use the same sample and the unbiasedness guarantee is lost.
 
     State: $w$ (a vector of $m$ weights) persists across calls and travels in
     ``state_dict()``; ``reset()`` goes back to uniform weights, and so does a change of $m$.

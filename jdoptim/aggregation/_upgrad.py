@@ -60,19 +60,7 @@ class UPGradWeighting(DualConeWeighting):
     r"""UPGrad's weights $w = \sum_i v^{(i)}$, where $v^{(i)}$ solves
     $\min_v v^\top G v$ subject to $v \ge u_i e_i$ (see `UPGrad`).
 
-    Args:
-        pref_vector: Preference weights $u$ (one per objective); uniform $1/m$
-            when ``None``.
-        norm_eps: The Gramian is divided by its trace; up to this trace it is treated as zero.
-            TorchJD uses 1e-4, which turns small gradients (trace < 1e-4) into their mean;
-            the default 0 keeps the projection exact at every scale.
-        reg_eps: ``reg_eps·I`` is added to the normalised Gramian before solving. TorchJD
-            uses 1e-4, which quadprog needs for singular Gramians but which lets the update
-            conflict slightly with objectives whose gradients are small; the default active-set
-            solver needs none, and with 0 the update is exactly non-conflicting.
-        solver: Dual-cone projection solver: ``"active_set"`` (all projections at once, in
-            torch on the Gramian's device, exact for singular Gramians) or ``"quadprog"`` (the
-            reference, one quadratic program at a time on the CPU).
+    Its arguments are those of `UPGrad`.
     """
 
     def _weights(self, matrix: Tensor) -> Tensor:
