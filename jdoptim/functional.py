@@ -121,9 +121,14 @@ def jacobian(
             grads = tuple(None if g is None else g.unsqueeze(0) for g in grads)
         chunks.append(grads)
     return [
-        None if per_chunk[0] is None else torch.cat(list(per_chunk))  # type: ignore[arg-type]
+        None if per_chunk[0] is None else _concatenate(per_chunk)
         for per_chunk in zip(*chunks, strict=True)
     ]
+
+
+def _concatenate(pieces: Sequence[Tensor | None]) -> Tensor:
+    # A single chunk is returned as it is: concatenating it would copy the whole Jacobian.
+    return pieces[0] if len(pieces) == 1 else torch.cat(list(pieces))  # type: ignore[arg-type]
 
 
 def stack_jacobians(jacobians: Sequence[Tensor]) -> Tensor:

@@ -40,6 +40,21 @@ _STATE_KEY = "jdoptim"
 _CONFIG_OPTIONS = ("mode", "batch_dim", "chunk_size", "nonfinite", "accumulation", "diagnostics")
 
 
+def _all_finite(tensors: Sequence[Tensor]) -> bool:
+    """Whether every entry of every tensor is finite, with one synchronisation.
+
+    A sum is non-finite whenever a term is, so one pass of additions decides the common case;
+    only a non-finite sum (which finite terms can also give, by overflow) is checked entry by
+    entry.
+    """
+    if not tensors:
+        return True
+    sums = torch.stack([t.sum() for t in tensors])
+    if bool(torch.isfinite(sums).all()):
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
 class NonFiniteError(ValueError):
     """Raised when a step meets non-finite losses, Jacobian or update under
     ``nonfinite="raise"``."""
@@ -405,10 +420,7 @@ class JDOptimizer(Optimizer):
             if shared_ids is not None and id(p) not in shared_ids
         }
         matrix = stack_jacobians([j for _, j in shared]) if shared else None
-        checks = [torch.isfinite(vector).all(), *(torch.isfinite(g).all() for g in own.values())]
-        if matrix is not None:
-            checks.append(torch.isfinite(matrix).all())
-        finite = bool(torch.stack(checks).all())
+        finite = _all_finite([vector, *own.values(), *([] if matrix is None else [matrix])])
         if not finite and not self._scaling() and self._group() is None:
             bad = (~torch.isfinite(vector)).nonzero().flatten().tolist()
             what = (
@@ -436,7 +448,7 @@ class JDOptimizer(Optimizer):
                 f"None of the {len(params)} parameters of the optimizer receives a gradient "
                 "from the losses; are they computed from this model?"
             )
-        finite = bool(torch.stack([torch.isfinite(g).all() for g in own.values()]).all())
+        finite = _all_finite(list(own.values()))
         if not finite and not self._scaling() and local:
             self._refuse("the gradient of the scalarised loss is not finite")
         return _Contribution([], None, own, finite)
@@ -500,7 +512,7 @@ class JDOptimizer(Optimizer):
         scale = self.scaler.get_scale() if self._scaling() else 1.0
         if gramian is not None:
             gramian = gramian / scale**2 if scale != 1.0 else gramian
-            finite = bool(torch.isfinite(gramian).all())
+            finite = _all_finite([gramian])
         if not finite:
             engine.reset()
             if self._scaling():
