@@ -524,7 +524,7 @@ class JDOptimizer(Optimizer):
                 f"losses at indices {bad} are not finite" if bad else "the Gramian is not finite"
             )
         weights = self.aggregator.weighting(gramian)
-        if not bool(torch.isfinite(weights).all()):
+        if not _all_finite([weights]):
             engine.reset()
             return self._refuse(f"{self.aggregator!r} returned non-finite weights")
         if self.diagnostics:
@@ -596,7 +596,7 @@ class JDOptimizer(Optimizer):
             finally:
                 if handle is not None:
                     handle.remove()
-            if not torch.isfinite(update).all():
+            if not _all_finite([update]):
                 return self._refuse(f"{self.aggregator!r} returned a non-finite update")
             if self.diagnostics:
                 self._report(diagnose(matrix, update, weights[-1] if weights else None))
