@@ -149,6 +149,15 @@ def split_update(update: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
     return [piece.view(t.shape).to(t.dtype) for piece, t in zip(pieces, like, strict=True)]
 
 
+def accumulate_grads(params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+    """Add each gradient into its parameter's ``.grad``, creating it if absent, as autograd does."""
+    for param, grad in zip(params, grads, strict=True):
+        if param.grad is None:
+            param.grad = grad.to(param.dtype)
+        else:
+            param.grad.add_(grad)
+
+
 def aggregate(jacobians: Sequence[Tensor], aggregator: Aggregator) -> list[Tensor]:
     """Aggregate per-tensor Jacobians into one update per tensor.
 
@@ -162,3 +171,67 @@ def aggregate(jacobians: Sequence[Tensor], aggregator: Aggregator) -> list[Tenso
     matrix = stack_jacobians(jacobians)
     update = aggregator(matrix)
     return split_update(update, [jac[0] for jac in jacobians])
+
+
+def jacobian_to_grad(
+    params: Sequence[Tensor], jacobians: Sequence[Tensor], aggregator: Aggregator
+) -> None:
+    """Aggregate the parameters' Jacobians and add the update into their ``.grad``.
+
+    Args:
+        params: The parameters.
+        jacobians: Their Jacobians, of shape ``[m, *param.shape]``, as `jacobian` returns them.
+        aggregator: Maps the ``[m, n]`` matrix of all of them side by side to an update.
+    """
+    accumulate_grads(params, aggregate(jacobians, aggregator))
+
+
+def multi_task_backward(
+    losses: Tensor | Sequence[Tensor],
+    shared_params: Sequence[Tensor],
+    aggregator: Aggregator,
+    task_params: Sequence[Tensor] = (),
+    *,
+    chunk_size: int | None = None,
+    retain_graph: bool = False,
+) -> None:
+    """Jacobian descent on the shared parameters, ordinary gradients for the task parameters.
+
+    The Jacobian of the losses with respect to ``shared_params`` is aggregated into their
+    ``.grad``; each of ``task_params`` receives the gradient of the sum of the losses, so a
+    task head gets its own task's gradient. Both come from the same batched backward pass.
+    `jdoptim.JDOptimizer` with ``shared_params`` does the same inside an optimizer.
+
+    Args:
+        losses: The task losses (any shape, flattened to ``m``), or a sequence of scalars.
+        shared_params: The parameters shared by the tasks (the trunk).
+        aggregator: Maps the shared parameters' Jacobian ``[m, n]`` to an update ``[n]``.
+        task_params: The task-specific parameters (the heads).
+        chunk_size: Losses per batched backward pass, as in `jacobian`.
+        retain_graph: Keep the autograd graph for another backward pass.
+
+    Examples:
+        >>> import torch
+        >>> from jdoptim import UPGrad
+        >>> from jdoptim.functional import multi_task_backward
+        >>> _ = torch.manual_seed(0)
+        >>> trunk, heads = torch.nn.Linear(4, 3), [torch.nn.Linear(3, 1) for _ in range(2)]
+        >>> features = trunk(torch.randn(8, 4))
+        >>> losses = torch.stack([head(features).pow(2).mean() for head in heads])
+        >>> head_params = [p for head in heads for p in head.parameters()]
+        >>> multi_task_backward(losses, list(trunk.parameters()), UPGrad(), head_params)
+        >>> trunk.weight.grad.shape, heads[1].bias.grad.shape
+        (torch.Size([3, 4]), torch.Size([1]))
+    """
+    vector = as_loss_vector(losses)
+    params = [*shared_params, *task_params]
+    jacobians = jacobian(vector, params, chunk_size=chunk_size, retain_graph=retain_graph)
+    shared = [(p, j) for p, j in zip(shared_params, jacobians, strict=False) if j is not None]
+    own = [
+        (p, j.sum(dim=0))
+        for p, j in zip(task_params, jacobians[len(shared_params) :], strict=True)
+        if j is not None
+    ]
+    if shared:
+        jacobian_to_grad([p for p, _ in shared], [j for _, j in shared], aggregator)
+    accumulate_grads([p for p, _ in own], [g for _, g in own])

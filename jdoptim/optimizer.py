@@ -23,7 +23,13 @@ from torch.utils.hooks import RemovableHandle
 from jdoptim.aggregation import Aggregator, GramianWeightedAggregator, WeightedAggregator
 from jdoptim.diagnostics import StepDiagnostics, diagnose, diagnose_gramian
 from jdoptim.distributed import default_process_group, disable_ddp_sync, synchronise
-from jdoptim.functional import as_loss_vector, jacobian, split_update, stack_jacobians
+from jdoptim.functional import (
+    accumulate_grads,
+    as_loss_vector,
+    jacobian,
+    split_update,
+    stack_jacobians,
+)
 from jdoptim.gramian import GramianEngine, is_supported
 from jdoptim.registry import build, to_config
 from jdoptim.scalarization import Scalarizer
@@ -602,11 +608,7 @@ class JDOptimizer(Optimizer):
                 self._report(diagnose(matrix, update, weights[-1] if weights else None))
             updates = split_update(update * scale if scale != 1.0 else update, combined.shared)
         self._pending = []
-        for param, piece in [*zip(combined.shared, updates, strict=True), *combined.own.items()]:
-            if param.grad is None:
-                param.grad = piece.to(param.dtype)
-            else:
-                param.grad.add_(piece)
+        accumulate_grads([*combined.shared, *combined.own], [*updates, *combined.own.values()])
 
     def _report(self, diagnostics: StepDiagnostics) -> None:
         self.last_diagnostics = diagnostics

@@ -283,3 +283,22 @@ def test_checkpoints_resume_bit_exactly_with_stateful_and_randomised_aggregators
     run(resumed, resumed_optimizer, 3)
     for a, b in zip(model.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_functional_multi_task_backward_matches_the_optimizer():
+    from jdoptim.functional import multi_task_backward
+
+    x, y = _data()
+    model, reference = _model(), _model()
+    multi_task_backward(
+        _task_losses(model, x, y),
+        list(model.trunk.parameters()),
+        UPGrad(),
+        list(model.heads.parameters()),
+    )
+    optimizer = JDOptimizer(
+        SGD(reference.parameters(), lr=0.1), UPGrad(), shared_params=reference.trunk
+    )
+    optimizer.backward(_task_losses(reference, x, y))
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-12)
