@@ -61,6 +61,19 @@ def _all_finite(tensors: Sequence[Tensor]) -> bool:
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
+def _not_connected(params: list[Tensor]) -> ValueError:
+    return ValueError(
+        f"None of the {len(params)} parameters of the optimizer receives a gradient from the "
+        "losses; are they computed from this model?"
+    )
+
+
+def _non_finite(vector: Tensor, otherwise: str) -> str:
+    """Name the non-finite losses, or else ``otherwise`` (what was found not finite)."""
+    bad = (~torch.isfinite(vector)).nonzero().flatten().tolist()
+    return f"losses at indices {bad} are not finite" if bad else f"{otherwise} is not finite"
+
+
 class NonFiniteError(ValueError):
     """Raised when a step meets non-finite losses, Jacobian or update under
     ``nonfinite="raise"``."""
@@ -395,6 +408,20 @@ class JDOptimizer(Optimizer):
         self._pending = []
         self._skip_next_step = True
 
+    def _loss_vector(self, losses: LossesT) -> Tensor:
+        vector = as_loss_vector(losses)
+        if not vector.requires_grad:
+            raise ValueError(
+                "The losses do not require grad, so they are not connected to any parameter; "
+                "compute them from the model's outputs with grad enabled."
+            )
+        return vector
+
+    def _signal_overflow(self) -> None:
+        """Fill every gradient with infinities, so that the ``GradScaler`` skips the step."""
+        for p in self._parameters():
+            p.grad = torch.full_like(p, float("inf"))
+
     def _group(self) -> ProcessGroup | None:
         return self.process_group if self.process_group is not None else default_process_group()
 
@@ -402,22 +429,14 @@ class JDOptimizer(Optimizer):
         return self.scaler is not None and self.scaler.is_enabled()
 
     def _contribution(self, losses: LossesT, retain_graph: bool) -> _Contribution:
-        vector = as_loss_vector(losses)
-        if not vector.requires_grad:
-            raise ValueError(
-                "The losses do not require grad, so they are not connected to any parameter; "
-                "compute them from the model's outputs with grad enabled."
-            )
+        vector = self._loss_vector(losses)
         params = self._parameters()
         if isinstance(self.aggregator, Scalarizer):
             return self._scalarized_contribution(vector, params, retain_graph)
         jacobians = self._jacobians(vector, params, retain_graph)
         reached = [(p, jac) for p, jac in zip(params, jacobians, strict=True) if jac is not None]
         if not reached:
-            raise ValueError(
-                f"None of the {len(params)} parameters of the optimizer receives a gradient "
-                "from the losses; are they computed from this model?"
-            )
+            raise _not_connected(params)
         shared_ids = None if self.shared_params is None else {id(p) for p in self.shared_params}
         shared = [(p, j) for p, j in reached if shared_ids is None or id(p) in shared_ids]
         own = {
@@ -428,11 +447,7 @@ class JDOptimizer(Optimizer):
         matrix = stack_jacobians([j for _, j in shared]) if shared else None
         finite = _all_finite([vector, *own.values(), *([] if matrix is None else [matrix])])
         if not finite and not self._scaling() and self._group() is None:
-            bad = (~torch.isfinite(vector)).nonzero().flatten().tolist()
-            what = (
-                f"losses at indices {bad} are not finite" if bad else "the Jacobian is not finite"
-            )
-            self._refuse(what)
+            self._refuse(_non_finite(vector, "the Jacobian"))
         return _Contribution([p for p, _ in shared], matrix, own, finite)
 
     def _scalarized_contribution(
@@ -442,18 +457,14 @@ class JDOptimizer(Optimizer):
         if not bool(torch.isfinite(vector).all()):
             # Checked before the scalarizer runs, so that a refused step records no state in it.
             if not self._scaling() and local:
-                bad = (~torch.isfinite(vector)).nonzero().flatten().tolist()
-                self._refuse(f"losses at indices {bad} are not finite")
+                self._refuse(_non_finite(vector, "the losses"))
             return _Contribution([], None, {}, finite=False)
         scale = self.scaler.get_scale() if self._scaling() else 1.0
         loss = self.aggregator(vector / scale) * scale if scale != 1.0 else self.aggregator(vector)
         grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)
         own = {p: g for p, g in zip(params, grads, strict=True) if g is not None}
         if not own:
-            raise ValueError(
-                f"None of the {len(params)} parameters of the optimizer receives a gradient "
-                "from the losses; are they computed from this model?"
-            )
+            raise _not_connected(params)
         finite = _all_finite(list(own.values()))
         if not finite and not self._scaling() and local:
             self._refuse("the gradient of the scalarised loss is not finite")
@@ -502,12 +513,7 @@ class JDOptimizer(Optimizer):
                 "Gramian mode does not reduce across ranks; use mode='jacobian' under data "
                 "parallelism."
             )
-        vector = as_loss_vector(losses)
-        if not vector.requires_grad:
-            raise ValueError(
-                "The losses do not require grad, so they are not connected to any parameter; "
-                "compute them from the model's outputs with grad enabled."
-            )
+        vector = self._loss_vector(losses)
         if self._skip_next_step:
             engine.reset()
             return None
@@ -522,13 +528,8 @@ class JDOptimizer(Optimizer):
         if not finite:
             engine.reset()
             if self._scaling():
-                for p in self._parameters():
-                    p.grad = torch.full_like(p, float("inf"))
-                return None
-            bad = (~torch.isfinite(vector)).nonzero().flatten().tolist()
-            return self._refuse(
-                f"losses at indices {bad} are not finite" if bad else "the Gramian is not finite"
-            )
+                return self._signal_overflow()
+            return self._refuse(_non_finite(vector, "the Gramian"))
         weights = self.aggregator.weighting(gramian)
         if not _all_finite([weights]):
             engine.reset()
@@ -581,12 +582,9 @@ class JDOptimizer(Optimizer):
             combined = _Contribution(combined.shared, matrix, own, finite)
             if not finite and not self._scaling():
                 return self._refuse("the losses or the Jacobian are not finite on some rank")
-        if not combined.finite:
-            # Only reached with a GradScaler: let it see the overflow and skip the step.
+        if not combined.finite:  # only reached with a GradScaler
             self._pending = []
-            for p in self._parameters():
-                p.grad = torch.full_like(p, float("inf"))
-            return
+            return self._signal_overflow()
         updates: list[Tensor] = []
         if combined.matrix is not None:
             scale = self.scaler.get_scale() if self._scaling() else 1.0
