@@ -146,6 +146,13 @@ class JDOptimizer(Optimizer):
             aggregation then reduces the Jacobian across ranks (averaged with
             ``accumulation="sum"``, rows stacked in rank order with ``"concat"``) so that every
             rank applies the same update, equal to one process stepping on the global batch.
+        local_weighting: Gramian mode under data parallelism, where the global Gramian is not
+            available: each rank weights its own losses from its local Gramian, and the
+            weighted gradients are averaged across ranks, as ``DistributedDataParallel``
+            averages gradients. Every rank applies the same update, but it is not Jacobian
+            descent on the global batch: conflicts between samples of different ranks are not
+            seen (with `Mean` the two coincide). Without it, gramian mode refuses to run under
+            data parallelism.
 
     Attributes:
         last_diagnostics: The `StepDiagnostics` of the latest aggregation, or ``None``.
@@ -181,6 +188,7 @@ class JDOptimizer(Optimizer):
         modules: nn.Module | Sequence[nn.Module] | None = None,
         batch_dim: int | None = 0,
         process_group: ProcessGroup | None = None,
+        local_weighting: bool = False,
     ) -> None:
         if not isinstance(optimizer, Optimizer) or isinstance(optimizer, JDOptimizer):
             raise TypeError(
@@ -220,6 +228,7 @@ class JDOptimizer(Optimizer):
         self.modules = self._check_modules(modules)
         self.batch_dim = batch_dim
         self.process_group = process_group
+        self.local_weighting = local_weighting
         self._engine = self._make_engine()
         self.last_diagnostics: StepDiagnostics | None = None
         self._diagnostics_hooks: OrderedDict[int, DiagnosticsHook] = OrderedDict()
@@ -267,8 +276,9 @@ class JDOptimizer(Optimizer):
             and gramian_based
             and self.modules
             and self.shared_params is None
-            and default_process_group() is None
-            and self.process_group is None
+            and (
+                self.local_weighting or (default_process_group() is None and not self.process_group)
+            )
             and is_supported(self.modules, batch_dim=self.batch_dim)
         ):
             return GramianEngine(self.modules, batch_dim=self.batch_dim)
@@ -508,10 +518,11 @@ class JDOptimizer(Optimizer):
                 "Gramian mode aggregates every backward pass; accumulate micro-batches with "
                 "mode='jacobian'."
             )
-        if self._group() is not None:
+        group = self._group()
+        if group is not None and not self.local_weighting:
             raise ValueError(
-                "Gramian mode does not reduce across ranks; use mode='jacobian' under data "
-                "parallelism."
+                "Gramian mode cannot build the global Gramian across ranks: use mode='jacobian' "
+                "for exact Jacobian descent under data parallelism, or local_weighting=True."
             )
         vector = self._loss_vector(losses)
         if self._skip_next_step:
@@ -525,18 +536,51 @@ class JDOptimizer(Optimizer):
         if gramian is not None:
             gramian = gramian / scale**2 if scale != 1.0 else gramian
             finite = _all_finite([gramian])
-        if not finite:
+        weights = self.aggregator.weighting(gramian) if finite else None
+        if weights is not None and not _all_finite([weights]):
+            engine.reset()
+            return self._refuse(f"{self.aggregator!r} returned non-finite weights")
+        if group is not None:
+            return self._local_weighting_backward(weights, gramian, vector, group)
+        if weights is None:
             engine.reset()
             if self._scaling():
                 return self._signal_overflow()
             return self._refuse(_non_finite(vector, "the Gramian"))
-        weights = self.aggregator.weighting(gramian)
-        if not _all_finite([weights]):
-            engine.reset()
-            return self._refuse(f"{self.aggregator!r} returned non-finite weights")
         if self.diagnostics:
             self._report(diagnose_gramian(gramian, weights))
         engine.backward(weights, params=self._parameters())
+        return None
+
+    def _local_weighting_backward(
+        self, weights: Tensor | None, gramian: Tensor | None, vector: Tensor, group: ProcessGroup
+    ) -> None:
+        """Weight the local losses, then average the weighted gradients over the ranks."""
+        engine = self._engine
+        assert engine is not None
+        params = self._parameters()
+        saved = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        if weights is None:
+            engine.reset()
+        else:
+            engine.backward(weights, params=params)
+        local = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        reached = torch.tensor([p.grad is not None for p in params], dtype=vector.dtype)
+        for p, grad in zip(params, saved, strict=True):
+            p.grad = grad
+        _, (reached, *grads), finite = synchronise(
+            None, [reached, *local], weights is not None, False, group
+        )
+        if not finite:
+            if self._scaling():
+                return self._signal_overflow()
+            return self._refuse("the losses or the Gramian are not finite on some rank")
+        if self.diagnostics and gramian is not None and weights is not None:
+            self._report(diagnose_gramian(gramian, weights))
+        kept = [(p, g) for p, g, r in zip(params, grads, reached.tolist(), strict=True) if r > 0]
+        accumulate_grads([p for p, _ in kept], [g for _, g in kept])
         return None
 
     def _combine(self, pending: list[_Contribution]) -> _Contribution:

@@ -75,6 +75,39 @@ def _train(case: str, rank: int | None) -> list[torch.Tensor]:
     return [p.detach().clone() for p in net.parameters()]
 
 
+def _local_weighting(rank: int | None) -> list[torch.Tensor]:
+    """Gramian mode with local weighting: each rank's per-sample losses weighted by UPGrad on
+    the local Gramian, the weighted gradients averaged over ranks; without a rank, the same
+    computed shard by shard in one process."""
+    torch.manual_seed(0)
+    net = _Net().double()
+    x, y = _global_data(0)
+    if rank is not None:
+        optimizer = JDOptimizer(
+            SGD(net.parameters(), lr=0.1),
+            UPGrad(),
+            mode="gramian",
+            modules=net,
+            local_weighting=True,
+        )
+        shard = slice(rank * BATCH, (rank + 1) * BATCH)
+        optimizer.step(_sample_losses(net(x[shard]), y[shard]))
+        return [p.detach().clone() for p in net.parameters()]
+    grads = []
+    for shard in range(WORLD):
+        shard_net = _Net().double()
+        shard_net.load_state_dict(net.state_dict())
+        part = slice(shard * BATCH, (shard + 1) * BATCH)
+        JDOptimizer(
+            SGD(shard_net.parameters(), lr=0.1), UPGrad(), mode="gramian", modules=shard_net
+        ).backward(_sample_losses(shard_net(x[part]), y[part]))
+        grads.append([p.grad for p in shard_net.parameters()])
+    with torch.no_grad():
+        for p, *shard_grads in zip(net.parameters(), *grads, strict=True):
+            p -= 0.1 * sum(shard_grads) / WORLD
+    return [p.detach().clone() for p in net.parameters()]
+
+
 def _skip_consistently(rank: int) -> list[torch.Tensor]:
     torch.manual_seed(0)
     net = _Net().double()
@@ -97,6 +130,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     try:
         results = {case: _train(case, rank) for case in CASES}
         results["skip"] = _skip_consistently(rank)
+        results["local_weighting"] = _local_weighting(rank)
         torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -123,6 +157,28 @@ def test_ranks_agree_and_equal_one_process_on_the_global_batch(rank_results, cas
             torch.testing.assert_close(param, reference, rtol=0, atol=1e-6)
     for a, b in zip(rank_results[0][case], rank_results[1][case], strict=True):
         assert torch.equal(a, b)
+
+
+def test_gramian_mode_with_local_weighting_averages_the_ranks_weighted_gradients(rank_results):
+    expected = _local_weighting(rank=None)
+    for rank in range(WORLD):
+        for param, reference in zip(rank_results[rank]["local_weighting"], expected, strict=True):
+            torch.testing.assert_close(param, reference, rtol=0, atol=1e-10)
+
+
+def test_gramian_mode_refuses_data_parallelism_without_local_weighting():
+    torch.manual_seed(0)
+    net = _Net().double()
+
+    class _Group:  # stands for an initialised process group; only its presence matters
+        pass
+
+    optimizer = JDOptimizer(SGD(net.parameters(), lr=0.1), UPGrad(), mode="gramian", modules=net)
+    optimizer.process_group = _Group()
+    x, y = _global_data(0)
+    with pytest.raises(ValueError, match="local_weighting=True"):
+        optimizer.step(_sample_losses(net(x), y))
+    assert all(p.grad is None for p in net.parameters())
 
 
 def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(rank_results):
