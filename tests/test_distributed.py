@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.optim import SGD
 
+import jdoptim
 from jdoptim import JDOptimizer, UPGrad
 
 WORLD = 2
@@ -75,6 +76,50 @@ def _train(case: str, rank: int | None) -> list[torch.Tensor]:
     return [p.detach().clone() for p in net.parameters()]
 
 
+def _accumulate_and_amp(rank: int | None) -> list[torch.Tensor]:
+    """Two micro-batches per step, and a GradScaler: the same as one process on the whole
+    batch without either."""
+    torch.manual_seed(0)
+    net = _Net().double()
+    if rank is None:
+        optimizer = JDOptimizer(SGD(net.parameters(), lr=0.1), UPGrad())
+        for step in range(STEPS):
+            x, y = _global_data(step)
+            optimizer.zero_grad()
+            optimizer.step(_task_losses(net(x), y))
+        return [p.detach().clone() for p in net.parameters()]
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    optimizer = JDOptimizer(SGD(net.parameters(), lr=0.1), UPGrad(), scaler=scaler)
+    half = BATCH // 2
+    for step in range(STEPS):
+        x, y = _global_data(step)
+        x, y = x[rank * BATCH : (rank + 1) * BATCH], y[rank * BATCH : (rank + 1) * BATCH]
+        optimizer.zero_grad()
+        for micro in range(2):
+            part = slice(micro * half, (micro + 1) * half)
+            losses = _task_losses(net(x[part]), y[part]) / 2
+            optimizer.backward(scaler.scale(losses), aggregate=micro == 1)
+        scaler.step(optimizer)
+        scaler.update()
+    return [p.detach().clone() for p in net.parameters()]
+
+
+def _checkpointed(rank: int, out: str) -> list[torch.Tensor]:
+    """Rank 0 saves a checkpoint after STEPS steps; then every rank takes one more step."""
+    torch.manual_seed(0)
+    net = _Net().double()
+    optimizer = JDOptimizer(torch.optim.Adam(net.parameters(), lr=0.01), jdoptim.Random(seed=3))
+    for step in range(STEPS + 1):
+        if step == STEPS and rank == 0:
+            state = {"model": net.state_dict(), "optimizer": optimizer.state_dict()}
+            torch.save(state, Path(out) / "checkpoint.pt")
+        x, y = _global_data(step)
+        x, y = x[rank * BATCH : (rank + 1) * BATCH], y[rank * BATCH : (rank + 1) * BATCH]
+        optimizer.zero_grad()
+        optimizer.step(_task_losses(net(x), y))
+    return [p.detach().clone() for p in net.parameters()]
+
+
 def _local_weighting(rank: int | None) -> list[torch.Tensor]:
     """Gramian mode with local weighting: each rank's per-sample losses weighted by UPGrad on
     the local Gramian, the weighted gradients averaged over ranks; without a rank, the same
@@ -131,6 +176,8 @@ def _worker(rank: int, port: int, out: str) -> None:
         results = {case: _train(case, rank) for case in CASES}
         results["skip"] = _skip_consistently(rank)
         results["local_weighting"] = _local_weighting(rank)
+        results["accumulate_and_amp"] = _accumulate_and_amp(rank)
+        results["checkpointed"] = _checkpointed(rank, out)
         torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -143,10 +190,15 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def rank_results(tmp_path_factory) -> list[dict[str, list[torch.Tensor]]]:
+def ranks_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ranks")
     mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{rank}.pt") for rank in range(WORLD)]
+    return out
+
+
+@pytest.fixture(scope="module")
+def rank_results(ranks_dir) -> list[dict[str, list[torch.Tensor]]]:
+    return [torch.load(ranks_dir / f"rank{rank}.pt") for rank in range(WORLD)]
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -164,6 +216,27 @@ def test_gramian_mode_with_local_weighting_averages_the_ranks_weighted_gradients
     for rank in range(WORLD):
         for param, reference in zip(rank_results[rank]["local_weighting"], expected, strict=True):
             torch.testing.assert_close(param, reference, rtol=0, atol=1e-10)
+
+
+def test_accumulation_and_amp_under_data_parallelism(rank_results):
+    expected = _accumulate_and_amp(rank=None)
+    for rank in range(WORLD):
+        for param, reference in zip(
+            rank_results[rank]["accumulate_and_amp"], expected, strict=True
+        ):
+            torch.testing.assert_close(param, reference, rtol=0, atol=1e-6)
+
+
+def test_a_checkpoint_of_rank_0_resumes_in_a_single_process(ranks_dir, rank_results):
+    state = torch.load(ranks_dir / "checkpoint.pt", weights_only=False)
+    net = _Net().double()
+    net.load_state_dict(state["model"])
+    optimizer = JDOptimizer(torch.optim.Adam(net.parameters(), lr=0.01), jdoptim.Random(seed=3))
+    optimizer.load_state_dict(state["optimizer"])
+    x, y = _global_data(STEPS)
+    optimizer.step(_task_losses(net(x), y))
+    for param, reference in zip(net.parameters(), rank_results[0]["checkpointed"], strict=True):
+        torch.testing.assert_close(param, reference, rtol=0, atol=1e-6)
 
 
 def test_gramian_mode_refuses_data_parallelism_without_local_weighting():
