@@ -140,3 +140,111 @@ def test_distributed_two_processes() -> None:
     )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "2 ranks, identical parameters on every rank: True" in result.stdout
+
+
+def test_iwmtl() -> None:
+    output = run_example("iwmtl.py", "--epochs", "2", "--samples", "512")
+    assert "losses of shape [32, 3]: 96 objectives per step, in gramian mode" in output, output
+    rows = re.findall(
+        r"^\s+(Mean|UPGrad)((?:\s+\d+\.\d+){3})((?:\s+\d\.\d+){3})\s+\d+\.\d+$",
+        output,
+        flags=re.MULTILINE,
+    )
+    assert [row[0] for row in rows] == ["Mean", "UPGrad"], output
+    counts = dict(re.findall(r"^\s+(Mean|UPGrad)\s+(\d+) / 32 \(", output, flags=re.MULTILINE))
+    assert set(counts) == {"Mean", "UPGrad"}, output
+    # With the default small learning rate, a Mean step raises some (sample, task) loss; an
+    # UPGrad step almost never does.
+    assert int(counts["UPGrad"]) < int(counts["Mean"]), output
+
+
+def test_partial_jd() -> None:
+    output = run_example(
+        "partial_jd.py", "--epochs", "1", "--samples", "128", "--jacobian-steps", "2"
+    )
+    for kind in ("conv", "gru"):
+        assert f"{kind} features," in output, output
+    gaps = re.findall(r"after 2 steps, jacobian and gramian \(all\) parameters differ by at most "
+                      r"(\S+)$", output, flags=re.MULTILINE)  # fmt: skip
+    # Jacobian mode and full gramian mode take the same steps, up to rounding.
+    assert len(gaps) == 2 and all(float(gap) < 1e-4 for gap in gaps), output
+    cosines = re.findall(r"head-only and full updates on the first batch: (-?\d\.\d+)", output)
+    assert len(cosines) == 2 and all(-1 <= float(c) <= 1 for c in cosines), output
+    times = re.findall(
+        r"^\s+(jacobian|gramian, all|gramian, head)\s+(\d+\.\d+)\s+(\d+)\s", output, flags=re.M
+    )
+    assert [name for name, *_ in times] == ["jacobian", "gramian, all", "gramian, head"] * 2
+    assert [int(steps) for *_, steps in times] == [2, 4, 4] * 2, output
+    gru = {name: float(ms) for name, ms, _ in times[3:]}
+    # For the GRU, the full Gramian needs the engine's per-sample fallback; the head's does not.
+    assert gru["gramian, head"] < gru["gramian, all"], output
+
+
+def _amp_summary(output: str) -> tuple[int, int, float]:
+    match = re.search(
+        r"^(\d+) of (\d+) steps were skipped for an overflow; final scale (\S+)\.$",
+        output,
+        flags=re.MULTILINE,
+    )
+    assert match, output
+    return int(match.group(1)), int(match.group(2)), float(match.group(3))
+
+
+def _amp_final_losses(output: str) -> tuple[list[float], list[float]]:
+    autocast = re.search(r"autocast \+ GradScaler: ([\d. ]+)$", output, flags=re.MULTILINE)
+    plain = re.search(r"float32:\s+([\d. ]+)$", output, flags=re.MULTILINE)
+    assert autocast and plain, output
+    return [float(v) for v in autocast.group(1).split()], [float(v) for v in plain.group(1).split()]
+
+
+def test_amp() -> None:
+    output = run_example("amp.py", "--steps", "20")
+    assert _amp_summary(output) == (0, 20, 65536.0), output
+    # bfloat16 autocast with a scaler trains like float32.
+    autocast, plain = _amp_final_losses(output)
+    assert len(autocast) == 3
+    assert all(abs(a - b) <= 0.02 * b for a, b in zip(autocast, plain, strict=True)), output
+
+
+def test_amp_skips_overflowing_steps_in_gramian_mode() -> None:
+    output = run_example("amp.py", "--steps", "3", "--mode", "gramian", "--init-scale", "1e20")
+    # The Gramian of the losses scaled by 1e20 overflows float32: the scaler skips every step
+    # and halves the scale each time.
+    assert _amp_summary(output) == (3, 3, 1.25e19), output
+    autocast, _ = _amp_final_losses(output)
+    assert len(autocast) == 3
+
+
+def test_rnn() -> None:
+    output = run_example("rnn.py", "--steps", "10")
+    # A GRU has no closed form in the Gramian engine: mode="auto" picks jacobian mode.
+    assert "mode='auto' resolved to 'jacobian'" in output, output
+    assert "without a closed form in the Gramian engine: 'rnn'." in output, output
+    rows = re.findall(r"^\s+(Mean|UPGrad)\s+(\d+\.\d+)\s+\d+\.\d+$", output, flags=re.MULTILINE)
+    assert [name for name, _ in rows] == ["Mean", "UPGrad"], output
+
+
+def test_rnn_lstm_in_gramian_mode() -> None:
+    output = run_example("rnn.py", "--steps", "3", "--cell", "lstm", "--mode", "gramian")
+    assert "mode='gramian' resolved to 'gramian'" in output, output
+    assert "LSTM with batch_first=True" in output, output
+
+
+def test_monitoring(tmp_path: Path) -> None:
+    log = tmp_path / "diagnostics.csv"
+    output = run_example("monitoring.py", "--steps", "60", "--print-every", "30", "--log", str(log))
+    conflicted = dict(
+        re.findall(r"^\s+(Mean|UPGrad): the update conflicted with some task at (\d+) of 60 steps",
+                   output, flags=re.MULTILINE)
+    )  # fmt: skip
+    assert set(conflicted) == {"Mean", "UPGrad"}, output
+    # UPGrad's update never conflicts with a task; Mean's often does on these tasks.
+    assert int(conflicted["UPGrad"]) == 0 and int(conflicted["Mean"]) > 0, output
+    lines = log.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 1 + 2 * 60, lines[:3]
+    header = lines[0].split(",")
+    for column in ("conflicting_pairs", "update_conflicts", "weights_4", "cosine_3_4"):
+        assert column in header, header
+    upgrad_rows = [line for line in lines[1:] if line.startswith("UPGrad,")]
+    position = header.index("update_conflicts")
+    assert {row.split(",")[position] for row in upgrad_rows} == {"False"}
