@@ -202,8 +202,9 @@ def compare(kind: str, args: argparse.Namespace, data: tuple[Tensor, ...]) -> No
             f"  {variant:<15}  {1000 * times[done // 2]:11.2f}  {done:5d}  {train_loss:13.4f}  "
             f"{accuracy:13.3f}"
         )
+    compared = min(args.jacobian_steps, steps)
     print(
-        f"  after {min(args.jacobian_steps, steps)} steps, jacobian and gramian (all) "
+        f"  after {compared} step{'s' if compared != 1 else ''}, jacobian and gramian (all) "
         f"parameters differ by at most {gap:.1e}"
     )
 
