@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from jdoptim import DualProj, UPGrad
+from jdoptim.linalg import _dual_cone
 from jdoptim.linalg._dual_cone import (
     SOLVERS,
     DualConeConvergenceError,
@@ -306,6 +307,75 @@ def test_upgrad_and_dualproj_agree_across_solvers(seed: int):
         )
 
 
+# --- Three regimes: closed form (m ≤ 2), factorised exchanges, conjugate gradients ----------------
+
+
+def _two_rows(kind: int, gen: torch.Generator) -> Tensor:
+    """Two rows of 3 columns: random, antiparallel, parallel, nearly (anti)parallel, or one zero."""
+    J = torch.randn(2, 3, generator=gen, dtype=F64)
+    if kind == 1:
+        J[1] = -2.0 * J[0]
+    elif kind == 2:
+        J[1] = 0.5 * J[0]
+    elif kind == 3:
+        J[1] = -J[0] * (1 + 1e-7)
+    elif kind == 4:
+        J[1] = J[0] * (1 + 1e-7)
+    elif kind == 5:
+        J[kind % 2] = 0.0
+    return J
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_two_rows_in_closed_form_satisfy_kkt(dtype: torch.dtype):
+    gen = torch.Generator().manual_seed(80)
+    for trial in range(300):
+        J = _two_rows(trial % 6, gen).to(dtype)
+        G = J @ J.T
+        U = torch.randn(4, 2, generator=gen, dtype=F64).to(dtype)
+        _assert_kkt(U, G, project_weights_active_set(U, G), KKT_BAR[dtype])
+
+
+def test_one_row_and_zero_rows_in_closed_form():
+    U = torch.tensor([[-1.0, 2.0], [3.0, -4.0]], dtype=F64)
+    # A zero row keeps v = u (any v ≥ u is a minimiser); a nonzero single row gives max(u, 0).
+    G = torch.tensor([[0.0, 0.0], [0.0, 2.0]], dtype=F64)
+    expected = torch.tensor([[-1.0, 2.0], [3.0, 0.0]], dtype=F64)
+    assert torch.equal(project_weights_active_set(U, G), expected)
+    G1 = torch.tensor([[2.0]], dtype=F64)
+    assert torch.equal(
+        project_weights_active_set(U[:, :1], G1), torch.tensor([[0.0], [3.0]]).double()
+    )
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_factorised_and_conjugate_gradient_regimes_agree(seed: int, monkeypatch):
+    # The same problems solved both ways: the projections Jᵀv (compared through Gv) agree.
+    J, U = _random_problem(seed)
+    G = J @ J.T
+    scale = float(G.diagonal().max()) * float(U.abs().max())
+    monkeypatch.setattr(_dual_cone, "_DENSE_MAX", 1000)
+    factorised = project_weights_active_set(U, G)
+    monkeypatch.setattr(_dual_cone, "_DENSE_MAX", 0)
+    conjugate_gradients = project_weights_active_set(U, G)
+    for V in (factorised, conjugate_gradients):
+        _assert_kkt(U, G, V, KKT_BAR[F64])
+    torch.testing.assert_close(factorised @ G, conjugate_gradients @ G, rtol=0, atol=1e-10 * scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_medium_problems_satisfy_kkt(dtype: torch.dtype):
+    # Both sides of the switch from factorised solves to conjugate gradients (m = 40); in
+    # float64 the conjugate-gradient rounds run in float32 between exact recomputations. The
+    # solver's tolerance, 4·max(m, 16)·ε, exceeds the float32 bar at m = 96.
+    for m, seed in ((40, 90), (41, 91), (96, 92)):
+        J = _normal(m, m + m // 2, seed).to(dtype)
+        G = J @ J.T
+        bar = max(KKT_BAR[dtype], 8 * m * torch.finfo(dtype).eps)
+        for U in (torch.eye(m, dtype=dtype) / m, _random_bounds(3, m, seed=m).to(dtype)):
+            _assert_kkt(U, G, project_weights_active_set(U, G), bar)
+
+
 # --- Solver interface ----------------------------------------------------------------------------
 
 
@@ -359,15 +429,20 @@ def test_empty_batch():
     assert project_weights(torch.zeros(0, 3, dtype=F64), G, "active_set").shape == (0, 3)
 
 
-def test_non_convergence_raises_with_iterations_and_residuals():
-    J = _normal(32, 48, 46)
-    U = torch.eye(32, dtype=F64) / 32
-    with pytest.raises(DualConeConvergenceError, match="did not converge in 8 iterations") as info:
+@pytest.mark.parametrize(("m", "iterations"), [(16, 1), (64, 8)], ids=["factorised", "cg"])
+def test_non_convergence_raises_with_iterations_and_residuals(m: int, iterations: int):
+    # Up to m = 40 an iteration is a factorised solve, above it a conjugate-gradient step
+    # (checked 8 at a time).
+    J = _normal(m, 2 * m, 46)
+    U = torch.eye(m, dtype=F64) / m
+    with pytest.raises(
+        DualConeConvergenceError, match=f"did not converge in {iterations} iterations"
+    ) as info:
         project_weights_active_set(U, J @ J.T, max_iters=1)
     error = info.value
     assert isinstance(error, RuntimeError)
-    assert error.iterations == 8
-    assert 0 < error.unsolved <= 32
+    assert error.iterations == iterations
+    assert 0 < error.unsolved <= m
     assert set(error.residuals) == {"stationarity", "dual_feasibility", "primal_feasibility"}
     assert max(error.residuals.values()) > 0
 

@@ -28,6 +28,11 @@ from jdoptim.linalg._quadprog import project_weights_quadprog
 Solver = Literal["active_set", "quadprog"]
 SOLVERS: tuple[str, ...] = ("active_set", "quadprog")
 
+_DENSE_MAX = 40
+"""Largest m for which the equations on the passive sets are solved by Cholesky factorisation;
+conjugate gradients solve them above (one factorisation per problem costs O(m³), one
+conjugate-gradient step O(m²), and a few dozen steps are needed)."""
+
 _CHECK_EVERY = 8
 """Conjugate-gradient iterations between two updates of the passive sets (and KKT tests)."""
 
@@ -47,7 +52,7 @@ class DualConeConvergenceError(RuntimeError):
     such as UPGrad's ``reg_eps``, avoids it).
 
     Attributes:
-        iterations: Conjugate-gradient iterations performed.
+        iterations: Iterations performed (factorised solves and conjugate-gradient steps).
         unsolved: Number of projections whose KKT conditions did not hold.
         residuals: Largest relative KKT residuals over those projections, by name
             (``"stationarity"``, ``"dual_feasibility"``, ``"primal_feasibility"``).
@@ -120,50 +125,63 @@ def project_weights_active_set(U: Tensor, G: Tensor, *, max_iters: int | None = 
 
     whose solutions are exactly the minimisers (the KKT conditions of the convex problem;
     $\lambda$ are the multipliers of $v \ge u$, and $\lambda_i = g_i^\top J^\top v$ measures
-    how much the projection agrees with row $i$). Each problem keeps a passive set $P$ of
-    indices where $w$ is free ($w = 0$ elsewhere) and solves $(G(u + w))_P = 0$ on it:
+    how much the projection agrees with row $i$). All problems are solved together, as rows of
+    one batch, with no loop over them; problems without conflict ($Gu \ge 0$) are solved by
+    $w = 0$. Three regimes:
 
-    1. Block principal pivoting (J. Kim and H. Park, *Fast nonnegative matrix factorization:
-       an active-set-like method and comparisons*, SIAM J. Sci. Comput. 33(6), 2011): every
-       index with $w_i < 0$ or $\lambda_i < 0$ changes sides at once. This finds the solution
-       in a few exchanges when the passive rows are independent, but may cycle when they are
-       not, so it is kept only while it reduces the number of infeasible indices (with three
-       steps of grace).
-    2. Then a feasible, monotone active-set method (after the NNLS algorithm of Lawson and
-       Hanson), from $w$ clipped to $w \ge 0$: each step is an exact line search cut short
-       where some $w_i$ reaches 0 (which then leaves $P$), and indices with $\lambda_i < 0$
-       join $P$. The objective never increases, which keeps this phase from cycling where
-       the first one does, and it needs no independence.
+    - $m \le 2$: in closed form. A feasible $v$ is a minimiser if and only if each coordinate
+      minimises the objective with the others fixed, and for two coordinates this leaves two
+      cases to compare.
+    - $3 \le m \le 40$: block principal pivoting (J. Kim and H. Park, *Fast nonnegative matrix
+      factorization: an active-set-like method and comparisons*, SIAM J. Sci. Comput. 33(6),
+      2011) with Cholesky solves. Each problem keeps a passive set $P$ of indices where $w$ is
+      free ($w = 0$ elsewhere) and solves $(G(u + w))_P = 0$ on it; every index with
+      $w_i < 0$ or $\lambda_i < 0$ then changes sides at once, for as long as this reduces
+      the number of infeasible indices (with three exchanges of grace). The equations are
+      solved with $G_{PP} + \delta I$, $\delta = \tau / 4$ (below), which leaves the
+      multipliers on $P$ at $|\lambda_P| = \delta |w_P|$, within the tolerance, and keeps the
+      factorisation defined where rows of $P$ are dependent. These solves run in float64; for
+      lower-precision input one step of iterative refinement follows. A solution is accepted
+      where the factorisation is positive definite with pivots of at least $\sqrt{\delta/2}$,
+      that is, where rounding has not made $G_{PP}$ indefinite; the problems left (also those
+      whose exchanges stall: dependent rows can make block pivoting cycle) go to the third
+      regime.
+    - $m > 40$: the same exchanges, interleaved with conjugate-gradient iterations on the
+      equations, each one product of the batch with $G$: no factorisation and no
+      regularisation, since the equations are consistent even when $G$ is singular. Where
+      the exchanges stall, a feasible, monotone active-set method takes over (after the NNLS
+      algorithm of Lawson and Hanson), from $w$ clipped to $w \ge 0$: each step is an exact
+      line search cut short where some $w_i$ reaches 0 (which then leaves $P$), and indices
+      with $\lambda_i < 0$ join $P$; the objective never increases, which keeps this phase
+      from cycling. In float64, rounds of 8 iterations run in float32 on the equations for a
+      correction of $w$, and the multipliers are recomputed exactly in float64 after each
+      round (mixed-precision iterative refinement: twice as fast, as accurate); the monotone
+      phase, and a round that fails to halve some residual, switch to float64 throughout.
 
-    All problems are solved together, as rows of one batch. The equations on the passive sets
-    are solved by conjugate gradients on the Gramian scaled to a unit diagonal (rows scaled to
-    unit norm), restarted where a passive set changes, so that every iteration is one product
-    of the batch with $G$. This needs no factorisation and no regularisation: the equations are
-    consistent even when $G$ is singular (duplicated, zero or dependent rows), and conjugate
-    gradients solves consistent semi-definite systems. Problems without conflict
-    ($Gu \ge 0$) need no iteration at all.
-
-    The iteration stops only once the KKT conditions hold to rounding for every problem,
-    relative to the problem's scale: with $\hat\lambda_i = \lambda_i / \lVert g_i \rVert$ and
+    Everything is computed on the Gramian scaled to a unit diagonal (rows scaled to unit norm;
+    zero rows are left out: their multiplier is 0 whatever $v$ is, and they keep $v_i = u_i$).
+    A problem is solved once the KKT conditions hold to rounding, relative to its scale: with
+    $\hat\lambda_i = \lambda_i / \lVert g_i \rVert$ and
     $\sigma = \sum_j \lVert g_j \rVert\, (|u_j| + |w_j|)$ (the size of the terms of $J^\top v$),
     $\hat\lambda_i \ge -\tau\sigma$ everywhere, $|\hat\lambda_i| \le \tau\sigma$ where
     $i \in P$, $w_i \ge -\tau\sigma / \lVert g_i \rVert$ (the output is clipped to $v \ge u$),
-    with $\tau = 4 \max(m, 16)\, \varepsilon$ for the dtype's machine epsilon $\varepsilon$.
+    with $\tau = 4 \max(m, 16)\, \varepsilon$ for the input's machine epsilon $\varepsilon$.
     The minimiser $v$ is not unique when $G$ is singular, but $J^\top v$, the projection, is.
-    A problem whose residual stops decreasing (rows parallel to within about
-    $\sqrt\varepsilon$, which the Gramian cannot tell apart) is accepted if its residual is
-    below $\sqrt\varepsilon$ instead of $\tau$; otherwise the solver raises.
+    A problem whose residual stops decreasing under conjugate gradients (rows parallel to
+    within about $\sqrt\varepsilon$, which the Gramian cannot tell apart) is accepted if its
+    residual is below $\sqrt\varepsilon$ instead of $\tau$; otherwise the solver raises.
 
     Args:
         U: Lower bounds, shape ``[k, m]``.
         G: Symmetric positive semi-definite Gramian, shape ``[m, m]``.
-        max_iters: Largest number of conjugate-gradient iterations; ``100 + 20·m`` when
-            ``None``.
+        max_iters: Largest number of iterations (a factorised solve or a conjugate-gradient
+            step each); ``100 + 20·m`` when ``None``.
 
     Returns:
         The minimisers, shape ``[k, m]``, with ``U``'s dtype and device. The computation runs
-        on ``G``'s device in the common dtype of ``U`` and ``G``, with a few host
-        synchronisations every few iterations (none per problem).
+        on ``G``'s device, in the common dtype of ``U`` and ``G`` (or higher, as above), with
+        one host synchronisation per factorised solve or per round of conjugate-gradient
+        iterations (none per problem).
 
     Raises:
         DualConeConvergenceError: If the KKT conditions do not hold after ``max_iters``
@@ -189,64 +207,204 @@ def project_weights_active_set(U: Tensor, G: Tensor, *, max_iters: int | None = 
     # The solution is not differentiated through (nor is quadprog's).
     U_work = U.detach().to(device=device, dtype=dtype)
     G = G.detach().to(dtype)
+    if m <= 2:
+        return _solve_coordinatewise(U_work, G).to(device=U.device, dtype=U.dtype)
     tau = 4.0 * max(m, 16) * torch.finfo(dtype).eps
-    tiny = torch.finfo(dtype).tiny
-    accept_stuck = torch.finfo(dtype).eps ** 0.5
+
+    if m <= _DENSE_MAX:
+        # Factorised solves run in float64: their cost is in the number of operations, not in
+        # their size, and float64 keeps them accurate where the passive rows are nearly
+        # dependent.
+        U_work = U_work.to(torch.promote_types(dtype, torch.float64))
+        G = G.to(U_work.dtype)
 
     # Scale the rows of J to unit norm: G_hat = S⁻¹ G S⁻¹ and u_hat = S u, with S = diag(‖g_i‖).
-    # Zero rows are left out: their multiplier is 0 whatever v is.
+    # Zero rows get zero rows and columns in G_hat: their multiplier is 0 whatever v is.
     norms = G.diagonal().clamp(min=0.0).sqrt()
-    live = norms > 0
-    inv_norms = torch.where(live, 1.0 / torch.where(live, norms, 1.0), 0.0)
-    G_hat = G * inv_norms[:, None] * inv_norms[None, :]
-    G_hat = (G_hat + G_hat.T) / 2
+    inv_norms = norms.reciprocal().nan_to_num(posinf=0.0)
+    G_hat = G * torch.outer(inv_norms, inv_norms)
     u_hat = U_work * norms
+    lam = torch.mm(u_hat, G_hat)
 
+    if m <= _DENSE_MAX:
+        W, solved, iterations = _factorised_exchanges(
+            u_hat, lam, G_hat, tau, max_iters, refine=dtype != G.dtype
+        )
+        unsolved = None if solved is None or bool(solved.all()) else (~solved).nonzero()[:, 0]
+    else:
+        W = torch.zeros_like(u_hat)
+        conflict = lam < -tau * u_hat.abs().sum(dim=1, keepdim=True)
+        unsolved = conflict.any(dim=1).nonzero().squeeze(1)
+        iterations = 0
+    if unsolved is not None and unsolved.numel():
+        W[unsolved] = _conjugate_gradients(
+            u_hat[unsolved], lam[unsolved], G_hat, tau, max_iters, iterations
+        )
+    return torch.addcmul(U_work, W.clamp(min=0.0), inv_norms).to(device=U.device, dtype=U.dtype)
+
+
+def _solve_coordinatewise(U: Tensor, G: Tensor) -> Tensor:
+    r"""Solve every problem for $m \le 2$ in closed form.
+
+    A feasible $v$ is a minimiser if and only if each coordinate minimises the objective with
+    the others fixed: $v_i = \max(u_i, -\sum_{j \ne i} G_{ij} v_j / G_{ii})$ where
+    $G_{ii} > 0$ (the KKT conditions, coordinate by coordinate). For $m = 1$ this is
+    $v = \max(u, 0)$. For $m = 2$, with $r_i = -G_{01} / G_{ii}$ (so that $r_0 r_1 \le 1$),
+    either $v_1 = u_1$, $v_0 = \max(u_0, r_0 u_1)$, which is the solution if
+    $u_1 \ge r_1 v_0$; or $v_1 = r_1 v_0 > u_1$ and $v_0 = \max(u_0, r_0 r_1 v_0)$, solved by
+    $v = (\max(u_0, 0), r_1 \max(u_0, 0))$ when $r_0 r_1 < 1$. When $G$ is singular
+    ($r_0 r_1 = 1$) the first case holds whenever the second does not, and rounding may hide
+    it. A zero row keeps $v_i = u_i$.
+    """
+    diagonal = G.diagonal()
+    live = diagonal > 0
+    if G.shape[0] == 1:
+        return torch.where(live, U.clamp(min=0.0), U)
+    ratios = -G[0, 1] / diagonal.clamp(min=torch.finfo(G.dtype).tiny)
+    a, b = U.unbind(dim=1)
+    first = torch.maximum(a, ratios[0] * b)
+    a_plus = a.clamp(min=0.0)
+    second = ratios[1] * a_plus
+    # Exactly one of the two holds when G is nonsingular; when it is singular (r_0 r_1 = 1),
+    # rounding can fail both tests, and the first is then the solution.
+    keep_b = (b >= ratios[1] * first) | (b > second)
+    V = torch.stack([torch.where(keep_b, first, a_plus), torch.where(keep_b, b, second)], dim=1)
+    # Rounding can put v a hair below u where the bound is active.
+    return torch.where(live, V.maximum(U), U)
+
+
+def _factorised_exchanges(
+    u: Tensor, lam0: Tensor, G: Tensor, tau: float, max_steps: int, refine: bool
+) -> tuple[Tensor, Tensor | None, int]:
+    """Block principal pivoting with Cholesky solves, on the unit-diagonal Gramian.
+
+    Returns ``w``, which problems are solved (``None`` when all are, before any solve), and the
+    number of solves. Problems whose exchanges stall, or whose passive rows are too close to
+    dependent for the factorisation, are left unsolved.
+    """
+    m = u.shape[1]
+    eye = torch.eye(m, dtype=u.dtype, device=u.device)
+    # The solution of (G_PP + δI) w_P = −λ0_P has |λ_P| = δ |w_P|: stationary to tolerance
+    # for δ ≤ τ/4, and defined even where the rows of P are dependent.
+    delta = tau / 4
+    G_reg = torch.add(G, eye, alpha=delta)
+    threshold = torch.linalg.vector_norm(u, 1, dim=1, keepdim=True).mul_(-tau)
     # First exchange, from the empty passive set: every index with a negative multiplier.
-    # Problems without one (no conflict) are solved by w = 0.
-    lam0 = u_hat @ G_hat
-    u_size0 = u_hat.abs().sum(dim=1, keepdim=True)
-    passive0 = live & (lam0 < -tau * u_size0)
-    W = torch.zeros_like(u_hat)
-    unsolved = passive0.any(dim=1).nonzero().squeeze(1)
-    # Conjugate gradients solves a passive set of p indices in p steps (in exact arithmetic), so
-    # the passive sets are updated after at most that many steps.
-    check_every = min(_CHECK_EVERY, int(passive0.sum(dim=1).max()))
+    passive = lam0 < threshold
+    count = int(passive.sum())
+    if count == 0:
+        return torch.zeros_like(u), None, 0
+    neg_lam0 = -lam0
+    least, idle, steps = count, 0, 0
+    while steps < max_steps:
+        steps += 1
+        # G_PP + δI, with the identity off P: w = 0 there.
+        A = torch.where(passive.unsqueeze(2) & passive.unsqueeze(1), G_reg, eye)
+        L, info = torch.linalg.cholesky_ex(A)
+        rhs = torch.where(passive, neg_lam0, 0.0).unsqueeze(2)
+        w = torch.cholesky_solve(rhs, L).squeeze(2)
+        lam = torch.addmm(lam0, w, G)
+        # Primal values on P, dual values off P: the infeasible ones change sides.
+        z = torch.where(passive, w, lam)
+        infeasible = z < threshold
+        count = int(infeasible.sum())
+        if count == 0:
+            break
+        least, idle = (count, 0) if count < least else (least, idle + 1)
+        if idle > _BACKUP_STEPS:
+            break
+        passive = passive ^ infeasible
+    if refine:
+        # One step of iterative refinement towards the solution of G_PP w_P = −λ0_P: the
+        # error δ/λ of the regularised solution along an eigenvalue λ of G_PP becomes (δ/λ)².
+        w = w - torch.cholesky_solve((lam * passive).unsqueeze(2), L).squeeze(2)
+        lam = torch.addmm(lam0, w, G)
+        z = torch.where(passive, w, lam)
+        count = -1
+    # Accept a solution only where G_PP + δI is positive definite with room to spare: where
+    # rounding has made G_PP indefinite, the solution can be dominated by the rounding.
+    pivots = L.diagonal(dim1=1, dim2=2).amin(dim=1)
+    solved = (info == 0) & (pivots * pivots >= delta / 2)
+    if count != 0:
+        solved = solved & (z >= threshold).all(dim=1)
+    return w, solved, steps
+
+
+def _conjugate_gradients(
+    u: Tensor, lam: Tensor, G: Tensor, tau: float, max_iters: int, iterations: int
+) -> Tensor:
+    """Block principal pivoting, then the monotone phase, with conjugate-gradient solves.
+
+    ``u`` and ``lam = u @ G`` hold the problems to solve, one per row, on the unit-diagonal
+    Gramian ``G``; ``iterations`` counts the iterations spent before. Returns ``w``.
+    """
+    n, m = u.shape
+    dtype, device = u.dtype, u.device
+    accept_stuck = torch.finfo(dtype).eps ** 0.5
+    # The solution is positively homogeneous in u: solve for rows scaled to unit size.
+    scale = u.abs().sum(dim=1, keepdim=True)
+    lam_u = lam / scale
+    W = torch.zeros_like(u)
+    rows = torch.arange(n, device=device)
+
+    # In float64, rounds of iterations run in float32 (twice as fast) on the equations for a
+    # correction of w, whose multipliers are recomputed exactly after each round: each round is
+    # a step of iterative refinement. The monotone phase, and a round that fails to halve some
+    # residual, switch the iterations to full precision for the rest of the solve.
+    low = torch.float32 if dtype == torch.float64 else dtype
+    G_work = G.to(low)
 
     # State of the unsolved problems, one row each: the passive set and its 0/1 mask; w, zero
-    # off the passive set; the multipliers lam = G_hat (u + w); the gradient g = lam on the
-    # passive set; the conjugate-gradient direction d and the squared norm gg of g; whether the
-    # problem is in the monotone phase; the bookkeeping of the exchanges and of the progress.
-    n = unsolved.numel()
-    u = u_hat[unsolved]
-    u_size = u_size0[unsolved]
-    passive = passive0[unsolved]
-    mask = passive.to(dtype)
-    lam = lam0[unsolved]
+    # off the passive set; the multipliers lam = G (u + w); whether the problem is in the
+    # monotone phase; the bookkeeping of the exchanges and of the progress. The iterations use
+    # the gradient g (lam on the passive set), the direction d, the squared norm gg of g, the
+    # multipliers lam_work and the change dw of w, all in the working precision.
+    passive = lam_u < -tau  # The first exchange, from the empty passive set.
     w = torch.zeros_like(u)
-    g = lam * mask
-    d = g
-    gg = torch.linalg.vecdot(g, g).unsqueeze(1)
-    # Once ‖g‖ is below half the tolerance a problem stops stepping: going on would only
-    # amplify rounding noise along the null space of a singular G.
-    gg_floor = (tau / 2 * u_size) ** 2
+    lam = lam_u
     monotone = torch.zeros(n, 1, dtype=torch.bool, device=device)
     least_infeasible = torch.full((n, 1), m + 1, device=device)
     backup = torch.full((n, 1), _BACKUP_STEPS, device=device)
     best_residual = torch.full((n, 1), torch.inf, dtype=dtype, device=device)
     idle_checks = torch.zeros(n, 1, dtype=torch.long, device=device)
     moved = torch.zeros(n, 1, dtype=torch.bool, device=device)
+    size = torch.ones(n, 1, dtype=dtype, device=device)
+    restart = torch.ones(n, 1, dtype=torch.bool, device=device)
+    gg = torch.zeros(n, 1, dtype=dtype, device=device)
+    d = torch.zeros(n, m, dtype=low, device=device)
     any_monotone = False
+    # Conjugate gradients solves a passive set of p indices in p steps (in exact arithmetic), so
+    # the passive sets are updated after at most that many steps.
+    check_every = min(_CHECK_EVERY, int(passive.sum(dim=1).max()))
 
-    iterations = 0
-    while n > 0:
+    while True:
+        # Start a round: the working copies, and the directions restarted where needed.
+        work = G_work.dtype
+        mask = passive.to(work)
+        lam_work = lam.to(work, copy=True)
+        g = lam_work * mask
+        gg_loop, gg = gg, torch.linalg.vecdot(g, g).unsqueeze(1)
+        # Once ‖g‖ is below half the tolerance a problem stops stepping: going on would only
+        # amplify rounding noise along the null space of a singular G. Within a round in low
+        # precision, the products are accurate to about m ε relative.
+        gg_floor = (tau / 2 * size).to(work) ** 2
+        if work != dtype:
+            gg_floor = torch.maximum(gg_floor, gg * (m * torch.finfo(work).eps) ** 2)
+            # Restart also where the exact multipliers differ from the approximate ones by
+            # more than the progress.
+            restart = restart | (gg > 4 * gg_loop)
+        restart = restart | (gg <= gg_floor)
+        d = torch.where(restart, g, d.to(work))
+        step = torch.zeros_like(d) if work != dtype else w
+
         if iterations >= max_iters:
-            raise _convergence_error(iterations, u, w, lam, passive, live)
+            raise _convergence_error(iterations, w, lam, passive)
         for _ in range(check_every):
             # One conjugate-gradient step on each passive set (d is 0 off the set).
             # The step is the exact line search along d (gg / dGd in exact arithmetic), so that
-            # no step can increase the objective whatever rounding does to conjugacy.
-            Gd = d @ G_hat
+            # no step can increase the objective whatever rounding, or the replacement of the
+            # multipliers by exact ones between rounds, does to conjugacy.
+            Gd = torch.mm(d, G_work)
             dGd = torch.linalg.vecdot(d, Gd).unsqueeze(1)
             gd = torch.linalg.vecdot(g, d).unsqueeze(1)
             stepping = (gg > gg_floor) & (dGd > 0) & (gd > 0)
@@ -257,55 +415,45 @@ def project_weights_active_set(U: Tensor, G: Tensor, *, max_iters: int | None = 
                 reach = ratio.amin(dim=1, keepdim=True)
                 blocked = reach < alpha
                 alpha = torch.minimum(alpha, reach)
-            w.addcmul_(alpha, d, value=-1.0)
-            lam.addcmul_(alpha, Gd, value=-1.0)
+            step.addcmul_(alpha, d, value=-1.0)
+            lam_work.addcmul_(alpha, Gd, value=-1.0)
             if any_monotone:
                 hit = blocked & (ratio <= reach)
                 w.masked_fill_(hit, 0.0)
                 passive = passive & ~hit
-                mask = passive.to(dtype)
+                mask = passive.to(work)
                 moved |= blocked
-            g = lam * mask
+                stepping = stepping & ~blocked
+            g = lam_work * mask
             gg_next = torch.linalg.vecdot(g, g).unsqueeze(1)
             beta = torch.where(stepping, gg_next / gg, 0.0)
-            if any_monotone:
-                beta = beta.masked_fill(blocked, 0.0)
-            d = torch.addcmul(g, beta, d)
+            d.mul_(beta).add_(g)
             gg = gg_next
         iterations += check_every
+        if step is not w:
+            w = w + step
+
+        # Exact multipliers and the KKT test, with the worst residual of each problem relative
+        # to its size (positive when violated): primal values on P, dual values off P.
+        lam = torch.addmm(lam_u, w, G)
+        size = 1 + w.abs().sum(dim=1, keepdim=True)
+        z = torch.where(passive, w, lam)
+        stationarity = (lam * passive).abs().amax(dim=1, keepdim=True)
+        residual = torch.maximum(stationarity, -z.amin(dim=1, keepdim=True)) / size
 
         # Exchange the infeasible indices whose sign is clear at the current accuracy.
-        size = u_size + w.abs().sum(dim=1, keepdim=True)
-        threshold = torch.maximum(tau * size, g.abs().amax(dim=1, keepdim=True))
-        enter = live & ~passive & (lam < -threshold)
-        infeasible = enter | (passive & (w < -threshold))
+        infeasible = z < -torch.maximum(tau * size, stationarity)
         count = infeasible.sum(dim=1, keepdim=True)
         improved = count < least_infeasible
-        least_infeasible = torch.where(improved, count, least_infeasible)
+        least_infeasible = torch.minimum(least_infeasible, count)
         backup = torch.where(improved, _BACKUP_STEPS, backup - (count > 0).long())
         switched = ~monotone & (backup < 0)
         monotone = monotone | switched
-        exchange = torch.where(monotone, enter, infeasible)
+        # In the monotone phase indices only enter.
+        exchange = infeasible & ~(monotone & passive)
         exchanged = exchange.any(dim=1, keepdim=True)
         passive = passive ^ exchange
-        mask = passive.to(dtype)
-        w = torch.where(monotone, w.clamp(min=0.0), w) * mask
-
-        # Exact multipliers and the KKT test; restart where the passive set changed.
-        lam = (u + w) @ G_hat
-        size = u_size + w.abs().sum(dim=1, keepdim=True)
-        g = lam * mask
-        gg = torch.linalg.vecdot(g, g).unsqueeze(1)
-        gg_floor = (tau / 2 * size) ** 2
-        d = torch.where(exchanged | switched | (gg <= gg_floor), g, d)
-        # The worst KKT residual of each problem, relative to its size (positive when violated).
-        residual = torch.maximum(
-            g.abs().amax(dim=1, keepdim=True),
-            -torch.minimum(
-                torch.where(live & ~passive, lam, 0.0).amin(dim=1, keepdim=True),
-                w.amin(dim=1, keepdim=True),
-            ),
-        ) / size.clamp(min=tiny)
+        restart = exchanged | switched
         done = ~exchanged & (residual <= tau)
 
         # A problem whose passive set stays put and whose residual stops halving is stuck: its
@@ -318,46 +466,57 @@ def project_weights_active_set(U: Tensor, G: Tensor, *, max_iters: int | None = 
         stuck = idle_checks >= _STALL_CHECKS
         done = done | (stuck & (residual <= accept_stuck))
 
-        solved, failed, in_monotone, largest = torch.stack(
-            [done.sum(), (stuck & ~done).sum(), monotone.sum(), passive.sum(dim=1).max()]
+        solved, failed, in_monotone, largest, idle, changed = torch.stack(
+            [
+                done.sum(),
+                (stuck & ~done).sum(),
+                monotone.sum(),
+                passive.sum(dim=1).max(),
+                (idle_checks > 0).sum(),
+                restart.sum(),
+            ]
         ).tolist()
         if failed:
-            raise _convergence_error(iterations, u, w, lam, passive, live)
+            raise _convergence_error(iterations, w, lam, passive)
+        if changed:
+            if in_monotone:
+                w = torch.where(monotone, w.clamp(min=0.0), w)
+            w = w * passive
+            lam = torch.addmm(lam_u, w, G)
         any_monotone = in_monotone > 0
+        if (idle or any_monotone) and G_work.dtype != dtype:
+            G_work = G
+            restart = torch.ones_like(restart)
         check_every = min(_CHECK_EVERY, max(largest, 1))
         if solved:
             done = done.squeeze(1)
-            W[unsolved[done]] = w[done]
+            W[rows[done]] = w[done]
+            if solved == rows.numel():
+                return W * scale
             keep = (~done).nonzero().squeeze(1)
-            unsolved = unsolved[keep]
-            n = unsolved.numel()
-            (u, u_size, passive, mask, lam, w, g, d, gg, gg_floor, monotone) = (
-                t[keep] for t in (u, u_size, passive, mask, lam, w, g, d, gg, gg_floor, monotone)
+            rows = rows[keep]
+            (lam_u, passive, lam, w, d, gg, size, restart, monotone) = (
+                t[keep] for t in (lam_u, passive, lam, w, d, gg, size, restart, monotone)
             )
             (least_infeasible, backup, best_residual, idle_checks, moved) = (
                 t[keep] for t in (least_infeasible, backup, best_residual, idle_checks, moved)
             )
 
-    V = U_work + W.clamp(min=0.0) * inv_norms
-    return V.to(device=U.device, dtype=U.dtype)
-
 
 def _convergence_error(
-    iterations: int,
-    u: Tensor,
-    w: Tensor,
-    lam: Tensor,
-    passive: Tensor,
-    live: Tensor,
+    iterations: int, w: Tensor, lam: Tensor, passive: Tensor
 ) -> DualConeConvergenceError:
-    """Build the error reporting the KKT residuals of the problems left unsolved."""
-    size = (u.abs() + w.abs()).sum(dim=1, keepdim=True).clamp(min=torch.finfo(u.dtype).tiny)
+    """Build the error reporting the KKT residuals of the problems left unsolved.
+
+    ``w`` and ``lam`` are those of bounds scaled to unit size ``Σ|u_j| = 1``.
+    """
+    size = 1 + w.abs().sum(dim=1, keepdim=True)
     stationarity = (torch.where(passive, lam, 0.0).abs() / size).amax()
-    dual = (torch.where(live & ~passive, -lam, 0.0) / size).amax().clamp(min=0.0)
-    primal = (torch.where(passive, -w, 0.0) / size).amax().clamp(min=0.0)
+    dual = (torch.where(passive, 0.0, -lam) / size).amax()
+    primal = (torch.where(passive, -w, 0.0) / size).amax()
     residuals = {
         "stationarity": float(stationarity),
-        "dual_feasibility": float(dual),
-        "primal_feasibility": float(primal),
+        "dual_feasibility": max(float(dual), 0.0),
+        "primal_feasibility": max(float(primal), 0.0),
     }
-    return DualConeConvergenceError(iterations, u.shape[0], residuals)
+    return DualConeConvergenceError(iterations, w.shape[0], residuals)
