@@ -112,8 +112,8 @@ class JDOptimizer(Optimizer):
             gradient; it needs a Gramian-based aggregator (such as `UPGrad`) and ``modules``,
             and is much cheaper for one loss per sample. ``"auto"``: ``"gramian"`` when the
             aggregator is Gramian-based, ``modules`` are given, every layer in them has a closed
-            form, and neither ``shared_params`` nor data parallelism is used; else
-            ``"jacobian"``. The mode chosen is `resolved_mode`.
+            form, ``shared_params`` is not used, and there is no data parallelism (or
+            ``local_weighting=True``); else ``"jacobian"``. The mode chosen is `resolved_mode`.
         shared_params: For multi-task learning: the parameters (or a module holding them)
             whose Jacobian is aggregated. Every other parameter receives the ordinary gradient
             of the sum of the losses that reach it (a task head gets its own task's gradient).
