@@ -456,6 +456,35 @@ class FunctionalHandler(Handler):
             return torch.func.vmap(sample_grads, in_dims=(in_dims, 0))(leaves, tuple(cots))
         return sample_grads(leaves, tuple(c[0] for c in cots))
 
+    def _check_deterministic(
+        self,
+        call: Call,
+        positions: list[int],
+        leaves: list[Any],
+        in_dims: list[int | None],
+        layout: Layout,
+    ) -> None:
+        """Raise if replaying the module gives another output, as dropout does: the replays of
+        `_looped` would then use other random numbers than the forward pass (vmap, in
+        `_vectorized`, refuses randomness by itself)."""
+        if not any(m.training for m in self.module.modules()):
+            return
+        bd = self.batch_dim
+        sample = [
+            leaf.narrow(bd, 0, 1) if dim is not None and layout.per_sample else leaf  # type: ignore[arg-type]
+            for leaf, dim in zip(leaves, in_dims, strict=True)
+        ]
+        params = [p.detach() for p in call.params]  # type: ignore[union-attr]
+        with torch.no_grad():
+            first = self._call(call, params, sample, positions)
+            second = self._call(call, params, sample, positions)
+        if not all(torch.equal(a, b) for a, b in zip(first, second, strict=True)):
+            raise ValueError(
+                f"Module {self.name} ({type(self.module).__name__}) draws random numbers "
+                "(dropout?), so its per-sample gradients cannot be recomputed; put it in eval "
+                "mode or set its dropout probability to 0."
+            )
+
     def _looped(
         self,
         call: Call,
@@ -468,6 +497,7 @@ class FunctionalHandler(Handler):
         """The same as `_vectorized`, one sample and one objective at a time."""
         bd = self.batch_dim
         rows: list[list[Tensor]] = [[] for _ in call.params]
+        self._check_deterministic(call, positions, leaves, in_dims, layout)
         for s in range(layout.S):
             sample = [
                 leaf.narrow(bd, s, 1) if dim is not None else leaf  # type: ignore[arg-type]

@@ -158,6 +158,32 @@ def test_dropout_inside_a_fallback_module() -> None:
             engine.gramian(out.sum(dim=(1, 2)))
 
 
+def test_dropout_inside_a_module_replayed_one_sample_at_a_time() -> None:
+    # torch.func cannot vectorise a GRU, so its per-sample gradients come from replays, which
+    # would draw other dropout masks than the forward pass did.
+    class Recurrent(nn.Module):
+        def __init__(self, dropout: float) -> None:
+            super().__init__()
+            self.rnn = nn.GRU(3, 4, num_layers=2, dropout=dropout, batch_first=True)
+            self.head = nn.Linear(4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.rnn(x)[0][:, -1]).squeeze(1)
+
+    x = torch.randn(5, 4, 3)
+    with_dropout = Recurrent(dropout=0.5)
+    engine = GramianEngine(with_dropout)
+    with (
+        pytest.warns(UserWarning, match="one sample at a time"),
+        pytest.raises(ValueError, match="draws random numbers"),
+    ):
+        engine.gramian(with_dropout(x) ** 2)
+    with_dropout.eval()  # no dropout in eval mode: the replays are exact
+    engine = GramianEngine(with_dropout)
+    with pytest.warns(UserWarning, match="one sample at a time"):
+        assert engine.gramian(with_dropout(x) ** 2).shape == (5, 5)
+
+
 def test_hooks_are_removed_by_close_and_garbage_collection() -> None:
     model = mlp()
     engine = GramianEngine(model)
