@@ -399,16 +399,18 @@ def _conjugate_gradients(
 
         if iterations >= max_iters:
             raise _convergence_error(iterations, w, lam, passive)
-        for _ in range(check_every):
-            # One conjugate-gradient step on each passive set (d is 0 off the set).
-            # The step is the exact line search along d (gg / dGd in exact arithmetic), so that
-            # no step can increase the objective whatever rounding, or the replacement of the
-            # multipliers by exact ones between rounds, does to conjugacy.
+        for iteration in range(check_every):
+            # One conjugate-gradient step on each passive set (d is 0 off the set): the exact
+            # line search along d, g·d / dGd, which is gg / dGd once d is conjugate to the
+            # previous directions. It is not yet at the start of a round, where the multipliers
+            # have been recomputed exactly, nor in the monotone phase, which needs each step to
+            # decrease the objective whatever rounding does to conjugacy. Steps stop where
+            # ‖g‖ is below half the tolerance (gg ≤ gg_floor): going on would only amplify
+            # rounding noise along the null space of a singular G.
             Gd = torch.mm(d, G_work)
             dGd = torch.linalg.vecdot(d, Gd).unsqueeze(1)
-            gd = torch.linalg.vecdot(g, d).unsqueeze(1)
-            stepping = (gg > gg_floor) & (dGd > 0) & (gd > 0)
-            alpha = torch.where(stepping, gd / dGd, 0.0)
+            gd = torch.linalg.vecdot(g, d).unsqueeze(1) if iteration == 0 or any_monotone else gg
+            alpha = (gd / dGd).nan_to_num_(0.0, 0.0, 0.0).clamp_(min=0.0).mul_(gg > gg_floor)
             if any_monotone:
                 # In the monotone phase the step stops where the first w_i reaches 0.
                 ratio = torch.where(monotone & (d > 0), w / d, torch.inf)
@@ -417,17 +419,20 @@ def _conjugate_gradients(
                 alpha = torch.minimum(alpha, reach)
             step.addcmul_(alpha, d, value=-1.0)
             lam_work.addcmul_(alpha, Gd, value=-1.0)
+            g = lam_work * mask
+            gg_next = torch.linalg.vecdot(g, g).unsqueeze(1)
+            beta = (gg_next / gg).nan_to_num_(0.0, 0.0, 0.0)
             if any_monotone:
+                # Where a w_i reached 0 it leaves P, and the iteration restarts.
                 hit = blocked & (ratio <= reach)
                 w.masked_fill_(hit, 0.0)
                 passive = passive & ~hit
                 mask = passive.to(work)
                 moved |= blocked
-                stepping = stepping & ~blocked
-            g = lam_work * mask
-            gg_next = torch.linalg.vecdot(g, g).unsqueeze(1)
-            beta = torch.where(stepping, gg_next / gg, 0.0)
-            d.mul_(beta).add_(g)
+                g = lam_work * mask
+                gg_next = torch.linalg.vecdot(g, g).unsqueeze(1)
+                beta = beta.masked_fill_(blocked, 0.0)
+            d = torch.addcmul(g, beta, d, out=d)
             gg = gg_next
         iterations += check_every
         if step is not w:
