@@ -204,31 +204,28 @@ def project_weights_active_set(U: Tensor, G: Tensor, *, max_iters: int | None = 
     device = G.device
     if k == 0 or m == 0:
         return U.clone()
+    # Factorised solves run in float64: their cost is in the number of operations, not in
+    # their size, and float64 keeps them accurate where the passive rows are nearly dependent.
+    dense = 2 < m <= _DENSE_MAX
+    work = torch.promote_types(dtype, torch.float64) if dense else dtype
     # The solution is not differentiated through (nor is quadprog's).
-    U_work = U.detach().to(device=device, dtype=dtype)
-    G = G.detach().to(dtype)
+    U_work = U.detach().to(device=device, dtype=work)
+    G = G.detach().to(work)
     if m <= 2:
         return _solve_coordinatewise(U_work, G).to(device=U.device, dtype=U.dtype)
     tau = 4.0 * max(m, 16) * torch.finfo(dtype).eps
 
-    if m <= _DENSE_MAX:
-        # Factorised solves run in float64: their cost is in the number of operations, not in
-        # their size, and float64 keeps them accurate where the passive rows are nearly
-        # dependent.
-        U_work = U_work.to(torch.promote_types(dtype, torch.float64))
-        G = G.to(U_work.dtype)
-
     # Scale the rows of J to unit norm: G_hat = S⁻¹ G S⁻¹ and u_hat = S u, with S = diag(‖g_i‖).
     # Zero rows get zero rows and columns in G_hat: their multiplier is 0 whatever v is.
-    norms = G.diagonal().clamp(min=0.0).sqrt()
-    inv_norms = norms.reciprocal().nan_to_num(posinf=0.0)
+    inv_norms = G.diagonal().rsqrt().nan_to_num_(0.0, 0.0)
+    norms = G.diagonal() * inv_norms
     G_hat = G * torch.outer(inv_norms, inv_norms)
     u_hat = U_work * norms
     lam = torch.mm(u_hat, G_hat)
 
-    if m <= _DENSE_MAX:
+    if dense:
         W, solved, iterations = _factorised_exchanges(
-            u_hat, lam, G_hat, tau, max_iters, refine=dtype != G.dtype
+            u_hat, lam, G_hat, tau, max_iters, refine=dtype != work
         )
         unsolved = None if solved is None or bool(solved.all()) else (~solved).nonzero()[:, 0]
     else:

@@ -1,8 +1,9 @@
 """Time of UPGrad's weighting with the batched active-set solver and with the quadprog reference.
 
 UPGrad projects each of its m rows onto the dual cone of all of them: m quadratic programs on the
-m × m Gramian. ``UPGradWeighting(solver=...)`` is timed on G = J Jᵀ (defaults otherwise: the
-Gramian is normalised by its trace and 1e-4·I is added) for two kinds of J, with n = 2m columns:
+m × m Gramian. ``UPGradWeighting(solver=...)`` is timed on G = J Jᵀ with its other arguments at
+their defaults (the Gramian is divided by its trace, with no regularisation), for two kinds of J,
+with n = 2m columns:
 
 - ``normal``: i.i.d. standard normal entries; about half the pairs of rows conflict, so every
   projection has work to do;
@@ -10,14 +11,16 @@ Gramian is normalised by its trace and 1e-4·I is added) for two kinds of J, wit
   conflicts, so every constraint v ≥ u is active at the solution, which is quadprog's worst
   case and needs no iteration from the active-set solver.
 
-The two solvers are interleaved in the same rounds of one process, on one torch thread (printed).
-Times are medians over the rounds of the wall-clock time and of the CPU time of the thread (whose
-ratios hold up better when other processes share the cores); the ratio is quadprog's CPU time
-over the active-set solver's. The last column is the largest difference between the two weight
-vectors, relative to the largest weight. quadprog is run a single time at m = 512, where one
-call takes minutes (``--skip-quadprog-above M`` skips it above a size).
+The sizes cover the active-set solver's three regimes: a closed form for m ≤ 2, block pivoting
+with Cholesky solves up to m = 40, conjugate gradients above. The two solvers are interleaved in
+the same rounds of one process, on one torch thread (printed). Times are medians over the rounds
+of the wall-clock time and of the CPU time of the thread (whose ratios hold up better when other
+processes share the cores); the ratio is quadprog's CPU time over the active-set solver's. The
+last column is the largest difference between the two weight vectors, relative to the largest
+weight. quadprog is run a single time at m = 512, where one call takes minutes
+(``--skip-quadprog-above M`` skips it above a size).
 
-Run: ``python tests/benchmarks/bench_dual_cone.py [--sizes 2 8 32 128 512] [--rounds 15]``.
+Run: ``python tests/benchmarks/bench_dual_cone.py [--sizes 2 4 8 16 32 128 512] [--rounds 15]``.
 """
 
 from __future__ import annotations
@@ -94,7 +97,7 @@ def _row(G: Tensor, counts: dict[str, int]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[2, 8, 32, 128, 512])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[2, 4, 8, 16, 32, 128, 512])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--skip-quadprog-above", type=int, default=None, metavar="M")
     args = parser.parse_args()
