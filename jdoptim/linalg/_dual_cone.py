@@ -334,6 +334,12 @@ def _conjugate_gradients(
 
     ``u`` and ``lam = u @ G`` hold the problems to solve, one per row, on the unit-diagonal
     Gramian ``G``; ``iterations`` counts the iterations spent before. Returns ``w``.
+
+    The iterations write into buffers allocated once (again only when rows leave the batch or
+    the precision changes): fresh tensors of this size are page-faulted in by the operating
+    system at every step. For the same reason of speed on the CPU, masks are applied by
+    multiplication and selections made by ``torch.lerp`` with 0/1 weights (exact), not by
+    boolean indexing or ``torch.where`` over whole rows, which take slow paths.
     """
     n, m = u.shape
     dtype, device = u.dtype, u.device
@@ -353,12 +359,12 @@ def _conjugate_gradients(
 
     # State of the unsolved problems, one row each: the passive set and its 0/1 mask; w, zero
     # off the passive set; the multipliers lam = G (u + w); whether the problem is in the
-    # monotone phase; the bookkeeping of the exchanges and of the progress. The iterations use
-    # the gradient g (lam on the passive set), the direction d, the squared norm gg of g, the
-    # multipliers lam_work and the change dw of w, all in the working precision.
+    # monotone phase; the bookkeeping of the exchanges and of the progress; the direction d of
+    # the iterations (in the working precision) and the squared norm gg of the gradient.
     passive = lam_u < -tau  # The first exchange, from the empty passive set.
+    mask = passive.to(dtype)
     w = torch.zeros_like(u)
-    lam = lam_u
+    lam = lam_u.clone()
     monotone = torch.zeros(n, 1, dtype=torch.bool, device=device)
     least_infeasible = torch.full((n, 1), m + 1, device=device)
     backup = torch.full((n, 1), _BACKUP_STEPS, device=device)
@@ -370,17 +376,24 @@ def _conjugate_gradients(
     gg = torch.zeros(n, 1, dtype=dtype, device=device)
     d = torch.zeros(n, m, dtype=low, device=device)
     any_monotone = False
+    buffers = None
     # Conjugate gradients solves a passive set of p indices in p steps (in exact arithmetic), so
     # the passive sets are updated after at most that many steps.
     check_every = min(_CHECK_EVERY, int(passive.sum(dim=1).max()))
 
     while True:
-        # Start a round: the working copies, and the directions restarted where needed.
+        # Start a round: the working copies, and the directions restarted where needed. In the
+        # working precision: the gradient g (lam on the passive set), Gd, a product of two
+        # vectors, the multipliers and the change of w over the round, and the mask.
         work = G_work.dtype
-        mask = passive.to(work)
-        lam_work = lam.to(work, copy=True)
-        g = lam_work * mask
-        gg_loop, gg = gg, torch.linalg.vecdot(g, g).unsqueeze(1)
+        if buffers is None:
+            d = d.to(work)
+            buffers = [torch.empty_like(d) for _ in range(6)] + [torch.empty_like(w)]
+            g, Gd, product, lam_work, step, mask_work, product_exact = buffers
+        mask_work.copy_(mask)
+        lam_work.copy_(lam)
+        torch.mul(lam_work, mask_work, out=g)
+        gg_loop, gg = gg, torch.mul(g, g, out=product).sum(dim=1, keepdim=True)
         # Once ‖g‖ is below half the tolerance a problem stops stepping: going on would only
         # amplify rounding noise along the null space of a singular G. Within a round in low
         # precision, the products are accurate to about m ε relative.
@@ -391,8 +404,8 @@ def _conjugate_gradients(
             # more than the progress.
             restart = restart | (gg > 4 * gg_loop)
         restart = restart | (gg <= gg_floor)
-        d = torch.where(restart, g, d.to(work))
-        step = torch.zeros_like(d) if work != dtype else w
+        torch.lerp(d, g, restart.to(work), out=d)
+        target = w if work == dtype else step.zero_()
 
         if iterations >= max_iters:
             raise _convergence_error(iterations, w, lam, passive)
@@ -402,11 +415,13 @@ def _conjugate_gradients(
             # previous directions. It is not yet at the start of a round, where the multipliers
             # have been recomputed exactly, nor in the monotone phase, which needs each step to
             # decrease the objective whatever rounding does to conjugacy. Steps stop where
-            # ‖g‖ is below half the tolerance (gg ≤ gg_floor): going on would only amplify
-            # rounding noise along the null space of a singular G.
-            Gd = torch.mm(d, G_work)
-            dGd = torch.linalg.vecdot(d, Gd).unsqueeze(1)
-            gd = torch.linalg.vecdot(g, d).unsqueeze(1) if iteration == 0 or any_monotone else gg
+            # gg ≤ gg_floor.
+            torch.mm(d, G_work, out=Gd)
+            dGd = torch.mul(d, Gd, out=product).sum(dim=1, keepdim=True)
+            if iteration == 0 or any_monotone:
+                gd = torch.mul(g, d, out=product).sum(dim=1, keepdim=True)
+            else:
+                gd = gg
             alpha = (gd / dGd).nan_to_num_(0.0, 0.0, 0.0).clamp_(min=0.0).mul_(gg > gg_floor)
             if any_monotone:
                 # In the monotone phase the step stops where the first w_i reaches 0.
@@ -414,33 +429,33 @@ def _conjugate_gradients(
                 reach = ratio.amin(dim=1, keepdim=True)
                 blocked = reach < alpha
                 alpha = torch.minimum(alpha, reach)
-            step.addcmul_(alpha, d, value=-1.0)
+            target.addcmul_(alpha, d, value=-1.0)
             lam_work.addcmul_(alpha, Gd, value=-1.0)
-            g = lam_work * mask
-            gg_next = torch.linalg.vecdot(g, g).unsqueeze(1)
-            beta = (gg_next / gg).nan_to_num_(0.0, 0.0, 0.0)
             if any_monotone:
                 # Where a w_i reached 0 it leaves P, and the iteration restarts.
                 hit = blocked & (ratio <= reach)
                 w.masked_fill_(hit, 0.0)
                 passive = passive & ~hit
-                mask = passive.to(work)
+                mask.copy_(passive)
+                mask_work.copy_(passive)
                 moved |= blocked
-                g = lam_work * mask
-                gg_next = torch.linalg.vecdot(g, g).unsqueeze(1)
+            torch.mul(lam_work, mask_work, out=g)
+            gg_next = torch.mul(g, g, out=product).sum(dim=1, keepdim=True)
+            beta = (gg_next / gg).nan_to_num_(0.0, 0.0, 0.0)
+            if any_monotone:
                 beta = beta.masked_fill_(blocked, 0.0)
-            d = torch.addcmul(g, beta, d, out=d)
+            torch.addcmul(g, beta, d, out=d)
             gg = gg_next
         iterations += check_every
-        if step is not w:
-            w = w + step
+        if target is step:
+            w.add_(product_exact.copy_(step))
 
         # Exact multipliers and the KKT test, with the worst residual of each problem relative
         # to its size (positive when violated): primal values on P, dual values off P.
-        lam = torch.addmm(lam_u, w, G)
-        size = 1 + w.abs().sum(dim=1, keepdim=True)
-        z = torch.where(passive, w, lam)
-        stationarity = (lam * passive).abs().amax(dim=1, keepdim=True)
+        torch.addmm(lam_u, w, G, out=lam)
+        size = 1 + torch.abs(w, out=product_exact).sum(dim=1, keepdim=True)
+        stationarity = torch.mul(lam, mask, out=product_exact).abs_().amax(dim=1, keepdim=True)
+        z = torch.lerp(lam, w, mask, out=product_exact)
         residual = torch.maximum(stationarity, -z.amin(dim=1, keepdim=True)) / size
 
         # Exchange the infeasible indices whose sign is clear at the current accuracy.
@@ -453,7 +468,7 @@ def _conjugate_gradients(
         monotone = monotone | switched
         # In the monotone phase indices only enter.
         exchange = infeasible & ~(monotone & passive)
-        exchanged = exchange.any(dim=1, keepdim=True)
+        exchanged = exchange.sum(dim=1, keepdim=True) > 0
         passive = passive ^ exchange
         restart = exchanged | switched
         done = ~exchanged & (residual <= tau)
@@ -481,14 +496,16 @@ def _conjugate_gradients(
         if failed:
             raise _convergence_error(iterations, w, lam, passive)
         if changed:
+            mask.copy_(passive)
             if in_monotone:
-                w = torch.where(monotone, w.clamp(min=0.0), w)
-            w = w * passive
-            lam = torch.addmm(lam_u, w, G)
+                w = torch.lerp(w, w.clamp(min=0.0), monotone.to(dtype))
+            w.mul_(mask)
+            torch.addmm(lam_u, w, G, out=lam)
         any_monotone = in_monotone > 0
         if (idle or any_monotone) and G_work.dtype != dtype:
             G_work = G
             restart = torch.ones_like(restart)
+            buffers = None
         check_every = min(_CHECK_EVERY, max(largest, 1))
         if solved:
             done = done.squeeze(1)
@@ -497,12 +514,13 @@ def _conjugate_gradients(
                 return W * scale
             keep = (~done).nonzero().squeeze(1)
             rows = rows[keep]
-            (lam_u, passive, lam, w, d, gg, size, restart, monotone) = (
-                t[keep] for t in (lam_u, passive, lam, w, d, gg, size, restart, monotone)
+            (lam_u, passive, mask, lam, w, d, gg, size, restart, monotone) = (
+                t[keep] for t in (lam_u, passive, mask, lam, w, d, gg, size, restart, monotone)
             )
             (least_infeasible, backup, best_residual, idle_checks, moved) = (
                 t[keep] for t in (least_infeasible, backup, best_residual, idle_checks, moved)
             )
+            buffers = None
 
 
 def _convergence_error(
