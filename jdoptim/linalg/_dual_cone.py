@@ -408,7 +408,7 @@ def _conjugate_gradients(
         target = w if work == dtype else step.zero_()
 
         if iterations >= max_iters:
-            raise _convergence_error(iterations, w, lam, passive)
+            raise _convergence_error(iterations, w, lam_u, G, passive)
         for iteration in range(check_every):
             # One conjugate-gradient step on each passive set (d is 0 off the set): the exact
             # line search along d, g·d / dGd, which is gg / dGd once d is conjugate to the
@@ -483,24 +483,22 @@ def _conjugate_gradients(
         stuck = idle_checks >= _STALL_CHECKS
         done = done | (stuck & (residual <= accept_stuck))
 
-        solved, failed, in_monotone, largest, idle, changed = torch.stack(
-            [
-                done.sum(),
-                (stuck & ~done).sum(),
-                monotone.sum(),
-                passive.sum(dim=1).max(),
-                (idle_checks > 0).sum(),
-                restart.sum(),
-            ]
+        flags = torch.cat([done, stuck & ~done, monotone, idle_checks > 0, restart], dim=1)
+        largest = passive.sum(dim=1).amax(dim=0, keepdim=True)
+        solved, failed, in_monotone, idle, changed, largest = torch.cat(
+            [flags.sum(dim=0), largest]
         ).tolist()
         if failed:
-            raise _convergence_error(iterations, w, lam, passive)
+            raise _convergence_error(iterations, w, lam_u, G, passive)
         if changed:
+            delta = product_exact.copy_(w)
             mask.copy_(passive)
             if in_monotone:
                 w = torch.lerp(w, w.clamp(min=0.0), monotone.to(dtype))
             w.mul_(mask)
-            torch.addmm(lam_u, w, G, out=lam)
+            # The multipliers follow the change of w, in the working precision (they are
+            # recomputed exactly at the end of the next round).
+            lam.sub_(torch.mm(delta.sub_(w).to(work), G_work))
         any_monotone = in_monotone > 0
         if (idle or any_monotone) and G_work.dtype != dtype:
             G_work = G
@@ -524,12 +522,13 @@ def _conjugate_gradients(
 
 
 def _convergence_error(
-    iterations: int, w: Tensor, lam: Tensor, passive: Tensor
+    iterations: int, w: Tensor, lam_u: Tensor, G: Tensor, passive: Tensor
 ) -> DualConeConvergenceError:
     """Build the error reporting the KKT residuals of the problems left unsolved.
 
-    ``w`` and ``lam`` are those of bounds scaled to unit size ``Σ|u_j| = 1``.
+    ``w`` and ``lam_u = u @ G`` are those of bounds scaled to unit size ``Σ|u_j| = 1``.
     """
+    lam = torch.addmm(lam_u, w, G)
     size = 1 + w.abs().sum(dim=1, keepdim=True)
     stationarity = (torch.where(passive, lam, 0.0).abs() / size).amax()
     dual = (torch.where(passive, 0.0, -lam) / size).amax()
