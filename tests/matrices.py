@@ -46,6 +46,13 @@ def _zero_row() -> Tensor:
     return J
 
 
+def _tiny_row() -> Tensor:
+    # A well-classified sample: its cross-entropy gradient is ~1e-18 times the others'.
+    J = _normal(16, 50, 20)
+    J[0] *= 1e-18
+    return J
+
+
 def _spread_norms() -> Tensor:
     scales = torch.logspace(-3, 3, 5, dtype=torch.float64)
     return _normal(5, 8, 15) * scales[:, None]
@@ -64,6 +71,7 @@ MATRICES: dict[str, Callable[[], Tensor]] = {
     "strongly_stationary": _strongly_stationary,
     "weakly_stationary": _weakly_stationary,
     "spread_norms": _spread_norms,
+    "tiny_row": _tiny_row,
     "scaled_1e-10": lambda: _normal(5, 8, 16) * 1e-10,
     "scaled_1e15": lambda: _normal(5, 8, 17) * 1e15,
 }
@@ -71,8 +79,3 @@ MATRICES: dict[str, Callable[[], Tensor]] = {
 
 STRONGLY_STATIONARY = {"zero", "strongly_stationary"}
 """Matrices with 0 as a strictly positive combination of the rows."""
-
-
-def is_strongly_stationary(J: Tensor) -> bool:
-    """Whether a matrix of the library is strongly stationary (known by construction)."""
-    return any(torch.equal(J.to(torch.float64), MATRICES[name]()) for name in STRONGLY_STATIONARY)
