@@ -216,24 +216,34 @@ def project_weights_active_set(U: Tensor, G: Tensor, *, max_iters: int | None = 
     tau = 4.0 * max(m, 16) * torch.finfo(dtype).eps
 
     # Scale the rows of J to unit norm: G_hat = S⁻¹ G S⁻¹ and u_hat = S u, with S = diag(‖g_i‖).
-    # Zero rows get zero rows and columns in G_hat: their multiplier is 0 whatever v is.
+    # Zero rows get zero rows and columns in G_hat: their multiplier is 0 whatever v is. The
+    # multipliers of w = 0 are lam = u_hat G_hat = S⁻¹ G u; the first exchange, from the empty
+    # passive set, takes every index with lam < -τ Σ_j ‖g_j‖ |u_j|; problems with none are
+    # solved by v = u.
     inv_norms = G.diagonal().rsqrt().nan_to_num_(0.0, 0.0)
     norms = G.diagonal() * inv_norms
+    lam = torch.mm(U_work, G).mul_(inv_norms)
+    threshold = torch.mv(U_work.abs(), norms).mul_(-tau).unsqueeze(1)
+    passive = lam < threshold
+    if dense:
+        if not bool(passive.any()):
+            return U.detach().clone()
+    else:
+        unsolved = passive.any(dim=1).nonzero().squeeze(1)
+        if not unsolved.numel():
+            return U.detach().clone()
     G_hat = G * torch.outer(inv_norms, inv_norms)
     u_hat = U_work * norms
-    lam = torch.mm(u_hat, G_hat)
 
     if dense:
         W, solved, iterations = _factorised_exchanges(
-            u_hat, lam, G_hat, tau, max_iters, refine=dtype != work
+            lam, G_hat, threshold, passive, tau, max_iters, refine=dtype != work
         )
-        unsolved = None if solved is None or bool(solved.all()) else (~solved).nonzero()[:, 0]
+        unsolved = None if bool(solved.all()) else (~solved).nonzero()[:, 0]
     else:
         W = torch.zeros_like(u_hat)
-        conflict = lam < -tau * u_hat.abs().sum(dim=1, keepdim=True)
-        unsolved = conflict.any(dim=1).nonzero().squeeze(1)
         iterations = 0
-    if unsolved is not None and unsolved.numel():
+    if unsolved is not None:
         W[unsolved] = _conjugate_gradients(
             u_hat[unsolved], lam[unsolved], G_hat, tau, max_iters, iterations
         )
@@ -271,28 +281,31 @@ def _solve_coordinatewise(U: Tensor, G: Tensor) -> Tensor:
 
 
 def _factorised_exchanges(
-    u: Tensor, lam0: Tensor, G: Tensor, tau: float, max_steps: int, refine: bool
-) -> tuple[Tensor, Tensor | None, int]:
+    lam0: Tensor,
+    G: Tensor,
+    threshold: Tensor,
+    passive: Tensor,
+    tau: float,
+    max_steps: int,
+    refine: bool,
+) -> tuple[Tensor, Tensor, int]:
     """Block principal pivoting with Cholesky solves, on the unit-diagonal Gramian.
 
-    Returns ``w``, which problems are solved (``None`` when all are, before any solve), and the
-    number of solves. Problems whose exchanges stall, or whose passive rows are too close to
-    dependent for the factorisation, are left unsolved.
+    Starts from the passive sets of the first exchange; ``threshold`` is ``-τ`` times each
+    problem's size. Returns ``w``, which problems are solved, and the number of solves.
+    Problems whose exchanges stall, or whose passive rows are too close to dependent for the
+    factorisation, are left unsolved.
     """
-    m = u.shape[1]
-    eye = torch.eye(m, dtype=u.dtype, device=u.device)
+    n, m = lam0.shape
+    if max_steps <= 0:
+        return torch.zeros_like(lam0), torch.zeros(n, dtype=torch.bool, device=lam0.device), 0
+    eye = torch.eye(m, dtype=lam0.dtype, device=lam0.device)
     # The solution of (G_PP + δI) w_P = −λ0_P has |λ_P| = δ |w_P|: stationary to tolerance
     # for δ ≤ τ/4, and defined even where the rows of P are dependent.
     delta = tau / 4
     G_reg = torch.add(G, eye, alpha=delta)
-    threshold = torch.linalg.vector_norm(u, 1, dim=1, keepdim=True).mul_(-tau)
-    # First exchange, from the empty passive set: every index with a negative multiplier.
-    passive = lam0 < threshold
-    count = int(passive.sum())
-    if count == 0:
-        return torch.zeros_like(u), None, 0
     neg_lam0 = -lam0
-    least, idle, steps = count, 0, 0
+    least, idle, steps = n * m + 1, 0, 0
     while steps < max_steps:
         steps += 1
         # G_PP + δI, with the identity off P: w = 0 there.
