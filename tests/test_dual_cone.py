@@ -349,7 +349,9 @@ def test_one_row_and_zero_rows_in_closed_form():
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_factorised_and_conjugate_gradient_regimes_agree(seed: int, monkeypatch):
+def test_factorised_and_conjugate_gradient_regimes_agree(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+):
     # The same problems solved both ways: the projections Jᵀv (compared through Gv) agree.
     J, U = _random_problem(seed)
     G = J @ J.T
