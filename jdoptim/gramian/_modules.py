@@ -399,11 +399,7 @@ class FunctionalHandler(Handler):
                 grads = self._vectorized(call, positions, leaves, in_dims, cots, layout)
             except RuntimeError as error:
                 if "random" in str(error):
-                    raise ValueError(
-                        f"Module {self.name} ({type(self.module).__name__}) draws random numbers "
-                        "(dropout?), so its per-sample gradients cannot be recomputed; put it in "
-                        "eval mode or set its dropout probability to 0."
-                    ) from error
+                    raise self._random_error() from error
                 warnings.warn(
                     f"Per-sample gradients of module {self.name} ({type(self.module).__name__}) "
                     f"cannot be vectorised by torch.func ({error}); computing them one sample "
@@ -456,6 +452,21 @@ class FunctionalHandler(Handler):
             return torch.func.vmap(sample_grads, in_dims=(in_dims, 0))(leaves, tuple(cots))
         return sample_grads(leaves, tuple(c[0] for c in cots))
 
+    def _random_error(self) -> ValueError:
+        return ValueError(
+            f"Module {self.name} ({type(self.module).__name__}) draws random numbers (dropout?), "
+            "so its per-sample gradients cannot be recomputed; put it in eval mode or set its "
+            "dropout probability to 0."
+        )
+
+    def _sample(self, leaves: list[Any], in_dims: list[int | None], s: int) -> list[Any]:
+        """The arguments of sample ``s`` alone (a batch of one); in non-per-sample mode, whose
+        ``in_dims`` are all ``None``, the arguments themselves."""
+        return [
+            leaf.narrow(self.batch_dim, s, 1) if dim is not None else leaf  # type: ignore[arg-type]
+            for leaf, dim in zip(leaves, in_dims, strict=True)
+        ]
+
     def _check_deterministic(
         self,
         call: Call,
@@ -469,21 +480,13 @@ class FunctionalHandler(Handler):
         `_vectorized`, refuses randomness by itself)."""
         if not any(m.training for m in self.module.modules()):
             return
-        bd = self.batch_dim
-        sample = [
-            leaf.narrow(bd, 0, 1) if dim is not None and layout.per_sample else leaf  # type: ignore[arg-type]
-            for leaf, dim in zip(leaves, in_dims, strict=True)
-        ]
+        sample = self._sample(leaves, in_dims, 0)
         params = [p.detach() for p in call.params]  # type: ignore[union-attr]
         with torch.no_grad():
             first = self._call(call, params, sample, positions)
             second = self._call(call, params, sample, positions)
         if not all(torch.equal(a, b) for a, b in zip(first, second, strict=True)):
-            raise ValueError(
-                f"Module {self.name} ({type(self.module).__name__}) draws random numbers "
-                "(dropout?), so its per-sample gradients cannot be recomputed; put it in eval "
-                "mode or set its dropout probability to 0."
-            )
+            raise self._random_error()
 
     def _looped(
         self,
@@ -499,10 +502,7 @@ class FunctionalHandler(Handler):
         rows: list[list[Tensor]] = [[] for _ in call.params]
         self._check_deterministic(call, positions, leaves, in_dims, layout)
         for s in range(layout.S):
-            sample = [
-                leaf.narrow(bd, s, 1) if dim is not None else leaf  # type: ignore[arg-type]
-                for leaf, dim in zip(leaves, in_dims, strict=True)
-            ]
+            sample = self._sample(leaves, in_dims, s)
             copies = [p.detach().requires_grad_() for p in call.params]  # type: ignore[union-attr]
             with torch.enable_grad():
                 outs = self._call(call, copies, sample, positions)
