@@ -159,6 +159,12 @@ def project_weights_active_set(U: Tensor, G: Tensor, *, max_iters: int | None = 
       correction of $w$, and the multipliers are recomputed exactly in float64 after each
       round (mixed-precision iterative refinement: twice as fast, as accurate); the monotone
       phase, and a round that fails to halve some residual, switch to float64 throughout.
+    - Last, the problems the iterations leave unsolved (stuck, or still unsolved after
+      $8m$ more iterations in float64 input, or after half of ``max_iters``) are finished by
+      `_lawson_hanson`: one index enters $P$ at a time, only if its row is independent of the
+      rows of $P$, so the factorised $G_{PP}$ is never singular, whatever the rank of $G$.
+      This is slower (one factorisation per problem and iteration) but sure: rank-deficient
+      Gramians with $m > 40$ can make the exchanges above stall on some projections.
 
     Everything is computed on the Gramian scaled to a unit diagonal (rows scaled to unit norm;
     zero rows are left out: their multiplier is 0 whatever $v$ is, and they keep $v_i = u_i$).
@@ -171,13 +177,14 @@ def project_weights_active_set(U: Tensor, G: Tensor, *, max_iters: int | None = 
     The minimiser $v$ is not unique when $G$ is singular, but $J^\top v$, the projection, is.
     A problem whose residual stops decreasing under conjugate gradients (rows parallel to
     within about $\sqrt\varepsilon$, which the Gramian cannot tell apart) is accepted if its
-    residual is below $\sqrt\varepsilon$ instead of $\tau$; otherwise the solver raises.
+    residual is below $\sqrt\varepsilon$ instead of $\tau$; otherwise Lawson and Hanson's
+    method takes it over.
 
     Args:
         U: Lower bounds, shape ``[k, m]``.
         G: Symmetric positive semi-definite Gramian, shape ``[m, m]``.
         max_iters: Largest number of iterations (a factorised solve or a conjugate-gradient
-            step each); ``100 + 20·m`` when ``None``.
+            step each), all phases together; ``100 + 20·m`` when ``None``.
 
     Returns:
         The minimisers, shape ``[k, m]``, with ``U``'s dtype and device. The computation runs
@@ -187,8 +194,8 @@ def project_weights_active_set(U: Tensor, G: Tensor, *, max_iters: int | None = 
 
     Raises:
         DualConeConvergenceError: If the KKT conditions do not hold after ``max_iters``
-            iterations, or if a problem stops making progress with a residual above
-            $\sqrt\varepsilon$.
+            iterations, or if Lawson and Hanson's method ends with a residual above the
+            tolerance (above $\sqrt\varepsilon$ for rows it found parallel to others).
 
     Examples:
         >>> import torch
@@ -247,7 +254,13 @@ def project_weights_active_set(U: Tensor, G: Tensor, *, max_iters: int | None = 
         iterations = 0
     if unsolved is not None:
         W[unsolved] = _conjugate_gradients(
-            u_hat[unsolved], lam[unsolved], G_hat, tau, max_iters, iterations
+            u_hat[unsolved],
+            lam[unsolved],
+            G_hat,
+            tau,
+            max_iters,
+            iterations,
+            handoff=dtype == torch.float64,
         )
     return torch.addcmul(U_work, W.clamp(min=0.0), inv_norms).to(device=U.device, dtype=U.dtype)
 
@@ -343,12 +356,20 @@ def _factorised_exchanges(
 
 
 def _conjugate_gradients(
-    u: Tensor, lam: Tensor, G: Tensor, tau: float, max_iters: int, iterations: int
+    u: Tensor,
+    lam: Tensor,
+    G: Tensor,
+    tau: float,
+    max_iters: int,
+    iterations: int,
+    handoff: bool,
 ) -> Tensor:
     """Block principal pivoting, then the monotone phase, with conjugate-gradient solves.
 
     ``u`` and ``lam = u @ G`` hold the problems to solve, one per row, on the unit-diagonal
-    Gramian ``G``; ``iterations`` counts the iterations spent before. Returns ``w``.
+    Gramian ``G``; ``iterations`` counts the iterations spent before. Returns ``w``. Problems
+    that are stuck, or unsolved after ``max_iters``, go to `_lawson_hanson`; with ``handoff``
+    (for float64 input) those unsolved after ``8·m`` more iterations too.
 
     The iterations write into buffers allocated once (again only when rows leave the batch or
     the precision changes): fresh tensors of this size are page-faulted in by the operating
@@ -359,6 +380,13 @@ def _conjugate_gradients(
     n, m = u.shape
     dtype, device = u.dtype, u.device
     accept_stuck = torch.finfo(dtype).eps ** 0.5
+    # Problems left after this many iterations, or stuck earlier, go to Lawson and Hanson (who
+    # solve them surely, but with one factorisation per problem and iteration).
+    limit = max_iters
+    if handoff:
+        # In lower precision the Gramian's rounding blurs which rows are independent, and the
+        # exchanges, accepting stuck problems to √ε, do better.
+        limit = iterations + min((max_iters - iterations) // 2, 8 * m)
     # The solution is positively homogeneous in u: solve for rows scaled to unit size.
     scale = u.abs().sum(dim=1, keepdim=True)
     lam_u = lam / scale
@@ -422,8 +450,9 @@ def _conjugate_gradients(
         torch.lerp(d, g, restart.to(work), out=d)
         target = w if work == dtype else step.zero_()
 
-        if iterations >= max_iters:
-            raise _convergence_error(iterations, w, lam_u, G, passive)
+        if iterations >= limit:
+            W[rows] = _lawson_hanson(lam_u, G, tau, max_iters, iterations)
+            return W * scale
         for iteration in range(check_every):
             # One conjugate-gradient step on each passive set (d is 0 off the set): the exact
             # line search along d, g·d / dGd, which is gg / dGd once d is conjugate to the
@@ -504,7 +533,11 @@ def _conjugate_gradients(
             [flags.sum(dim=0), largest]
         ).tolist()
         if failed:
-            raise _convergence_error(iterations, w, lam_u, G, passive)
+            done = done.squeeze(1)
+            W[rows[done]] = w[done]
+            rest = (~done).nonzero().squeeze(1)
+            W[rows[rest]] = _lawson_hanson(lam_u[rest], G, tau, max_iters, iterations)
+            return W * scale
         if changed:
             delta = product_exact.copy_(w)
             mask.copy_(passive)
@@ -534,6 +567,113 @@ def _conjugate_gradients(
                 t[keep] for t in (least_infeasible, backup, best_residual, idle_checks, moved)
             )
             buffers = None
+
+
+def _lawson_hanson(lam_u: Tensor, G: Tensor, tau: float, max_iters: int, iterations: int) -> Tensor:
+    r"""The active-set algorithm of Lawson and Hanson for the problems left unsolved.
+
+    C. L. Lawson and R. J. Hanson, *Solving Least Squares Problems*, Prentice-Hall, 1974,
+    chapter 23: $P$ starts empty and at most one index enters it per iteration, the one with
+    the most negative multiplier, and only if its row is independent of the rows of $P$
+    (the factorisation of $G_{PP}$ stays positive definite with pivots of at least
+    $\sqrt{10^3\tau}$) and its value in the solution on $P \cup \{j\}$ is positive; otherwise
+    it is set aside until the next entry. When the solution $z$ of $(G(u + z))_P = 0$ has
+    non-positive values, $w$ moves towards $z$ until the first of them reaches 0 and that index
+    leaves $P$. Since the rows of $P$ stay independent, $G_{PP}$ is never singular, whatever the
+    rank of $G$, and the objective decreases at every step, so the method terminates. Each
+    iteration is one Cholesky factorisation per problem, of $G_{PP}$ only (gathered to the
+    largest $|P|$, at most the rank of $G$ plus one), in float64.
+
+    ``lam_u = u @ G`` holds the problems, one per row, for bounds of unit size, on the
+    unit-diagonal Gramian ``G``; ``iterations`` counts those spent before. Returns ``w`` in
+    ``lam_u``'s dtype.
+
+    Raises:
+        DualConeConvergenceError: After ``max_iters`` iterations in all, or where the KKT
+            conditions do not hold at termination: to the tolerance $\tau$, and to
+            $\sqrt\varepsilon$ on rows set aside (parallel to rows of $P$ to within rounding,
+            their multiplier should be 0).
+    """
+    dtype = lam_u.dtype
+    accept = torch.finfo(dtype).eps ** 0.5
+    lam_u, G = lam_u.to(torch.float64), G.to(torch.float64)
+    n, m = lam_u.shape
+    device = lam_u.device
+    min_pivot2 = 1e3 * tau
+    W = torch.zeros_like(lam_u)
+    rows = torch.arange(n, device=device)
+    passive = torch.zeros(n, m, dtype=torch.bool, device=device)
+    aside = torch.zeros_like(passive)
+    w = torch.zeros_like(lam_u)
+    # Whether w solves the equations on its passive set (with w_P > 0): then an index may enter.
+    settled = torch.ones(n, dtype=torch.bool, device=device)
+    positions = torch.arange(m, device=device)
+    while True:
+        lam = torch.addmm(lam_u, w, G)
+        size = 1 + w.abs().sum(dim=1)
+        best, j = torch.where(passive | aside, torch.inf, lam).min(dim=1)
+        finished = settled & (best >= -tau * size)
+        if bool(finished.any()):
+            # The KKT conditions: to the tolerance on P and off the indices set aside, to √ε on
+            # these (their rows are parallel to rows of P to within rounding).
+            stationarity = torch.where(passive, lam, 0.0).abs().amax(dim=1)
+            dual = torch.where(passive | aside, 0.0, -lam).amax(dim=1)
+            dual_aside = torch.where(aside, -lam, 0.0).amax(dim=1)
+            wrong = (torch.maximum(stationarity, dual) > tau * size) | (dual_aside > accept * size)
+            if bool((finished & wrong).any()):
+                raise _convergence_error(
+                    iterations, w[finished], lam_u[finished], G, passive[finished]
+                )
+            W[rows[finished]] = w[finished]
+            if bool(finished.all()):
+                return W.to(dtype)
+            keep = (~finished).nonzero().squeeze(1)
+            rows, lam_u, passive, aside, w, settled, lam, j = (
+                t[keep] for t in (rows, lam_u, passive, aside, w, settled, lam, j)
+            )
+        if iterations >= max_iters:
+            raise _convergence_error(iterations, w, lam_u, G, passive)
+        iterations += 1
+        k = rows.numel()
+        here = torch.arange(k, device=device)
+        trial = passive.clone()
+        trial[here[settled], j[settled]] = True
+        # Gather G_PP, the passive indices first (padding with the identity).
+        count = trial.sum(dim=1)
+        width = max(int(count.max()), 1)
+        index = torch.argsort((~trial).to(torch.int8), dim=1, stable=True)[:, :width]
+        valid = positions[:width] < count.unsqueeze(1)
+        pair = valid.unsqueeze(2) & valid.unsqueeze(1)
+        G_PP = torch.where(
+            pair,
+            G[index.unsqueeze(2), index.unsqueeze(1)],
+            torch.eye(width, dtype=G.dtype, device=device),
+        )
+        rhs = torch.where(valid, -lam_u.gather(1, index), 0.0)
+        L, info = torch.linalg.cholesky_ex(G_PP)
+        solution = torch.cholesky_solve(rhs.unsqueeze(2), L).squeeze(2)
+        z = torch.zeros_like(w).scatter_(1, index, torch.where(valid, solution, 0.0))
+        pivots = L.diagonal(dim1=1, dim2=2).amin(dim=1)
+        sound = (info == 0) & (pivots * pivots >= min_pivot2)
+        # An entering index whose row depends on P, or whose value is not positive, waits.
+        entering = z[here, j]
+        refused = settled & (~sound | (entering <= 0))
+        aside[here[refused], j[refused]] = True
+        moving = ~refused
+        passive = torch.where(moving.unsqueeze(1), trial, passive)
+        positive = torch.where(passive, z, 1.0).amin(dim=1) > 0
+        take = moving & positive
+        # Towards z, until the first w_i on P reaches 0; those indices leave P.
+        ratio = torch.where(passive & (z <= 0), w / (w - z), torch.inf)
+        alpha = ratio.amin(dim=1, keepdim=True).clamp_(0.0, 1.0)
+        step = moving & ~positive
+        moved = torch.addcmul(w, alpha, z - w)
+        leaving = passive & ((ratio <= alpha) | (moved <= 0)) & step.unsqueeze(1)
+        passive = passive & ~leaving
+        w = torch.where(take.unsqueeze(1), z, torch.where(step.unsqueeze(1), moved, w))
+        w = torch.where(passive, w, 0.0)
+        settled = torch.where(moving, take, settled)
+        aside = aside & ~take.unsqueeze(1)
 
 
 def _convergence_error(
