@@ -159,8 +159,8 @@ def project_weights_active_set(U: Tensor, G: Tensor, *, max_iters: int | None = 
       correction of $w$, and the multipliers are recomputed exactly in float64 after each
       round (mixed-precision iterative refinement: twice as fast, as accurate); the monotone
       phase, and a round that fails to halve some residual, switch to float64 throughout.
-    - Last, the problems the iterations leave unsolved (stuck, or still unsolved after
-      $8m$ more iterations in float64 input, or after half of ``max_iters``) are finished by
+    - Last, the problems the iterations leave unsolved (stuck, or still unsolved after half
+      of the iterations left, for float64 input, or after ``max_iters``) are finished by
       `_lawson_hanson`: one index enters $P$ at a time, only if its row is independent of the
       rows of $P$, so the factorised $G_{PP}$ is never singular, whatever the rank of $G$.
       This is slower (one factorisation per problem and iteration) but sure: rank-deficient
@@ -369,7 +369,7 @@ def _conjugate_gradients(
     ``u`` and ``lam = u @ G`` hold the problems to solve, one per row, on the unit-diagonal
     Gramian ``G``; ``iterations`` counts the iterations spent before. Returns ``w``. Problems
     that are stuck, or unsolved after ``max_iters``, go to `_lawson_hanson`; with ``handoff``
-    (for float64 input) those unsolved after ``8·m`` more iterations too.
+    (for float64 input) those unsolved after half of the iterations left too.
 
     The iterations write into buffers allocated once (again only when rows leave the batch or
     the precision changes): fresh tensors of this size are page-faulted in by the operating
@@ -386,7 +386,7 @@ def _conjugate_gradients(
     if handoff:
         # In lower precision the Gramian's rounding blurs which rows are independent, and the
         # exchanges, accepting stuck problems to √ε, do better.
-        limit = iterations + min((max_iters - iterations) // 2, 8 * m)
+        limit = iterations + (max_iters - iterations) // 2
     # The solution is positively homogeneous in u: solve for rows scaled to unit size.
     scale = u.abs().sum(dim=1, keepdim=True)
     lam_u = lam / scale

@@ -9,7 +9,10 @@ with n = 2m columns:
   projection has work to do;
 - ``agree``: a common random direction plus normal noise of the same size; no pair of rows
   conflicts, so every constraint v ≥ u is active at the solution, which is quadprog's worst
-  case and needs no iteration from the active-set solver.
+  case and needs no iteration from the active-set solver;
+- ``lowrank`` (with ``--kinds``): a product of m × m/2 and m/2 × 2m normal matrices, so G is
+  singular; the exchanges can stall there and Lawson and Hanson's method finishes those
+  projections. quadprog, which needs G positive definite, is skipped.
 
 The sizes cover the active-set solver's three regimes: a closed form for m ≤ 2, block pivoting
 with Cholesky solves up to m = 40, conjugate gradients above. The two solvers are interleaved in
@@ -20,7 +23,8 @@ last column is the largest difference between the two weight vectors, relative t
 weight. quadprog is run a single time at m = 512, where one call takes minutes
 (``--skip-quadprog-above M`` skips it above a size).
 
-Run: ``python tests/benchmarks/bench_dual_cone.py [--sizes 2 4 8 16 32 128 512] [--rounds 15]``.
+Run: ``python tests/benchmarks/bench_dual_cone.py [--sizes 2 4 8 16 32 128 512] [--rounds 15]
+[--kinds normal agree lowrank]``.
 """
 
 from __future__ import annotations
@@ -44,6 +48,9 @@ def _jacobian(kind: str, m: int, generator: torch.Generator) -> Tensor:
     J = torch.randn(m, n, generator=generator, dtype=torch.float64)
     if kind == "agree":
         J = J + torch.randn(1, n, generator=generator, dtype=torch.float64)
+    if kind == "lowrank":  # rank m/2: singular G, which quadprog cannot take
+        left = torch.randn(m, max(m // 2, 1), generator=generator, dtype=torch.float64)
+        J = left @ J[: left.shape[1]]
     return J
 
 
@@ -100,6 +107,9 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[2, 4, 8, 16, 32, 128, 512])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--skip-quadprog-above", type=int, default=None, metavar="M")
+    parser.add_argument(
+        "--kinds", nargs="+", default=["normal", "agree"], choices=["normal", "agree", "lowrank"]
+    )
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -116,10 +126,11 @@ def main() -> None:
 
     generator = torch.Generator().manual_seed(0)
     for m in args.sizes:
-        for kind in ("normal", "agree"):
+        for kind in args.kinds:
             J = _jacobian(kind, m, generator)
             counts = _rounds(m, args.rounds)
-            if args.skip_quadprog_above is not None and m > args.skip_quadprog_above:
+            skip = args.skip_quadprog_above is not None and m > args.skip_quadprog_above
+            if skip or kind == "lowrank":
                 counts["quadprog"] = 0
             row = [kind, str(m), *_row(J @ J.T, counts)]
             print("| " + " | ".join(row) + " |", flush=True)
