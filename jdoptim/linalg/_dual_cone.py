@@ -533,11 +533,7 @@ def _conjugate_gradients(
             [flags.sum(dim=0), largest]
         ).tolist()
         if failed:
-            done = done.squeeze(1)
-            W[rows[done]] = w[done]
-            rest = (~done).nonzero().squeeze(1)
-            W[rows[rest]] = _lawson_hanson(lam_u[rest], G, tau, max_iters, iterations)
-            return W * scale
+            limit = iterations  # the rows left go to Lawson and Hanson at the next round
         if changed:
             delta = product_exact.copy_(w)
             mask.copy_(passive)
@@ -620,16 +616,15 @@ def _lawson_hanson(lam_u: Tensor, G: Tensor, tau: float, max_iters: int, iterati
             dual = torch.where(passive | aside, 0.0, -lam).amax(dim=1)
             dual_aside = torch.where(aside, -lam, 0.0).amax(dim=1)
             wrong = (torch.maximum(stationarity, dual) > tau * size) | (dual_aside > accept * size)
-            if bool((finished & wrong).any()):
-                raise _convergence_error(
-                    iterations, w[finished], lam_u[finished], G, passive[finished]
-                )
+            bad = finished & wrong
+            if bool(bad.any()):
+                raise _convergence_error(iterations, w[bad], lam_u[bad], G, passive[bad])
             W[rows[finished]] = w[finished]
             if bool(finished.all()):
                 return W.to(dtype)
             keep = (~finished).nonzero().squeeze(1)
-            rows, lam_u, passive, aside, w, settled, lam, j = (
-                t[keep] for t in (rows, lam_u, passive, aside, w, settled, lam, j)
+            rows, lam_u, passive, aside, w, settled, j = (
+                t[keep] for t in (rows, lam_u, passive, aside, w, settled, j)
             )
         if iterations >= max_iters:
             raise _convergence_error(iterations, w, lam_u, G, passive)
