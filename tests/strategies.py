@@ -1,0 +1,119 @@
+"""Hypothesis strategies for the degenerate Jacobians that real training produces.
+
+Clean random matrices hide most numerical failures. The Jacobians drawn here combine the
+degeneracies seen in training runs: zero rows (gradients that underflowed), exact duplicates
+(repeated samples), tiny rows (well-classified samples, 1e-6 to 1e-20 times the others), low
+rank, a large common component (objectives that mostly agree), a weakly stationary point (a
+positive combination of some rows is 0), row norms spread over many orders of magnitude,
+an overall scale from 1e-30 to 1e30, the rounding of the working dtype (float64, float32,
+bfloat16, float16) and any row order.
+
+Every matrix is finite in its dtype. Tests that need an exact reference cast the drawn matrix
+to float64: that is the input the method was given, rounding included.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from hypothesis import strategies as st
+from torch import Tensor
+
+FLOAT_DTYPES: tuple[torch.dtype, ...] = (
+    torch.float64,
+    torch.float32,
+    torch.bfloat16,
+    torch.float16,
+)
+"""The dtypes a Jacobian can come in."""
+
+_LOG_SCALE = {
+    torch.float64: (-30.0, 30.0),
+    torch.float32: (-30.0, 30.0),
+    torch.bfloat16: (-30.0, 30.0),
+    # float16 overflows at 65504 and goes subnormal below 6e-5.
+    torch.float16: (-2.0, 2.0),
+}
+
+DEGENERACIES: tuple[str, ...] = (
+    "zero_rows",
+    "duplicated_rows",
+    "tiny_rows",
+    "low_rank",
+    "common_component",
+    "weakly_stationary",
+    "spread_norms",
+)
+"""What can be done to a random matrix, in this order, each at most once."""
+
+
+def _degenerate(
+    m: int,
+    n: int,
+    degeneracies: frozenset[str],
+    rank: int,
+    log_tiny: float,
+    log_spread: float,
+    log_scale: float,
+    seed: int,
+    dtype: torch.dtype,
+) -> Tensor:
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    def some_rows(count: int) -> Tensor:
+        return torch.randperm(m, generator=generator)[:count]
+
+    J = randn(m, rank) @ randn(rank, n) if "low_rank" in degeneracies else randn(m, n)
+    if "common_component" in degeneracies:
+        J = J + 5.0 * J.norm(dim=1).mean() / math.sqrt(n) * randn(1, n)
+    if "weakly_stationary" in degeneracies and m >= 2:
+        # Some positive combination of the first rows is 0 (with a zero weight on the rest).
+        k = max(1, m // 2)
+        coefficients = torch.rand(k, generator=generator, dtype=torch.float64) + 0.1
+        J[k] = -(coefficients[:, None] * J[:k]).sum(dim=0)
+    if "spread_norms" in degeneracies:
+        J = J * torch.logspace(-log_spread, log_spread, m, dtype=torch.float64)[:, None]
+    if "duplicated_rows" in degeneracies and m >= 2:
+        source, target = some_rows(2).tolist()
+        J[target] = J[source]
+    if "tiny_rows" in degeneracies:
+        J[some_rows(max(1, m // 4))] *= 10.0**log_tiny
+    if "zero_rows" in degeneracies:
+        J[some_rows(max(1, m // 4))] = 0.0
+    J = J[torch.randperm(m, generator=generator)]
+    # Scale by the largest entry so that the matrix is finite in its dtype.
+    largest = J.abs().max()
+    if largest > 0:
+        J = J / largest
+    low, high = _LOG_SCALE[dtype]
+    J = J * 10.0 ** min(max(log_scale, low), high)
+    return J.to(dtype)
+
+
+@st.composite
+def degenerate_jacobians(
+    draw: st.DrawFn,
+    max_m: int = 12,
+    max_n: int = 20,
+    dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES,
+    min_m: int = 1,
+) -> Tensor:
+    """Draw a finite ``[m, n]`` Jacobian with some of `DEGENERACIES`, in one of ``dtypes``.
+
+    The overall scale is drawn from 1e-30 to 1e30 (1e-2 to 1e2 in float16), the tiny rows from
+    1e-6 to 1e-20 of the others, the row norms spread over up to 1e-6..1e6.
+    """
+    m = draw(st.integers(min_m, max_m))
+    n = draw(st.integers(1, max_n))
+    degeneracies = frozenset(draw(st.sets(st.sampled_from(DEGENERACIES))))
+    rank = draw(st.integers(1, max(1, min(m, n) - 1)))
+    log_tiny = draw(st.floats(-20.0, -6.0))
+    log_spread = draw(st.floats(0.0, 6.0))
+    log_scale = draw(st.one_of(st.just(0.0), st.floats(-30.0, 30.0)))
+    seed = draw(st.integers(0, 2**31 - 1))
+    dtype = draw(st.sampled_from(dtypes))
+    return _degenerate(m, n, degeneracies, rank, log_tiny, log_spread, log_scale, seed, dtype)
