@@ -329,7 +329,7 @@ class JDOptimizer(Optimizer):
             ... # doctest: +ELLIPSIS
             JDOptimizer(
               optimizer=SGD (...),
-              aggregator=MGDA(epsilon=0.001, max_iters=100),
+              aggregator=MGDA(solver='active_set', epsilon=0.001, max_iters=100),
               mode='auto', chunk_size=None, nonfinite='raise'
             )
         """

@@ -7,9 +7,12 @@ import torch
 from torch import Tensor
 
 from jdoptim.aggregation._bases import (
+    Argument,
     GramianWeightedAggregator,
     Weighting,
-    as_weight_tensor,
+    check_weights,
+    one_of,
+    optional,
     preference_weights,
 )
 from jdoptim.registry import register
@@ -32,18 +35,16 @@ class AlignedMTLWeighting(Weighting):
             non-zero ones) or ``"rmse"`` (their mean, as in the authors' code).
     """
 
+    pref_vector = Argument(optional(check_weights))
+    scale_mode = Argument(one_of(SCALE_MODES))
+
     def __init__(
         self,
         pref_vector: Tensor | Sequence[float] | None = None,
         scale_mode: ScaleMode = "min",
     ) -> None:
         super().__init__()
-        pref = None if pref_vector is None else as_weight_tensor(pref_vector, "pref_vector")
-        self.register_buffer("pref_vector", pref, persistent=False)
-        if scale_mode not in SCALE_MODES:
-            raise ValueError(
-                f"Invalid scale_mode value: {scale_mode!r}; valid modes: {SCALE_MODES}."
-            )
+        self.pref_vector = pref_vector
         self.scale_mode = scale_mode
 
     def _weights(self, matrix: Tensor) -> Tensor:

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from jdoptim.aggregation._bases import Aggregator, as_weight_tensor, check_length
+from jdoptim.aggregation._bases import Aggregator, Argument, check_length, check_weights, optional
 from jdoptim.registry import register
 
 
@@ -57,10 +57,11 @@ class ConFIG(Aggregator):
         tensor([0.1588, 2.0706, 2.0706])
     """
 
+    pref_vector = Argument(optional(check_weights))
+
     def __init__(self, pref_vector: Tensor | Sequence[float] | None = None) -> None:
         super().__init__()
-        pref = None if pref_vector is None else as_weight_tensor(pref_vector, "pref_vector")
-        self.register_buffer("pref_vector", pref, persistent=False)
+        self.pref_vector = pref_vector
 
     def _aggregate(self, matrix: Tensor) -> Tensor:
         m = matrix.shape[0]

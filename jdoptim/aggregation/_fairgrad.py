@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from jdoptim.aggregation._bases import (
+    Argument,
     GramianWeightedAggregator,
     Weighting,
     check_non_negative,
@@ -31,10 +32,13 @@ class FairGradWeighting(Weighting):
         max_iters: Largest number of Newton steps of the solver.
     """
 
+    alpha = Argument(check_non_negative)
+    max_iters = Argument(check_positive_int)
+
     def __init__(self, alpha: float, max_iters: int = 200) -> None:
         super().__init__()
-        self.alpha = check_non_negative(alpha, "alpha")
-        self.max_iters = check_positive_int(max_iters, "max_iters")
+        self.alpha = alpha
+        self.max_iters = max_iters
 
     def _weights(self, matrix: Tensor) -> Tensor:
         m = matrix.shape[0]

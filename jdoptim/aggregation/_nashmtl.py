@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from jdoptim.aggregation._bases import (
+    Argument,
     GramianWeightedAggregator,
     Weighting,
     check_non_negative,
@@ -32,13 +33,17 @@ class NashMTLWeighting(Weighting):
         optim_niter: Largest number of Newton steps per solve.
     """
 
+    max_norm = Argument(check_non_negative)
+    update_weights_every = Argument(check_positive_int)
+    optim_niter = Argument(check_positive_int)
+
     def __init__(
         self, max_norm: float = 1.0, update_weights_every: int = 1, optim_niter: int = 20
     ) -> None:
         super().__init__()
-        self.max_norm = check_non_negative(max_norm, "max_norm")
-        self.update_weights_every = check_positive_int(update_weights_every, "update_weights_every")
-        self.optim_niter = check_positive_int(optim_niter, "optim_niter")
+        self.max_norm = max_norm
+        self.update_weights_every = update_weights_every
+        self.optim_niter = optim_niter
         self._step = 0
         self._alpha: Tensor | None = None
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from jdoptim.aggregation._bases import Aggregator
+from jdoptim.aggregation._bases import Aggregator, Argument, check_non_negative_int
 from jdoptim.registry import register
 
 
@@ -40,12 +40,10 @@ class TrimmedMean(Aggregator):
         tensor([1.5000, 2.5000])
     """
 
+    trim_number = Argument(check_non_negative_int)
+
     def __init__(self, trim_number: int) -> None:
         super().__init__()
-        if isinstance(trim_number, bool) or not isinstance(trim_number, int) or trim_number < 0:
-            raise ValueError(
-                f"Invalid trim_number value: {trim_number!r}; expected an integer >= 0."
-            )
         self.trim_number = trim_number
 
     def _aggregate(self, matrix: Tensor) -> Tensor:

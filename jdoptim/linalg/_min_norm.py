@@ -1,9 +1,147 @@
-"""Minimum-norm point of the convex hull of a Jacobian's rows, from its Gramian."""
+r"""Minimum-norm point of the convex hull of a Jacobian's rows, from its Gramian.
+
+Both functions solve the MGDA sub-problem
+
+$$
+\min_{w \in \Delta_m} w^\top G w,\qquad \Delta_m = \{w \ge 0,\ \mathbf 1^\top w = 1\},
+$$
+
+whose solution $w^\star$ gives the point $J^\top w^\star$ of the convex hull of the rows of
+$J$ nearest to the origin ($G = J J^\top$). `min_norm_weights` solves it exactly, by Wolfe's
+active-set method; `min_norm_frank_wolfe` runs the Frank-Wolfe iteration of the MGDA papers, which
+stops at a tolerance of its own.
+"""
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
+
+GAP_TOL = 16.0
+"""Optimality is accepted when no vertex improves on the current point by more than this many
+units of rounding (see `min_norm_weights`)."""
+
+DEPENDENCE_TOL = 64.0
+"""A vertex whose lifted point is within this many units of float64 rounding of the span of the
+corral counts as affinely dependent on it (see `min_norm_weights`)."""
+
+
+def min_norm_weights(G: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    r"""The exact minimiser of $w^\top G w$ over the probability simplex (MGDA's weights).
+
+    Wolfe's nearest-point algorithm (P. Wolfe, *Finding the nearest point in a polytope*,
+    Math. Programming 11, 1976), on the points $p_i$ with Gram matrix $G$: it keeps a *corral*
+    $S$ of affinely independent points and the barycentric weights $\lambda$ of the current point
+    $x = \sum_{i \in S} \lambda_i p_i$. A major cycle adds the point $p_j$ of smallest
+    $p_j^\top x$, unless $p_j^\top x \ge \lVert x \rVert^2$ (then every point is on the far side
+    of the hyperplane through $x$ orthogonal to $x$, and $x$ is the nearest point: the KKT
+    conditions $(Gw)_i \ge w^\top G w$ hold). Minor cycles then move $x$ towards the nearest
+    point of the affine hull of $S$, $\alpha \propto (G_{SS} + \sigma \mathbf 1 \mathbf 1^\top)^{-1}
+    \mathbf 1$ (any $\sigma > 0$; here the largest $G_{ii}$ of $S$, which keeps the matrix scaled),
+    dropping the points whose weight reaches zero on the way. It terminates after finitely many
+    steps, and its result is exact up to rounding: unlike Frank-Wolfe, it does not approach the
+    solution but lands on it.
+
+    Degenerate input is exact too: a zero row is the answer at once; duplicated rows and rows in
+    the affine hull of others are never added to a corral (they cannot improve on its nearest
+    point); a point is added only if its lifted vector $(p_j, \sqrt\sigma)$ stands out of the span
+    of the corral's by more than `DEPENDENCE_TOL` units of float64 rounding (the Cholesky pivot
+    of the new point), so no singular system is ever solved.
+
+    Everything is relative to the data's scale: ``G`` is divided by its largest diagonal entry,
+    and a point improves on $x$ only if $\lVert x \rVert^2 - p_j^\top x$ exceeds `GAP_TOL` units
+    of rounding of its terms, $\varepsilon\,(\lVert p_j \rVert + s)\,s$ with
+    $s = \sum_{i \in S} \lambda_i \lVert p_i \rVert$ and $\varepsilon$ the machine epsilon of
+    ``dtype`` (the precision the Gramian was computed in). The squared norm of $x$ decreases at
+    every major cycle; if rounding stops it from decreasing, the previous point is returned.
+
+    Args:
+        G: A finite Gramian, symmetric positive semi-definite up to rounding, shape ``[m, m]``.
+        dtype: The precision ``G`` was computed in (its own dtype by default).
+
+    Returns:
+        The weights $w^\star$ on the simplex, float64, on the CPU.
+
+    Examples:
+        >>> import torch
+        >>> from jdoptim.linalg import min_norm_weights
+        >>> J = torch.tensor([[1.0, 0.0], [0.0, 2.0], [2.0, 2.0]], dtype=torch.float64)
+        >>> min_norm_weights(J @ J.T)  # x = (0.8, 0.4): (Gw)_i = 0.8 = |x|² for i = 1, 2
+        tensor([0.8000, 0.2000, 0.0000], dtype=torch.float64)
+    """
+    eps = torch.finfo(G.dtype if dtype is None else dtype).eps
+    G = G.detach().to(device="cpu", dtype=torch.float64)
+    m = G.shape[0]
+    squared_norms = G.diagonal().clamp(min=0.0)
+    scale = float(squared_norms.max())
+    weights = torch.zeros(m, dtype=torch.float64)
+    first = int(squared_norms.argmin())
+    weights[first] = 1.0
+    if m == 1 or scale == 0.0:
+        return weights
+    G = (G + G.T) / (2.0 * scale)
+    norms = G.diagonal().clamp(min=0.0).sqrt()
+    corral = [first]
+    lam = torch.ones(1, dtype=torch.float64)
+    best = float(G[first, first])
+    for _ in range(50 * m + 50):
+        products = G[:, corral] @ lam  # p_i^T x for every i
+        squared_norm = float(lam @ products[corral])
+        s = float(lam @ norms[corral])
+        gaps = squared_norm - products
+        tolerance = GAP_TOL * eps * (norms + s) * s
+        j = int((gaps - tolerance).argmax())
+        if not gaps[j] > tolerance[j] or j in corral:
+            break
+        candidate = _improve(G, [*corral, j], torch.cat([lam, lam.new_zeros(1)]))
+        if candidate is None:
+            break
+        new_corral, new_lam = candidate
+        new_squared_norm = float(new_lam @ G[new_corral][:, new_corral] @ new_lam)
+        if not new_squared_norm < best:
+            break
+        corral, lam, best = new_corral, new_lam, new_squared_norm
+    else:
+        warnings.warn(
+            f"Wolfe's min-norm algorithm stopped after {50 * m + 50} major cycles without "
+            "certifying optimality; the last point is used.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    weights = torch.zeros(m, dtype=torch.float64)
+    weights[corral] = lam
+    return weights
+
+
+def _improve(G: Tensor, corral: list[int], lam: Tensor) -> tuple[list[int], Tensor] | None:
+    """Wolfe's minor cycles from the corral ``corral`` (the last point just added, with weight
+    0): the corral and weights of the next major cycle, or ``None`` if the added point is
+    affinely dependent on the others up to rounding."""
+    eps = torch.finfo(torch.float64).eps
+    while True:
+        block = G[corral][:, corral]
+        lifted = block + float(block.diagonal().max())
+        factor, info = torch.linalg.cholesky_ex(lifted)
+        k = len(corral)
+        pivots = factor.diagonal() ** 2
+        if int(info) != 0 or bool((pivots <= DEPENDENCE_TOL * k * eps * lifted.diagonal()).any()):
+            return None
+        alpha = torch.cholesky_solve(lam.new_ones(k, 1), factor).squeeze(1)
+        alpha = alpha / alpha.sum()
+        if bool((alpha > 0).all()):
+            return corral, alpha
+        # Move from lam towards alpha until a weight reaches zero, and drop that point.
+        ratios = torch.where(alpha <= 0, lam / (lam - alpha), torch.inf)
+        first_zero = int(ratios.argmin())
+        lam = (lam + float(ratios[first_zero]) * (alpha - lam)).clamp(min=0.0)
+        lam[first_zero] = 0.0
+        keep = lam > 0
+        if not bool(keep.any()):
+            return None
+        corral = [index for index, kept in zip(corral, keep.tolist(), strict=True) if kept]
+        lam = lam[keep] / lam[keep].sum()
 
 
 def min_norm_frank_wolfe(G: Tensor, epsilon: float, max_iters: int) -> Tensor:
@@ -14,7 +152,8 @@ def min_norm_frank_wolfe(G: Tensor, epsilon: float, max_iters: int) -> Tensor:
 
         γ = clamp((αᵀGα − (Gα)_t) / (αᵀGα − 2 (Gα)_t + G_tt), 0, 1),
 
-    and stops when ``γ < epsilon`` or after ``max_iters`` iterations.
+    and stops when ``γ < epsilon`` or after ``max_iters`` iterations. It approaches the
+    minimiser without reaching it (see `min_norm_weights` for the exact solution).
 
     Args:
         G: Gramian ``J Jᵀ``, shape ``[m, m]``.

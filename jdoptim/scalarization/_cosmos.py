@@ -5,7 +5,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from jdoptim.aggregation._bases import check_non_negative
+from jdoptim.aggregation._bases import Argument, check_non_negative, optional
 from jdoptim.registry import register
 from jdoptim.scalarization._bases import Scalarizer, as_preference_tensor, check_count
 
@@ -51,11 +51,13 @@ class COSMOS(Scalarizer):
         tensor(2.4000, dtype=torch.float64)
     """
 
+    lambda_ = Argument(check_non_negative)
+    weights = Argument(optional(as_preference_tensor))
+
     def __init__(self, lambda_: float, weights: Tensor | Sequence[float] | None = None) -> None:
         super().__init__()
-        self.lambda_ = check_non_negative(lambda_, "lambda_")
-        weights = None if weights is None else as_preference_tensor(weights, "weights")
-        self.register_buffer("weights", weights, persistent=False)
+        self.lambda_ = lambda_
+        self.weights = weights
 
     def _scalarize(self, losses: Tensor) -> Tensor:
         m = losses.shape[0]

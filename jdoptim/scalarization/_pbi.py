@@ -5,13 +5,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from jdoptim.aggregation._bases import check_non_negative
+from jdoptim.aggregation._bases import Argument, check_non_negative, check_weights, optional
 from jdoptim.registry import register
 from jdoptim.scalarization._bases import (
     Scalarizer,
     as_preference_tensor,
     check_count,
-    optional_tensor,
 )
 
 
@@ -53,6 +52,10 @@ class PBI(Scalarizer):
         tensor(9.8995, dtype=torch.float64)
     """
 
+    theta = Argument(check_non_negative)
+    weights = Argument(as_preference_tensor)
+    reference = Argument(optional(check_weights))
+
     def __init__(
         self,
         theta: float,
@@ -60,9 +63,9 @@ class PBI(Scalarizer):
         reference: Tensor | Sequence[float] | None = None,
     ) -> None:
         super().__init__()
-        self.theta = check_non_negative(theta, "theta")
-        self.register_buffer("weights", as_preference_tensor(weights, "weights"), persistent=False)
-        self.register_buffer("reference", optional_tensor(reference, "reference"), persistent=False)
+        self.theta = theta
+        self.weights = weights
+        self.reference = reference
 
     def _scalarize(self, losses: Tensor) -> Tensor:
         owner = type(self).__name__

@@ -5,12 +5,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from jdoptim.aggregation._bases import Argument, check_positive, check_weights, optional
 from jdoptim.registry import register
 from jdoptim.scalarization._bases import (
     Scalarizer,
     as_preference_tensor,
     check_count,
-    optional_tensor,
 )
 
 
@@ -55,6 +55,10 @@ class STCH(Scalarizer):
         tensor(1.8133, dtype=torch.float64)
     """
 
+    mu = Argument(check_positive)
+    weights = Argument(optional(as_preference_tensor))
+    reference = Argument(optional(check_weights))
+
     def __init__(
         self,
         mu: float,
@@ -62,12 +66,9 @@ class STCH(Scalarizer):
         reference: Tensor | Sequence[float] | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not 0 < mu < float("inf"):
-            raise ValueError(f"Invalid mu value: {mu!r}; expected a finite number > 0.")
-        self.mu = float(mu)
-        weights = None if weights is None else as_preference_tensor(weights, "weights")
-        self.register_buffer("weights", weights, persistent=False)
-        self.register_buffer("reference", optional_tensor(reference, "reference"), persistent=False)
+        self.mu = mu
+        self.weights = weights
+        self.reference = reference
 
     def _scalarize(self, losses: Tensor) -> Tensor:
         owner, m = type(self).__name__, losses.shape[0]

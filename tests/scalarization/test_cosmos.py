@@ -58,7 +58,10 @@ def test_all_zero_losses_give_zero_and_a_finite_gradient():
 def test_arguments_are_validated():
     with pytest.raises(ValueError, match="Invalid lambda_ value: -1"):
         COSMOS(-1.0)
-    with pytest.raises(ValueError, match="non-negative with at least one positive"):
+    with pytest.raises(
+        ValueError,
+        match="expected non-negative numbers, at least one positive",
+    ):
         COSMOS(1.0, weights=[-1.0, 1.0])
     with pytest.raises(ValueError, match="COSMOS has 3 weights but got 2 losses"):
         COSMOS(1.0, weights=RAY)(torch.ones(2))

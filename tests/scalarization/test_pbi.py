@@ -65,7 +65,10 @@ def test_on_the_ray_the_gradient_is_the_direction():
 def test_arguments_are_validated():
     with pytest.raises(ValueError, match="Invalid theta value: -1"):
         PBI(-1.0, weights=[1.0])
-    with pytest.raises(ValueError, match="non-negative with at least one positive"):
+    with pytest.raises(
+        ValueError,
+        match="expected non-negative numbers, at least one positive",
+    ):
         PBI(1.0, weights=[0.0, 0.0])
     with pytest.raises(ValueError, match="PBI has 3 weights but got 2 losses"):
         PBI(1.0, weights=DIRECTION)(torch.ones(2))

@@ -62,9 +62,15 @@ def test_arguments_are_validated():
     for mu in (0, -1.0, float("nan"), float("inf"), True, "1"):
         with pytest.raises(ValueError, match="Invalid mu value"):
             STCH(mu)
-    with pytest.raises(ValueError, match="non-negative with at least one positive"):
+    with pytest.raises(
+        ValueError,
+        match="expected non-negative numbers, at least one positive",
+    ):
         STCH(0.1, weights=[1.0, -0.5])
-    with pytest.raises(ValueError, match="non-negative with at least one positive"):
+    with pytest.raises(
+        ValueError,
+        match="expected non-negative numbers, at least one positive",
+    ):
         STCH(0.1, weights=[0.0, 0.0])
     with pytest.raises(ValueError, match="STCH has 2 weights but got 3 losses"):
         STCH(0.1, weights=[1.0, 1.0])(torch.ones(3))
