@@ -119,21 +119,15 @@ def _improve(G: Tensor, corral: list[int], lam: Tensor) -> tuple[list[int], Tens
     """Wolfe's minor cycles from the corral ``corral`` (the last point just added, with weight
     0): the corral and weights of the next major cycle, or ``None`` if the added point is
     affinely dependent on the others up to rounding."""
-    eps = torch.finfo(torch.float64).eps
     while True:
-        block = G[corral][:, corral]
-        lifted = block + float(block.diagonal().max())
-        factor, info = torch.linalg.cholesky_ex(lifted)
-        k = len(corral)
-        pivots = factor.diagonal() ** 2
-        if int(info) != 0 or bool((pivots <= DEPENDENCE_TOL * k * eps * lifted.diagonal()).any()):
+        alpha = _affine_minimizer(G, corral)
+        if alpha is None:
             return None
-        alpha = torch.cholesky_solve(lam.new_ones(k, 1), factor).squeeze(1)
-        alpha = alpha / alpha.sum()
         if bool((alpha > 0).all()):
             return corral, alpha
         # Move from lam towards alpha until a weight reaches zero, and drop that point.
-        ratios = torch.where(alpha <= 0, lam / (lam - alpha), torch.inf)
+        step = lam - alpha
+        ratios = torch.where(alpha <= 0, lam / torch.where(step > 0, step, 1.0), torch.inf)
         first_zero = int(ratios.argmin())
         lam = (lam + float(ratios[first_zero]) * (alpha - lam)).clamp(min=0.0)
         lam[first_zero] = 0.0
@@ -142,6 +136,37 @@ def _improve(G: Tensor, corral: list[int], lam: Tensor) -> tuple[list[int], Tens
             return None
         corral = [index for index, kept in zip(corral, keep.tolist(), strict=True) if kept]
         lam = lam[keep] / lam[keep].sum()
+
+
+def _affine_minimizer(G: Tensor, corral: list[int]) -> Tensor | None:
+    r"""Barycentric weights of the point of the affine hull of the corral nearest to the origin,
+    or ``None`` if the corral is affinely dependent up to rounding.
+
+    With $p_b$ the point of smallest norm of the corral and $D$ the Gram matrix of the
+    differences $p_i - p_b$ of the others, the nearest point is $p_b + \sum_i \beta_i
+    (p_i - p_b)$ with $D\beta = (G_{bb} - G_{ib})_i$. Working with differences from the smallest
+    point keeps the tiny entries of $G$ that a system on $G$ itself would round away. A Cholesky
+    pivot of $D$ up to `DEPENDENCE_TOL` units of rounding of its diagonal entry (the squared
+    distance of a point from the affine hull of the points before it, relative to its distance
+    from $p_b$) means dependence.
+    """
+    k = len(corral)
+    if k == 1:
+        return G.new_ones(1)
+    index = torch.tensor(corral)
+    base = int(G[index, index].argmin())
+    others = torch.cat([index[:base], index[base + 1 :]])
+    b = int(index[base])
+    cross = G[others, b]
+    D = G[others][:, others] - cross[:, None] - cross[None, :] + G[b, b]
+    factor, info = torch.linalg.cholesky_ex(D)
+    eps = torch.finfo(torch.float64).eps
+    pivots = factor.diagonal() ** 2
+    if int(info) != 0 or bool((pivots <= DEPENDENCE_TOL * k * eps * D.diagonal()).any()):
+        return None
+    beta = torch.cholesky_solve((G[b, b] - cross)[:, None], factor).squeeze(1)
+    alpha = torch.cat([beta[:base], (1.0 - beta.sum()).reshape(1), beta[base:]])
+    return alpha / alpha.sum()
 
 
 def min_norm_frank_wolfe(G: Tensor, epsilon: float, max_iters: int) -> Tensor:
