@@ -187,9 +187,10 @@ class Weighting(Configurable):
     """Maps a Gramian ``G = J Jᵀ`` of shape ``[m, m]`` (or, if `needs_jacobian`, the
     Jacobian ``J`` of shape ``[m, n]``) to a weight vector of shape ``[m]``.
 
-    The weights do not require grad (aggregation is not differentiable). Half-precision input
-    (bfloat16, float16) is solved in float32 and the weights returned in the input dtype. A
-    matrix with a non-finite entry gives non-finite weights (NaN), never finite ones.
+    The weights do not require grad (aggregation is not differentiable) and have the input's
+    dtype; methods solve half-precision input (bfloat16, float16) in float32 or better (see
+    `solve_dtype`). A matrix with a non-finite entry gives NaN weights, never finite ones, and
+    leaves the weighting's state unchanged.
     """
 
     registry_kind: ClassVar[str] = "weighting"
@@ -219,10 +220,11 @@ class Weighting(Configurable):
                     f"{tuple(matrix.shape)}."
                 )
         with torch.no_grad():
-            if not self.uses_matrix:
-                return self._weights(matrix)
-            weights = self._weights(matrix.to(solve_dtype(matrix.dtype)))
-            return nan_unless_finite(weights, matrix).to(matrix.dtype)
+            if self.uses_matrix and not bool(torch.isfinite(matrix).all()):
+                # One host synchronisation, so that no solver runs (or raises) on non-finite
+                # input and no state changes.
+                return matrix.new_full((matrix.shape[0],), torch.nan)
+            return self._weights(matrix).to(matrix.dtype)
 
     @abstractmethod
     def _weights(self, matrix: Tensor) -> Tensor: ...

@@ -6,7 +6,15 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from jdoptim.aggregation._bases import Aggregator, Argument, check_length, check_weights, optional
+from jdoptim.aggregation._bases import (
+    Aggregator,
+    Argument,
+    check_length,
+    check_weights,
+    nan_unless_finite,
+    optional,
+    solve_dtype,
+)
 from jdoptim.registry import register
 
 
@@ -64,16 +72,20 @@ class ConFIG(Aggregator):
         self.pref_vector = pref_vector
 
     def _aggregate(self, matrix: Tensor) -> Tensor:
-        m = matrix.shape[0]
+        m, n = matrix.shape
+        # Half precision is solved in float32; non-finite entries give a NaN update below.
+        J = matrix.to(solve_dtype(matrix.dtype)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
         if self.pref_vector is None:
-            weights = matrix.new_ones(m)
+            weights = J.new_ones(m)
         else:
             check_length(self.pref_vector, m, type(self).__name__, "preferences")
-            weights = self.pref_vector.to(dtype=matrix.dtype, device=matrix.device)
-        norms = matrix.norm(dim=1, keepdim=True)
-        units = matrix / torch.where(norms > 0, norms, 1.0)
-        n = matrix.shape[1]
-        tolerance = torch.finfo(matrix.dtype).eps * math.sqrt(m * n)
+            weights = self.pref_vector.to(dtype=J.dtype, device=J.device)
+        # Each row divided by its largest entry first, so that its norm cannot overflow.
+        largest = J.abs().amax(dim=1, keepdim=True)
+        scaled = J / torch.where(largest > 0, largest, 1.0)
+        norms = scaled.norm(dim=1, keepdim=True)
+        units = scaled / torch.where(norms > 0, norms, 1.0)
+        tolerance = torch.finfo(J.dtype).eps * math.sqrt(m * n)
         if m <= n:
             # U = Rᵀ Qᵀ, so U⁺ w = Q (Rᵀ)⁺ w: faster than an SVD of the wide U, and more
             # accurate in float32.
@@ -87,4 +99,5 @@ class ConFIG(Aggregator):
         length = direction.norm()
         defined = (fitted > tolerance * weights.norm()) & (length > 0)
         unit = torch.where(defined, direction / torch.where(length > 0, length, 1.0), 0.0)
-        return (matrix @ unit).sum() * unit
+        update = (J @ unit).sum() * unit
+        return nan_unless_finite(update, matrix).to(matrix.dtype)

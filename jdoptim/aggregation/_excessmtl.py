@@ -11,6 +11,7 @@ from jdoptim.aggregation._bases import (
     Weighting,
     check_non_negative_int,
     check_positive,
+    solve_dtype,
 )
 from jdoptim.registry import register
 
@@ -66,7 +67,7 @@ class ExcessMTLWeighting(Weighting):
         self._log_weights = state["log_weights"]
 
     def _weights(self, matrix: Tensor) -> Tensor:
-        J = matrix.detach()
+        J = matrix.to(solve_dtype(matrix.dtype))
         if self._sq_grad_sum is None or self._sq_grad_sum.shape != J.shape:
             self.reset()
             self._sq_grad_sum = torch.zeros_like(J)

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -46,9 +44,7 @@ class FairGradWeighting(Weighting):
             return torch.full_like(matrix[0], 1.0 / m)
         # Newton's method branches on values at every step: one transfer to the CPU costs less
         # than a host synchronisation per step.
-        G = matrix.detach().to(device="cpu", dtype=torch.float64)
-        if not torch.isfinite(G).all():
-            return torch.full_like(matrix[0], math.nan)
+        G = matrix.to(device="cpu", dtype=torch.float64)
         L = gramian_factor(G, matrix.dtype)
         w, converged = fair_weights(L, self.alpha, self.max_iters, tolerances(matrix.dtype))
         if not converged:

@@ -14,6 +14,7 @@ from jdoptim.aggregation._bases import (
     as_weight_tensor,
     check_length,
     optional,
+    solve_dtype,
 )
 from jdoptim.registry import register
 
@@ -94,6 +95,9 @@ class GradDrop(Seeded, Aggregator):
         self.seed = seed
 
     def _aggregate(self, matrix: Tensor) -> Tensor:
+        return self._drop(matrix.to(solve_dtype(matrix.dtype))).to(matrix.dtype)
+
+    def _drop(self, matrix: Tensor) -> Tensor:
         m, n = matrix.shape
         if self.leak is None:
             keep = matrix.new_ones(m)
@@ -110,8 +114,5 @@ class GradDrop(Seeded, Aggregator):
         draws = self._random.rand((n,), matrix)
         positive = keep @ matrix.clamp(min=0)
         negative = keep @ matrix.clamp(max=0)
-        return (
-            always
-            + torch.where(f_purity > draws, positive, 0.0)
-            + torch.where(f_purity < draws, negative, 0.0)
-        )
+        # Masks multiply rather than select, so that a non-finite column stays non-finite.
+        return always + positive * (f_purity > draws) + negative * (f_purity < draws)

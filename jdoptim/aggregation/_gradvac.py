@@ -12,6 +12,7 @@ from jdoptim.aggregation._bases import (
     Weighting,
     check_fraction,
     check_non_negative,
+    solve_dtype,
 )
 from jdoptim.registry import register
 
@@ -57,6 +58,7 @@ class GradVacWeighting(Seeded, Weighting):
 
     def _weights(self, matrix: Tensor) -> Tensor:
         m = matrix.shape[0]
+        matrix = matrix.to(solve_dtype(matrix.dtype))
         if self._targets is None or self._targets.shape[0] != m:
             self._targets = matrix.new_zeros(m, m)
         targets = self._targets.to(dtype=matrix.dtype, device=matrix.device)

@@ -9,6 +9,7 @@ from jdoptim.aggregation._bases import (
     Weighting,
     check_non_negative_int,
     check_positive_int,
+    solve_dtype,
 )
 from jdoptim.registry import register
 
@@ -40,6 +41,7 @@ class KrumWeighting(Weighting):
 
     def _weights(self, matrix: Tensor) -> Tensor:
         m = matrix.shape[0]
+        matrix = matrix.to(solve_dtype(matrix.dtype))
         if m < self.n_byzantine + 3:
             raise ValueError(
                 f"Krum with n_byzantine={self.n_byzantine} needs at least n_byzantine + 3 = "

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from torch import Tensor
 
 from jdoptim.aggregation._bases import (
@@ -12,6 +11,7 @@ from jdoptim.aggregation._bases import (
     check_non_negative,
     check_positive_int,
     one_of,
+    solve_dtype,
 )
 from jdoptim.linalg import min_norm_frank_wolfe, min_norm_weights
 from jdoptim.registry import register
@@ -43,12 +43,11 @@ class MGDAWeighting(Weighting):
 
     def _weights(self, matrix: Tensor) -> Tensor:
         if self.solver == "frank_wolfe":
-            return min_norm_frank_wolfe(matrix, self.epsilon, self.max_iters)
+            G = matrix.to(solve_dtype(matrix.dtype))
+            return min_norm_frank_wolfe(G, self.epsilon, self.max_iters)
         # Wolfe's algorithm branches on values at every step: one transfer to the CPU costs less
         # than a host synchronisation per step.
-        if not bool(torch.isfinite(matrix).all()):
-            return torch.full_like(matrix[0], torch.nan)
-        return min_norm_weights(matrix).to(device=matrix.device, dtype=matrix.dtype)
+        return min_norm_weights(matrix, matrix.dtype).to(device=matrix.device, dtype=matrix.dtype)
 
 
 @register(paper=_PAPER, non_conflicting=True, permutation_invariant=True)

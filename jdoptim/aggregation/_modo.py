@@ -4,7 +4,13 @@ from typing import Any
 
 from torch import Tensor
 
-from jdoptim.aggregation._bases import Argument, Weighting, check_non_negative, check_positive
+from jdoptim.aggregation._bases import (
+    Argument,
+    Weighting,
+    check_non_negative,
+    check_positive,
+    solve_dtype,
+)
 from jdoptim.linalg._simplex import project_onto_simplex
 from jdoptim.registry import register
 
@@ -106,6 +112,7 @@ class MoDoWeighting(CrossBatchWeighting):
         self.rho = rho
 
     def _weights(self, matrix: Tensor) -> Tensor:
+        matrix = matrix.to(solve_dtype(matrix.dtype))
         previous = self._previous(matrix)
         step = matrix @ previous + self.rho * previous
         self._state = project_onto_simplex(previous - self.gamma * step)

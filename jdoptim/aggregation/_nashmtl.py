@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any
 
@@ -68,9 +67,7 @@ class NashMTLWeighting(Weighting):
             )
         # Newton's method branches on values at every step: one transfer to the CPU costs less
         # than a host synchronisation per step.
-        G = matrix.detach().to(device="cpu", dtype=torch.float64)
-        if not torch.isfinite(G).all():
-            return torch.full_like(matrix[0], math.nan)
+        G = matrix.to(device="cpu", dtype=torch.float64)
         L = gramian_factor(G, matrix.dtype)
         if self._alpha is None or self._step % self.update_weights_every == 0:
             alpha, converged = fair_weights(

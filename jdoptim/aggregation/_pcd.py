@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -109,9 +108,7 @@ class PCDWeighting(Weighting):
         taus = self._taus(m)
         # The solver branches on values at every step: one transfer to the CPU costs less than a
         # host synchronisation per step.
-        G = matrix.detach().to(device="cpu", dtype=torch.float64)
-        if not torch.isfinite(G).all():
-            return torch.full_like(matrix[0], math.nan)
+        G = matrix.to(device="cpu", dtype=torch.float64)
         sq_norms = G.diagonal().clamp(min=0.0)
         scales = self._scales(sq_norms)
         weights = torch.zeros(m, dtype=torch.float64)

@@ -13,6 +13,7 @@ from jdoptim.aggregation._bases import (
     check_weights,
     optional,
     preference_weights,
+    solve_dtype,
 )
 from jdoptim.aggregation._modo import CrossBatchWeighting
 from jdoptim.linalg._simplex import project_onto_simplex
@@ -98,6 +99,7 @@ class SDMGradWeighting(CrossBatchWeighting):
 
     def _weights(self, matrix: Tensor) -> Tensor:
         m = matrix.shape[0]
+        matrix = matrix.to(solve_dtype(matrix.dtype))
         preferred = preference_weights(self.pref_vector, m, matrix, type(self).__name__)
         scale = matrix.diagonal().clamp(min=0).sqrt().mean()
         normalised = matrix / (scale**2).where(scale > 0, 1.0)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from jdoptim.aggregation._bases import Aggregator, Argument, check_non_negative_int
@@ -57,4 +58,6 @@ class TrimmedMean(Aggregator):
         if self.trim_number == 0:
             return matrix.mean(dim=0)
         ordered = matrix.sort(dim=0).values
-        return ordered[self.trim_number : m - self.trim_number].mean(dim=0)
+        trimmed = ordered[self.trim_number : m - self.trim_number].mean(dim=0)
+        # Sorting would trim non-finite entries away: a column holding one gives NaN instead.
+        return torch.where(torch.isfinite(matrix).all(dim=0), trimmed, torch.nan)

@@ -26,6 +26,7 @@ from jdoptim.aggregation._bases import (
     as_weight_tensor,
     check_positive_int,
     optional,
+    solve_dtype,
 )
 
 
@@ -67,6 +68,14 @@ optional_m = optional(check_positive_int)
 """The check of a number of objectives that may be left to the first call."""
 
 
+def stable_norm(x: Tensor) -> Tensor:
+    """The Euclidean norm of ``x``, differentiable, without overflow or underflow of the squares
+    (``torch.linalg.vector_norm`` of float32 entries above about 1e19 is ``inf``)."""
+    scale = x.detach().abs().max()
+    scale = torch.where(scale > 0, scale, 1.0)
+    return scale * torch.linalg.vector_norm(x / scale)
+
+
 def state_dtype(losses: Tensor) -> torch.dtype:
     """The dtype of state created from ``losses``: theirs, but at least the default dtype."""
     return torch.promote_types(losses.dtype, torch.get_default_dtype())
@@ -76,9 +85,10 @@ class Scalarizer(Configurable):
     """Maps a vector of losses ``[m]`` to one scalar loss, to be minimised by one ordinary
     backward pass.
 
-    Subclasses implement ``_scalarize``; `forward` validates the losses first. The scalar has
-    the losses' dtype and device and is differentiable with respect to them (and to the
-    scalarizer's own parameters, where it has some).
+    Subclasses implement ``_scalarize``; `forward` validates the losses first, and hands over
+    half-precision losses (bfloat16, float16) in float32. The scalar has the losses' dtype and
+    device and is differentiable with respect to them (and to the scalarizer's own parameters,
+    where it has some).
     """
 
     registry_kind: ClassVar[str] = "scalarizer"
@@ -95,7 +105,8 @@ class Scalarizer(Configurable):
             The scalar loss, shape ``[]``, with the losses' dtype and device.
         """
         check_losses(losses, type(self).__name__)
-        return self._scalarize(losses)
+        # Half precision is computed in float32, so that no intermediate term overflows.
+        return self._scalarize(losses.to(solve_dtype(losses.dtype))).to(losses.dtype)
 
     @abstractmethod
     def _scalarize(self, losses: Tensor) -> Tensor: ...

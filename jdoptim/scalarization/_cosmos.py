@@ -7,7 +7,12 @@ from torch import Tensor
 
 from jdoptim.aggregation._bases import Argument, check_non_negative, optional
 from jdoptim.registry import register
-from jdoptim.scalarization._bases import Scalarizer, as_preference_tensor, check_count
+from jdoptim.scalarization._bases import (
+    Scalarizer,
+    as_preference_tensor,
+    check_count,
+    stable_norm,
+)
 
 
 def _example(m: int) -> dict[str, float]:
@@ -67,7 +72,7 @@ class COSMOS(Scalarizer):
             check_count(self.weights.shape[0], losses, type(self).__name__, "weights")
             ray = self.weights.to(dtype=losses.dtype, device=losses.device)
         linear = ray @ losses
-        norms = torch.linalg.vector_norm(ray) * torch.linalg.vector_norm(losses)
+        norms = stable_norm(ray) * stable_norm(losses)
         positive = norms > 0
         # Both branches are computed; the safe denominator keeps the unused one finite.
         cosine = torch.where(positive, linear / torch.where(positive, norms, 1.0), 0.0)

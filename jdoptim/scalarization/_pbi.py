@@ -2,7 +2,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor
 
 from jdoptim.aggregation._bases import Argument, check_non_negative, check_weights, optional
@@ -11,6 +10,7 @@ from jdoptim.scalarization._bases import (
     Scalarizer,
     as_preference_tensor,
     check_count,
+    stable_norm,
 )
 
 
@@ -75,7 +75,7 @@ class PBI(Scalarizer):
             check_count(self.reference.shape[0], losses, owner, "reference entries")
             shifted = losses - self.reference.to(dtype=losses.dtype, device=losses.device)
         direction = self.weights.to(dtype=losses.dtype, device=losses.device)
-        direction = direction / torch.linalg.vector_norm(direction)
+        direction = direction / stable_norm(direction)
         d1 = shifted @ direction
-        d2 = torch.linalg.vector_norm(shifted - d1 * direction)
+        d2 = stable_norm(shifted - d1 * direction)
         return d1 + self.theta * d2

@@ -33,8 +33,9 @@ class STCH(Scalarizer):
     a smooth upper bound of the weighted Tchebycheff scalarization
     $\max_i \lambda_i (L_i - z^*_i)$, within $\mu \log m$ of it. Its gradient weights each
     objective by $\lambda_i \operatorname{softmax}(\lambda \odot (L - z^*) / \mu)_i$, so the
-    objective that is worst off dominates as $\mu \to 0$. Computed with a log-sum-exp that does
-    not overflow for small $\mu$.
+    objective that is worst off dominates as $\mu \to 0$. Computed as
+    $t + \mu \log \sum_i \exp((x_i - t)/\mu)$ with $x = \lambda \odot (L - z^*)$ and
+    $t = \max_i x_i$, which overflows for no finite losses and $\mu > 0$, in any dtype.
 
     Args:
         mu: The smoothing parameter $\mu > 0$. The paper evaluates
@@ -81,4 +82,7 @@ class STCH(Scalarizer):
         else:
             check_count(self.weights.shape[0], losses, owner, "weights")
             weighted = self.weights.to(dtype=losses.dtype, device=losses.device) * shifted
-        return self.mu * torch.logsumexp(weighted / self.mu, dim=0)
+        # The largest term is taken out before dividing by mu, so that no quotient overflows
+        # (torch.logsumexp(weighted / mu) does, in float32, for 1e30 / 1e-10).
+        top = weighted.detach().max()
+        return top + self.mu * torch.logsumexp((weighted - top) / self.mu, dim=0)
