@@ -67,7 +67,10 @@ class Spec:
         from jdoptim.aggregation._bases import GramianWeightedAggregator
 
         if issubclass(self.cls, Weighting):
-            return not self.cls.needs_jacobian
+            # A wrapper (CRMOGMWeighting) takes its wrapped weighting's input: it can run from a
+            # Gramian when that one can.
+            needs_jacobian = inspect.getattr_static(self.cls, "needs_jacobian")
+            return not needs_jacobian if isinstance(needs_jacobian, bool) else True
         return issubclass(self.cls, GramianWeightedAggregator)
 
 

@@ -12,7 +12,8 @@ scalar or a ``ValueError``.
 
 Gramian-based methods only see ``J Jᵀ``; where forming it in the Jacobian's dtype overflows or
 underflows (float32 entries beyond about 1e±19), the Gramian no longer describes the Jacobian,
-and only the checks that do not depend on it (shape, dtype, non-finite input) apply.
+and only the checks that do not depend on it (shape, dtype, non-finite input) apply
+(`faithful_gramian`).
 """
 
 from __future__ import annotations
@@ -28,9 +29,12 @@ from jdoptim.aggregation import GramianWeightedAggregator
 
 NON_FINITE = (math.nan, math.inf, -math.inf)
 
-CONFLICT_TOL = 64.0
-"""A row conflicts with the update when ``g_iᵀ d < -CONFLICT_TOL · eps · |g_i| · Σ_j |w_j| |g_j|``:
-the rounding of ``d = Σ_j w_j g_j`` and of the Gramian is of the order of ``eps`` times that."""
+CONFLICT_TOL = 128.0
+"""A row conflicts with the update when ``g_iᵀ d < -CONFLICT_TOL · m · eps · |g_i| · S``, with
+``S = Σ_j |w_j| |g_j|``: rounding ``d = Σ_j w_j g_j`` and the Gramian costs about ``eps`` times
+that, and the methods that drop the directions of the Gramian below ``100 m eps``
+(`jdoptim.linalg._constraints.correlation_spectrum`, for FairGrad, Nash-MTL, CAGrad) solve a
+problem that far from the given one. (MGDA's own tests hold it to ``64 eps``.)"""
 
 PERMUTATION_TOL = {torch.float64: 1e-9, torch.float32: 1e-3}
 """A permutation of the rows may change the update by this much, relative to ``Σ_j |w_j| |g_j|``
@@ -54,15 +58,19 @@ def _call(method, matrix: Tensor, seed: int) -> Tensor:
         return method(matrix)
 
 
-def faithful_gramian(J: Tensor) -> bool:
-    """Whether ``J Jᵀ`` computed in J's dtype is finite and within rounding of the exact one."""
-    G = J @ J.T
+def faithful_gramian(method: GramianWeightedAggregator, J: Tensor) -> bool:
+    """Whether the Gramian that ``method`` hands its weighting is finite and, up to a positive
+    factor, within rounding of the exact ``J Jᵀ`` (forming it in a low precision can overflow or
+    underflow)."""
+    G = method._weighting_input(J).double()
     if not torch.isfinite(G).all():
         return False
     J64 = J.double()
+    exact = J64 @ J64.T
+    factor = G.trace() / exact.trace() if exact.trace() > 0 else torch.tensor(1.0)
     norms = J64.norm(dim=1)
-    bound = 8 * J.shape[1] * torch.finfo(J.dtype).eps * torch.outer(norms, norms)
-    return bool(((G.double() - J64 @ J64.T).abs() <= bound).all())
+    bound = 8 * J.shape[1] * torch.finfo(J.dtype).eps * factor * torch.outer(norms, norms)
+    return bool(factor > 0) and bool(((G - factor * exact).abs() <= bound).all())
 
 
 def _weights_scale(name: str, J: Tensor, seed: int) -> Tensor:
@@ -121,8 +129,9 @@ def aggregator_violations(name: str, J: Tensor, seed: int = 0) -> list[str]:
     violations = []
     if update.shape != (n,) or update.dtype != dtype:
         violations.append(f"returns shape {tuple(update.shape)}, dtype {update.dtype}")
-    gramian_based = isinstance(spec.example(m), GramianWeightedAggregator)
-    faithful = not gramian_based or faithful_gramian(J)
+    method = spec.example(m)
+    gramian_based = isinstance(method, GramianWeightedAggregator) and method.weighting.uses_matrix
+    faithful = not gramian_based or faithful_gramian(method, J)
     if faithful and not torch.isfinite(update).all():
         violations.append("finite input, non-finite update")
     measured = faithful and dtype in (torch.float64, torch.float32) and torch.isfinite(update).all()
@@ -133,7 +142,7 @@ def aggregator_violations(name: str, J: Tensor, seed: int = 0) -> list[str]:
         eps = torch.finfo(dtype).eps
         if spec.non_conflicting:
             worst = ((J64 @ d) / (norms * scale).clamp(min=torch.finfo(torch.float64).tiny)).min()
-            if worst < -CONFLICT_TOL * eps:
+            if worst < -CONFLICT_TOL * m * eps:
                 violations.append(f"conflicts with a row: g_i.d = {worst.item():.3g} |g_i| S")
         if spec.permutation_invariant and not spec.randomised:
             generator = torch.Generator().manual_seed(seed)

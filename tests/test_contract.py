@@ -137,6 +137,25 @@ def test_inputs_that_require_grad_give_the_same_detached_result(name: str):
     assert leaf.grad is None
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("name", WEIGHTINGS)
+def test_non_finite_matrices_give_nan_weights_and_change_no_state(name: str, value: float):
+    J = _matrix("normal_5x8", torch.float64)
+    weighting = _make(name, 5)
+    matrix = J if weighting.needs_jacobian else J @ J.T
+    _run(weighting, matrix)
+    state = copy.deepcopy(weighting.state_dict())
+    broken = matrix.clone()
+    broken[1, 2] = value
+    weights = _run(weighting, broken)
+    if weighting.uses_matrix:
+        assert torch.isnan(weights).all()
+        after = weighting.state_dict()
+        assert state.keys() == after.keys()
+        for key, saved in state.items():
+            assert repr(saved) == repr(after[key]), key
+
+
 @pytest.mark.parametrize("name", AGGREGATORS)
 def test_is_a_module_with_hooks_and_to(name: str):
     J = _matrix("normal_5x8", torch.float32)

@@ -40,6 +40,8 @@ def test_list_aggregators_filters_with_a_case_insensitive_wildcard():
 def test_weightings_are_registered_and_declare_gramian_use():
     assert "upgradweighting" in jdoptim.list_weightings()
     assert get_spec("upgradweighting").gramian_based
+    assert get_spec("crmogmweighting").gramian_based
+    assert not get_spec("excessmtlweighting").gramian_based
     assert get_spec("upgrad").gramian_based
     assert get_spec("upgrad").kind == "aggregator"
     assert get_spec("meanweighting").kind == "weighting"

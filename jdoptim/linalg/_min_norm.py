@@ -77,32 +77,32 @@ def min_norm_weights(G: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     squared_norms = G.diagonal().clamp(min=0.0)
     scale = float(squared_norms.max())
     weights = torch.zeros(m, dtype=torch.float64)
-    first = int(squared_norms.argmin())
-    weights[first] = 1.0
+    weights[int(squared_norms.argmin())] = 1.0
     if m == 1 or scale == 0.0:
         return weights
     G = (G + G.T) / (2.0 * scale)
     norms = G.diagonal().clamp(min=0.0).sqrt()
-    corral = [first]
-    lam = torch.ones(1, dtype=torch.float64)
-    best = float(G[first, first])
+    corral = _Corral(G, int(squared_norms.argmin()))
+    best = float(weights @ G @ weights)
     for _ in range(50 * m + 50):
-        products = G[:, corral] @ lam  # p_i^T x for every i
-        squared_norm = float(lam @ products[corral])
-        s = float(lam @ norms[corral])
+        products = G @ weights  # p_i^T x for every i
+        squared_norm = float(weights @ products)
+        s = float(norms @ weights)
         gaps = squared_norm - products
         tolerance = GAP_TOL * eps * (norms + s) * s
         j = int((gaps - tolerance).argmax())
-        if not gaps[j] > tolerance[j] or j in corral:
+        if not gaps[j] > tolerance[j] or j in corral.points:
             break
-        candidate = _improve(G, [*corral, j], torch.cat([lam, lam.new_zeros(1)]))
-        if candidate is None:
+        candidate = corral.copy()
+        lam = _improve(candidate, weights[corral.points], j)
+        if lam is None:
             break
-        new_corral, new_lam = candidate
-        new_squared_norm = float(new_lam @ G[new_corral][:, new_corral] @ new_lam)
+        new_weights = torch.zeros_like(weights)
+        new_weights[candidate.points] = lam
+        new_squared_norm = float(new_weights @ G @ new_weights)
         if not new_squared_norm < best:
             break
-        corral, lam, best = new_corral, new_lam, new_squared_norm
+        corral, weights, best = candidate, new_weights, new_squared_norm
     else:
         warnings.warn(
             f"Wolfe's min-norm algorithm stopped after {50 * m + 50} major cycles without "
@@ -110,63 +110,110 @@ def min_norm_weights(G: Tensor, dtype: torch.dtype | None = None) -> Tensor:
             RuntimeWarning,
             stacklevel=2,
         )
-    weights = torch.zeros(m, dtype=torch.float64)
-    weights[corral] = lam
     return weights
 
 
-def _improve(G: Tensor, corral: list[int], lam: Tensor) -> tuple[list[int], Tensor] | None:
-    """Wolfe's minor cycles from the corral ``corral`` (the last point just added, with weight
-    0): the corral and weights of the next major cycle, or ``None`` if the added point is
-    affinely dependent on the others up to rounding."""
+class _Corral:
+    r"""An affinely independent set of points $p_i$ (indices into the Gram matrix ``G``), the
+    first of which, $p_b$, has the smallest norm, with the Cholesky factor of the Gram matrix
+    $D$ of the differences $p_i - p_b$ of the others.
+
+    The nearest point to the origin of their affine hull is $p_b + \sum_i \beta_i (p_i - p_b)$
+    with $D\beta = (G_{bb} - G_{ib})_i$. Working with differences from the smallest point keeps
+    the tiny entries of ``G`` that a system on ``G`` itself would round away. Adding a point
+    extends the factor by one row; a Cholesky pivot up to `DEPENDENCE_TOL` units of rounding of
+    its diagonal entry (the squared distance of the new point from the affine hull of the
+    others, relative to its distance from $p_b$) means dependence, and the point is refused.
+    """
+
+    def __init__(self, G: Tensor, first: int) -> None:
+        self.G = G
+        self.squared_norms = G.diagonal().tolist()
+        self.points = [first]
+        self.factor = G.new_zeros(0, 0)
+
+    def copy(self) -> _Corral:
+        twin = _Corral.__new__(_Corral)
+        twin.G, twin.squared_norms = self.G, self.squared_norms
+        twin.points, twin.factor = list(self.points), self.factor
+        return twin
+
+    def add(self, j: int) -> bool:
+        """Add point ``j``; ``False`` (and no change) if it is affinely dependent."""
+        G, b = self.G, self.points[0]
+        if self.squared_norms[j] < self.squared_norms[b]:
+            return self._rebuild([*self.points, j])
+        others = torch.tensor(self.points[1:], dtype=torch.long)
+        c = G[j, j] - 2.0 * G[b, j] + G[b, b]
+        cross = G[others, j] - G[others, b] - G[b, j] + G[b, b]
+        row = torch.linalg.solve_triangular(self.factor, cross[:, None], upper=False).squeeze(1)
+        pivot = c - row @ row
+        tolerance = DEPENDENCE_TOL * len(self.points) * torch.finfo(torch.float64).eps * c
+        if not pivot > tolerance:
+            return False
+        k = len(self.points) - 1
+        factor = G.new_zeros(k + 1, k + 1)
+        factor[:k, :k] = self.factor
+        factor[k, :k] = row
+        factor[k, k] = pivot.sqrt()
+        self.factor = factor
+        self.points.append(j)
+        return True
+
+    def keep(self, kept: list[bool]) -> bool:
+        """Keep the points where ``kept`` is true (in the order of `points`)."""
+        return self._rebuild([p for p, keep in zip(self.points, kept, strict=True) if keep])
+
+    def _rebuild(self, points: list[int]) -> bool:
+        G = self.G
+        base = min(points, key=self.squared_norms.__getitem__)
+        others = [p for p in points if p != base]
+        index = torch.tensor(others, dtype=torch.long)
+        cross = G[index, base]
+        D = G[index][:, index] - cross[:, None] - cross[None, :] + G[base, base]
+        factor, info = torch.linalg.cholesky_ex(D)
+        tolerance = DEPENDENCE_TOL * len(points) * torch.finfo(torch.float64).eps * D.diagonal()
+        if int(info) != 0 or bool((factor.diagonal() ** 2 <= tolerance).any()):
+            return False
+        self.points, self.factor = [base, *others], factor
+        return True
+
+    def affine_minimizer(self) -> Tensor:
+        """Barycentric weights (in the order of `points`) of the nearest point to the origin
+        of the affine hull."""
+        G, b = self.G, self.points[0]
+        others = torch.tensor(self.points[1:], dtype=torch.long)
+        beta = torch.cholesky_solve((G[b, b] - G[others, b])[:, None], self.factor).squeeze(1)
+        alpha = torch.cat([(1.0 - beta.sum()).reshape(1), beta])
+        return alpha / alpha.sum()
+
+
+def _improve(corral: _Corral, lam: Tensor, j: int) -> Tensor | None:
+    """Wolfe's minor cycles: add point ``j`` to ``corral`` (whose points have the barycentric
+    weights ``lam``) and move to the next major cycle's weights, dropping the points whose
+    weight reaches zero; ``None`` if ``j`` is affinely dependent on the corral up to rounding."""
+    weight = dict(zip(corral.points, lam.tolist(), strict=True))
+    if not corral.add(j):
+        return None
+    weight[j] = 0.0
     while True:
-        alpha = _affine_minimizer(G, corral)
-        if alpha is None:
-            return None
+        lam = torch.tensor([weight[p] for p in corral.points], dtype=torch.float64)
+        alpha = corral.affine_minimizer()
         if bool((alpha > 0).all()):
-            return corral, alpha
+            return alpha
         # Move from lam towards alpha until a weight reaches zero, and drop that point.
         step = lam - alpha
         ratios = torch.where(alpha <= 0, lam / torch.where(step > 0, step, 1.0), torch.inf)
         first_zero = int(ratios.argmin())
         lam = (lam + float(ratios[first_zero]) * (alpha - lam)).clamp(min=0.0)
         lam[first_zero] = 0.0
-        keep = lam > 0
-        if not bool(keep.any()):
+        kept = (lam > 0).tolist()
+        pairs = zip(corral.points, lam.tolist(), kept, strict=True)
+        survivors = {p: value for p, value, k in pairs if k}
+        if not survivors or not corral.keep(kept):
             return None
-        corral = [index for index, kept in zip(corral, keep.tolist(), strict=True) if kept]
-        lam = lam[keep] / lam[keep].sum()
-
-
-def _affine_minimizer(G: Tensor, corral: list[int]) -> Tensor | None:
-    r"""Barycentric weights of the point of the affine hull of the corral nearest to the origin,
-    or ``None`` if the corral is affinely dependent up to rounding.
-
-    With $p_b$ the point of smallest norm of the corral and $D$ the Gram matrix of the
-    differences $p_i - p_b$ of the others, the nearest point is $p_b + \sum_i \beta_i
-    (p_i - p_b)$ with $D\beta = (G_{bb} - G_{ib})_i$. Working with differences from the smallest
-    point keeps the tiny entries of $G$ that a system on $G$ itself would round away. A Cholesky
-    pivot of $D$ up to `DEPENDENCE_TOL` units of rounding of its diagonal entry (the squared
-    distance of a point from the affine hull of the points before it, relative to its distance
-    from $p_b$) means dependence.
-    """
-    k = len(corral)
-    if k == 1:
-        return G.new_ones(1)
-    index = torch.tensor(corral)
-    base = int(G[index, index].argmin())
-    others = torch.cat([index[:base], index[base + 1 :]])
-    b = int(index[base])
-    cross = G[others, b]
-    D = G[others][:, others] - cross[:, None] - cross[None, :] + G[b, b]
-    factor, info = torch.linalg.cholesky_ex(D)
-    eps = torch.finfo(torch.float64).eps
-    pivots = factor.diagonal() ** 2
-    if int(info) != 0 or bool((pivots <= DEPENDENCE_TOL * k * eps * D.diagonal()).any()):
-        return None
-    beta = torch.cholesky_solve((G[b, b] - cross)[:, None], factor).squeeze(1)
-    alpha = torch.cat([beta[:base], (1.0 - beta.sum()).reshape(1), beta[base:]])
-    return alpha / alpha.sum()
+        total = sum(survivors.values())
+        weight = {p: value / total for p, value in survivors.items()}
 
 
 def min_norm_frank_wolfe(G: Tensor, epsilon: float, max_iters: int) -> Tensor:

@@ -11,8 +11,10 @@ the declared properties hold (non-conflicting, permutation invariant), and non-f
 gives a ``ValueError`` or a non-finite result.
 
 Run: ``python tests/benchmarks/bench_fuzz.py [--examples 2000] [--methods mgda upgrad]``.
-Prints, per method, the number of inputs, of inputs with a violation, and the most frequent
-violations with an example each; the thread count is printed (one thread).
+Prints, per method, the number of inputs, of inputs with a violation, of inputs whose Gramian,
+formed in the Jacobian's dtype, overflows or underflows (``unfaith``: the declared properties are
+not checked on them, see `tests.properties.faithful_gramian`), the CPU time, and the most
+frequent violations with an example each; the thread count is printed (one thread).
 """
 
 from __future__ import annotations
@@ -27,7 +29,13 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import jdoptim
-from tests.properties import aggregator_violations, scalarizer_violations, weighting_violations
+from jdoptim.aggregation import GramianWeightedAggregator
+from tests.properties import (
+    aggregator_violations,
+    faithful_gramian,
+    scalarizer_violations,
+    weighting_violations,
+)
 from tests.strategies import degenerate_jacobians, loss_vectors
 
 
@@ -36,11 +44,11 @@ def _kind(violation: str) -> str:
     return re.sub(r"-?\d[\d.e+-]*", "#", violation)[:90]
 
 
-def run(name: str, examples: int) -> tuple[int, int, collections.Counter, dict[str, str]]:
+def run(name: str, examples: int) -> tuple[dict[str, int], collections.Counter, dict[str, str]]:
     spec = jdoptim.get_spec(name)
     counts: collections.Counter = collections.Counter()
     first: dict[str, str] = {}
-    totals = {"inputs": 0, "failed": 0}
+    totals = {"inputs": 0, "failed": 0, "unfaithful": 0}
 
     if spec.kind == "scalarizer":
         strategy, check = loss_vectors(), scalarizer_violations
@@ -63,13 +71,16 @@ def run(name: str, examples: int) -> tuple[int, int, collections.Counter, dict[s
             violations = [f"the check itself raises {type(error).__name__}: {error}"]
         totals["inputs"] += 1
         totals["failed"] += bool(violations)
+        method = spec.example(matrix.shape[0]) if spec.kind == "aggregator" else None
+        if isinstance(method, GramianWeightedAggregator) and method.weighting.uses_matrix:
+            totals["unfaithful"] += not faithful_gramian(method, matrix)
         for violation in violations:
             kind = _kind(violation)
             counts[kind] += 1
             first.setdefault(kind, f"{violation[:120]} [{matrix.dtype}, {tuple(matrix.shape)}]")
 
     sample()
-    return totals["inputs"], totals["failed"], counts, first
+    return totals, counts, first
 
 
 def main() -> None:
@@ -82,18 +93,20 @@ def main() -> None:
         jdoptim.list_aggregators() + jdoptim.list_weightings() + jdoptim.list_scalarizers()
     )
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.examples} inputs")
-    print(f"{'method':28s} {'inputs':>7s} {'failed':>7s} {'seconds':>8s}  violations")
-    total_inputs = total_failed = 0
+    print(f"{'method':28s} {'inputs':>7s} {'failed':>7s} {'unfaith':>7s} {'seconds':>8s}")
+    grand = collections.Counter()
     for name in names:
         start = time.process_time()
-        inputs, failed, counts, first = run(name, args.examples)
+        totals, counts, first = run(name, args.examples)
         seconds = time.process_time() - start
-        total_inputs += inputs
-        total_failed += failed
-        print(f"{name:28s} {inputs:7d} {failed:7d} {seconds:8.1f}")
+        grand.update(totals)
+        print(
+            f"{name:28s} {totals['inputs']:7d} {totals['failed']:7d} "
+            f"{totals['unfaithful']:7d} {seconds:8.1f}"
+        )
         for kind, count in counts.most_common(5):
             print(f"{'':28s} {count:7d}  {first[kind]}")
-    print(f"{'all':28s} {total_inputs:7d} {total_failed:7d}")
+    print(f"{'all':28s} {grand['inputs']:7d} {grand['failed']:7d} {grand['unfaithful']:7d}")
 
 
 if __name__ == "__main__":
