@@ -99,12 +99,11 @@ def test_huge_and_half_precision_gramians_do_not_fail():
 
 def test_the_cut_off_is_the_gramians_precision():
     # Singular values 1 and 1e-5: the Gramian's eigenvalue 1e-10 is above float64's rounding
-    # level (kept, as in TorchJD 0.18), below float32's (dropped there).
+    # level (kept, as in TorchJD 0.18), below float32's (dropped, for a float32 Gramian).
     P, _ = torch.linalg.qr(torch.randn(2, 2, generator=torch.Generator().manual_seed(8)).double())
     Q, _ = torch.linalg.qr(torch.randn(5, 2, generator=torch.Generator().manual_seed(9)).double())
     J = P @ torch.diag(torch.tensor([1.0, 1e-5], dtype=torch.float64)) @ Q.T
     u = torch.full((2,), 0.5, dtype=torch.float64)
     torch.testing.assert_close(AlignedMTL()(J), _reference(J, u, "min", 2))
-    torch.testing.assert_close(
-        AlignedMTL()(J.float()).double(), _reference(J, u, "min", 1), rtol=1e-4, atol=1e-6
-    )
+    weights = AlignedMTLWeighting()((J @ J.T).float()).double()
+    torch.testing.assert_close(weights @ J, _reference(J, u, "min", 1), rtol=1e-4, atol=1e-6)
