@@ -33,16 +33,8 @@ _UNSET = object()
 class Argument:
     """A constructor argument: stored under its public name, checked on every assignment.
 
-    Declare one per constructor parameter, as a class attribute of the parameter's name, and
-    assign the parameter in ``__init__``::
-
-        class CAGradWeighting(Weighting):
-            c = Argument(check_non_negative)
-
-            def __init__(self, c: float) -> None:
-                super().__init__()
-                self.c = c
-
+    Declare one per constructor parameter of an aggregator, weighting or scalarizer, as a class
+    attribute of the parameter's name, and assign the parameter in ``__init__`` (see the example).
     A tensor value is stored as a non-persistent buffer (so that ``.to()`` moves it), a module as
     a submodule, anything else as a plain attribute. After the check, the owner's
     ``_argument_set(name)`` runs (cross-argument checks, restarting a generator...); if either
@@ -53,6 +45,32 @@ class Argument:
             tensor) or raises a ``ValueError`` or ``TypeError`` naming the argument and value.
         fixed: The value can only be set once, in the constructor (for arguments that shape the
             object's state, such as a number of objectives).
+
+    Examples:
+        >>> import torch
+        >>> from jdoptim.aggregation import Argument, Weighting
+        >>> def check_power(value, name):
+        ...     if not isinstance(value, (int, float)) or value <= 0:
+        ...         raise ValueError(f"Invalid {name} value: {value!r}; expected a number > 0.")
+        ...     return float(value)
+        >>> class PowerWeighting(Weighting):  # weights proportional to |g_i|^power
+        ...     power = Argument(check_power)
+        ...
+        ...     def __init__(self, power: float = 1.0) -> None:
+        ...         super().__init__()
+        ...         self.power = power
+        ...
+        ...     def _weights(self, gramian):
+        ...         norms = gramian.diagonal().sqrt() ** self.power
+        ...         return norms / norms.sum()
+        >>> weighting = PowerWeighting()
+        >>> weighting.power = 2
+        >>> weighting, weighting(torch.diag(torch.tensor([1.0, 9.0])))
+        (PowerWeighting(power=2.0), tensor([0.1000, 0.9000]))
+        >>> weighting.power = -1.0
+        Traceback (most recent call last):
+        ...
+        ValueError: Invalid power value: -1.0; expected a number > 0.
     """
 
     def __init__(self, check: Check, *, fixed: bool = False) -> None:
