@@ -96,10 +96,6 @@ def test_every_page_is_in_the_nav_or_generated() -> None:
         assert uri in listed, f"{uri} is not in mkdocs.yml's nav"
 
 
-@pytest.mark.skipif(
-    any(importlib.util.find_spec(name) is None for name in ("mkdocs", "material", "mkdocstrings")),
-    reason="mkdocs, mkdocs-material or mkdocstrings is not installed (the docs extra)",
-)
 def _hooks():
     """The docs hook module, which knows what pages it generates."""
     spec = importlib.util.spec_from_file_location(
@@ -111,7 +107,17 @@ def _hooks():
     return module
 
 
-def test_mkdocs_build_strict(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    """The site, built once with ``mkdocs build --strict``."""
+    missing = [
+        name
+        for name in ("mkdocs", "material", "mkdocstrings", "latex2mathml")
+        if importlib.util.find_spec(name) is None
+    ]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed (the docs extra)")
+    tmp_path = tmp_path_factory.mktemp("site")
     result = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path)],
         cwd=ROOT,
@@ -121,6 +127,11 @@ def test_mkdocs_build_strict(tmp_path: Path) -> None:
         env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
     )
     assert result.returncode == 0, result.stderr[-6000:]
+    return tmp_path
+
+
+def test_mkdocs_build_strict(site: Path) -> None:
+    tmp_path = site
     assert (tmp_path / "index.html").exists()
     hooks = _hooks()
     # Every registered method is documented on its generated page, under its own anchor.
@@ -140,3 +151,47 @@ def test_mkdocs_build_strict(tmp_path: Path) -> None:
     for name in hooks.public_modules():
         assert (tmp_path / "reference" / name / "index.html").exists(), name
     assert "Unreleased" in (tmp_path / "changelog" / "index.html").read_text(encoding="utf-8")
+
+
+# An address outside the site: "//host/..." or a scheme such as "https:".
+EXTERNAL = re.compile(r"^(?:[a-z][a-z0-9+.-]*:|//)", flags=re.IGNORECASE)
+
+
+def test_the_site_loads_nothing_from_the_network(site: Path) -> None:
+    """Scripts, style sheets, fonts and images come from the site itself, so that it reads the
+    same offline; links to papers may point anywhere."""
+    loaded = re.compile(
+        r"<(?:script|img|iframe|source)\b[^>]*?\bsrc=[\"']([^\"']+)"
+        r"|<link\b[^>]*?\bhref=[\"']([^\"']+)[^>]*>"
+        r"|@import\s+(?:url\()?[\"']?([^\"')\s]+)"
+        r"|url\([\"']?([^\"')]+)",
+        flags=re.IGNORECASE,
+    )
+    pages = sorted(site.rglob("*.html")) + sorted(site.rglob("*.css"))
+    assert len(pages) > 50, "the site has fewer pages than expected"
+    for page in pages:
+        text = page.read_text(encoding="utf-8")
+        for match in loaded.finditer(text):
+            address = next(group for group in match.groups() if group)
+            tag = match.group(0)
+            if tag.lower().startswith("<link") and not re.search(
+                r"rel=[\"']?(?:stylesheet|preload|preconnect|icon|modulepreload)", tag, re.I
+            ):
+                continue  # canonical, alternate: not loaded
+            if address.startswith("data:"):
+                continue
+            assert not EXTERNAL.match(address), f"{page.relative_to(site)} loads {address}"
+
+
+def test_formulas_are_rendered_into_mathml(site: Path) -> None:
+    """No formula is left as LaTeX for a script to typeset."""
+    formulas = 0
+    for page in site.rglob("*.html"):
+        text = page.read_text(encoding="utf-8")
+        for element in re.findall(r'class="arithmatex">(.*?)</(?:span|div)>', text, re.DOTALL):
+            formulas += 1
+            assert element.startswith("<math"), f"{page.relative_to(site)}: {element[:200]}"
+            # MathML Core (Chromium) ignores every mathvariant but "normal".
+            assert not re.search(r'mathvariant="(?!normal")', element), element[:300]
+        assert "mathjax" not in text.lower(), page.relative_to(site)
+    assert formulas > 100, formulas

@@ -69,9 +69,14 @@ def test_quickstart_default() -> None:
 def test_multi_task_digits() -> None:
     pytest.importorskip("sklearn")
     output = run_example(
-        "multi_task_digits.py", "--epochs", "4", "--train-size", "2000", "--test-size", "500"
+        "multi_task_digits.py", "--epochs", "4", "--train-size", "2000", "--validation-size",
+        "300", "--test-size", "500", "--lrs", "0.01", "0.03",
+    )  # fmt: skip
+    sweep = re.findall(r"^\s+(0\.01|0\.03)\s+\d\.\d+\s+\d\.\d+$", output, flags=re.MULTILINE)
+    assert sweep == ["0.01", "0.03"], output
+    rows = re.findall(
+        r"^\s+(Mean|UPGrad)\s+0\.0[13]\s+(\d\.\d+)\s+(\d\.\d+)$", output, flags=re.MULTILINE
     )
-    rows = re.findall(r"^\s+(Mean|UPGrad)\s+(\d\.\d+)\s+(\d\.\d+)$", output, flags=re.MULTILINE)
     assert [name for name, *_ in rows] == ["Mean", "UPGrad"], output
     # A few epochs are enough to read both digits far better than chance (0.1).
     assert all(float(a) > 0.5 and float(b) > 0.5 for _, a, b in rows), output
@@ -79,15 +84,28 @@ def test_multi_task_digits() -> None:
 
 def test_iwrm() -> None:
     pytest.importorskip("sklearn")
-    output = run_example("iwrm.py", "--epochs", "2", "--lr", "0.01", "--chunk-size", "16")
+    output = run_example("iwrm.py", "--epochs", "2", "--lrs", "0.01", "--chunk-size", "16")
     rows = re.findall(
-        r"^\s+(Mean|UPGrad)\s+(\d+\.\d+)\s+(\d\.\d+)\s+(\d+) / (\d+)", output, flags=re.MULTILINE
+        r"^\s+(Mean|UPGrad)\s+0\.01\s+(\d+\.\d+)\s+(\d\.\d+)\s+(\d+) / (\d+)",
+        output,
+        flags=re.MULTILINE,
     )
     assert [row[0] for row in rows] == ["Mean", "UPGrad"], output
     increased = {row[0]: int(row[3]) for row in rows}
     # With a small learning rate, an UPGrad step raises no sample's loss; a Mean step almost
     # always raises some.
     assert increased["UPGrad"] < increased["Mean"], output
+
+
+def test_iwrm_sweep_reports_each_method_at_its_best_learning_rate() -> None:
+    pytest.importorskip("sklearn")
+    output = run_example("iwrm.py", "--epochs", "1", "--lrs", "0.01", "0.3")
+    table = re.findall(r"^\s+(0\.01|0\.3)\s+(\d\.\d+)\s+(\d\.\d+)$", output, flags=re.MULTILINE)
+    assert [lr for lr, *_ in table] == ["0.01", "0.3"], output
+    chosen = dict(re.findall(r"^\s+(Mean|UPGrad)\s+(\S+)\s+\d+\.\d+", output, flags=re.M))
+    for column, name in enumerate(["Mean", "UPGrad"], start=1):
+        best = max(table, key=lambda row: float(row[column]))[0]
+        assert chosen[name] == best, output
 
 
 def test_config_from_file() -> None:
