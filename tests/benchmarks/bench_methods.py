@@ -9,11 +9,10 @@ for scale.
 Each row of the Jacobian is a direction shared by all rows plus a random row of its own, scaled
 by a factor between 0.1 and 10, so that the rows' norms differ as the gradients of real tasks
 do. With a small shared part (0.3 times the norm of the own part), many pairs of rows conflict;
-a last column repeats m = 128 with a large one (3 times), rows that mostly agree, the harder
-case for the iterative solvers of the non-conflicting methods (most constraints are active).
-Every method runs on the same matrices, interleaved in the same
-rounds of one process on one torch thread; the table gives the median CPU time of the process
-over the rounds. Stateful methods keep their state from one round to the next, as in training.
+a last column repeats m = 128 with a large one (3 times): rows that mostly agree, where the
+iterative solvers meet other active sets. Every method runs on the same matrices, interleaved
+in the same rounds of one process on one torch thread; the table gives the median CPU time of
+the process over the rounds. Stateful methods keep their state from one round to the next, as in training.
 
 The table is written in Markdown to ``docs/snippets/method_costs.md``, which the guide on
 choosing a method includes; regenerate it with
