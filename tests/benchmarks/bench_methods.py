@@ -12,7 +12,8 @@ do. With a small shared part (0.3 times the norm of the own part), many pairs of
 a last column repeats m = 128 with a large one (3 times): rows that mostly agree, where the
 iterative solvers meet other active sets. Every method runs on the same matrices, interleaved
 in the same rounds of one process on one torch thread; the table gives the median CPU time of
-the process over the rounds. Stateful methods keep their state from one round to the next, as in training.
+the process over the rounds. Stateful methods keep their state from one round to the next, as
+in training.
 
 The table is written in Markdown to ``docs/snippets/method_costs.md``, which the guide on
 choosing a method includes; regenerate it with
