@@ -212,3 +212,24 @@ def test_the_table_of_costs_lists_every_aggregator() -> None:
     assert (DOCS / "guides" / "choosing.md").read_text(encoding="utf-8").count(
         '--8<-- "docs/snippets/method_costs.md"'
     ) == 1
+
+
+def test_the_cite_page_has_the_paper_of_every_registered_method() -> None:
+    import jdoptim
+
+    cite = re.sub(r" +", " ", (DOCS / "cite.md").read_text(encoding="utf-8"))
+    assert f"version = {{{jdoptim.__version__}}}" in cite
+    names = jdoptim.list_aggregators() + jdoptim.list_weightings() + jdoptim.list_scalarizers()
+    for name in names:
+        paper = jdoptim.get_spec(name).paper
+        if paper is None:
+            continue
+        arxiv = re.search(r"arxiv\.org/abs/([\d.]+)", paper)
+        key = f"eprint = {{{arxiv.group(1)}}}" if arxiv else paper
+        assert key in cite, f"cite.md has no entry for {name} ({paper})"
+
+
+def test_the_home_page_lists_every_example() -> None:
+    home = (DOCS / "index.md").read_text(encoding="utf-8")
+    for script in sorted((ROOT / "examples").glob("*.py")):
+        assert f"`{script.name}`" in home, f"docs/index.md does not list examples/{script.name}"
