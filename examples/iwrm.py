@@ -115,7 +115,7 @@ def main() -> None:
     methods = {"Mean": Mean, "UPGrad": UPGrad}
     print(
         f"Digits: {len(splits['train'])} training, {len(splits['validation'])} validation and "
-        f"{len(splits['test'])} test images; one objective per sample, batches of "
+        f"{len(splits['test'])} test images;\none objective per sample, batches of "
         f"{args.batch_size}, SGD, {args.epochs} epochs."
     )
     start = time.perf_counter()

@@ -136,7 +136,7 @@ def main() -> None:
     methods = {"Mean": Mean, "UPGrad": UPGrad}
     print(
         f"MultiDigits: {args.train_size} training, {args.validation_size} validation and "
-        f"{args.test_size} test canvases of two digits; SGD with momentum 0.9, batch "
+        f"{args.test_size} test canvases of two digits;\nSGD with momentum 0.9, batch "
         f"{args.batch_size}, {args.epochs} epochs."
     )
     start = time.perf_counter()

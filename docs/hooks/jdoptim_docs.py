@@ -159,25 +159,40 @@ def _mark(value: bool) -> str:
     return "✓" if value else "✗"
 
 
+# Short labels of the publishers of papers without an arXiv version, by host.
+PUBLISHERS = {
+    "proceedings.neurips.cc": "NeurIPS",
+    "openreview.net": "OpenReview",
+    "ieeexplore.ieee.org": "IEEE",
+}
+
+
 def paper_link(url: str | None) -> str:
+    """A short link to a paper: its arXiv number, or its publisher."""
     if not url:
         return ""
     match = re.search(r"arxiv\.org/(?:abs|pdf)/([\w.]+?)(?:v\d+)?(?:\.pdf)?$", url)
-    label = f"arXiv:{match.group(1)}" if match else re.sub(r"^https?://(www\.)?", "", url)
+    if match:
+        label = f"arXiv {match.group(1)}"
+    else:
+        host = re.sub(r"^https?://(www\.)?", "", url).split("/", 1)[0]
+        label = PUBLISHERS.get(host, host)
     return f"[{label}]({url})"
 
 
 def properties_table(specs: list[Spec], from_uri: str, *, link: bool = True) -> str:
     gramian = all(spec.kind in GRAMIAN_KINDS for spec in specs)
-    header = ["Method", "Registry name", *(["Gramian-based"] if gramian else [])]
+    # The registry name goes under the method's name rather than in a column of its own, so
+    # that the table fits the content column of a laptop's screen.
+    header = ["Method<br>registry name", *(["Gramian-based"] if gramian else [])]
     header += [title for _, title in PROPERTIES] + ["Paper"]
-    marks = len(header) - 3  # the columns of ✓ and ✗, centred
-    rows = ["| " + " | ".join(header) + " |", "| --- | --- |" + " :-: |" * marks + " --- |"]
+    marks = len(header) - 2  # the columns of ✓ and ✗, centred
+    rows = ["| " + " | ".join(header) + " |", "| --- |" + " :-: |" * marks + " --- |"]
     for spec in specs:
         name = display_name(spec)
         if link:
             name = f"[{name}]({_link(from_uri, page_of(spec).src_uri)})"
-        cells = [name, f"`{spec.name}`", *([_mark(spec.gramian_based)] if gramian else [])]
+        cells = [f"{name}<br>`{spec.name}`", *([_mark(spec.gramian_based)] if gramian else [])]
         cells += [_mark(getattr(spec, field)) for field, _ in PROPERTIES]
         cells.append(paper_link(spec.paper))
         rows.append("| " + " | ".join(cells) + " |")

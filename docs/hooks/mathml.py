@@ -23,6 +23,10 @@ from latex2mathml.converter import convert
 
 FORMULA = re.compile(r'<(span|div) class="arithmatex">(.*?)</\1>', flags=re.DOTALL)
 DELIMITERS = {"span": ("\\(", "\\)", "inline"), "div": ("\\[", "\\]", "block")}
+# Operators latex2mathml does not know, rewritten into what it renders: "arg min" upright.
+ARG = re.compile(r"\\arg(?![A-Za-z])(?:\s*\\(min|max)(?![A-Za-z]))?")
+# A command latex2mathml left as text, such as "\\foo" inside <mi>: the build fails on it.
+UNKNOWN_COMMAND = re.compile(r"<m[io][^>]*>\\[A-Za-z]+")
 VARIANT = re.compile(r'<(mi|mn) mathvariant="([a-z-]+)">(.)</\1>')
 # Unicode's names of the alphabets that mathvariant values stand for.
 ALPHABETS = {
@@ -72,8 +76,12 @@ def to_mathml(tag: str, body: str, where: str) -> str:
     latex = html.unescape(body).strip()
     if not (latex.startswith(opening) and latex.endswith(closing)):
         raise ValueError(f"Unexpected formula {latex!r} in {where}.")
-    mathml = convert(latex[len(opening) : -len(closing)].strip(), display=display)
-    if "<merror" in mathml:
+    source = ARG.sub(
+        lambda m: r"\mathrm{arg" + (rf"\,{m.group(1)}" if m.group(1) else "") + "}",
+        latex[len(opening) : -len(closing)].strip(),
+    )
+    mathml = convert(source, display=display)
+    if "<merror" in mathml or UNKNOWN_COMMAND.search(mathml):
         raise ValueError(f"latex2mathml cannot render {latex!r} in {where}: {mathml}")
     return f'<{tag} class="arithmatex">{_plain_characters(mathml)}</{tag}>'
 
