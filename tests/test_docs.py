@@ -234,3 +234,23 @@ def test_the_home_page_lists_every_example() -> None:
     home = (DOCS / "index.md").read_text(encoding="utf-8")
     for script in sorted((ROOT / "examples").glob("*.py")):
         assert f"`{script.name}`" in home, f"docs/index.md does not list examples/{script.name}"
+
+
+def test_every_included_file_is_included(site: Path) -> None:
+    """A file included with pymdownx.snippets (``--8<-- "path"``) appears in the built page,
+    and no snippet marker is left, for instance in a code block a formatter rewrote."""
+    for page in DOCS.rglob("*.md"):
+        text = page.read_text(encoding="utf-8")
+        assert not re.search(r"--8\s+<|<\s+--\s*\"", text), f"a rewritten snippet marker in {page}"
+        included = re.findall(r'^--8<-- "([^"]+)"$', text, re.M)
+        if not included or page.parent.name == "snippets":
+            continue
+        uri = page.relative_to(DOCS).with_suffix("").as_posix()
+        html = (site / uri.removesuffix("index") / "index.html").read_text(encoding="utf-8")
+        for path in included:
+            first_line = (ROOT / path).read_text(encoding="utf-8").splitlines()[0]
+            words = re.findall(r"[A-Za-z]{4,}", first_line)[:3]
+            assert all(word in html for word in words), f"{path} is not in {uri}"
+    for page in site.rglob("*.html"):
+        text = page.read_text(encoding="utf-8")
+        assert not re.search(r"--8\s*&lt;", text), f"an unexpanded snippet in {page}"

@@ -180,21 +180,25 @@ def paper_link(url: str | None) -> str:
     return f"[{label}]({url})"
 
 
-def properties_table(specs: list[Spec], from_uri: str, *, link: bool = True) -> str:
+def properties_table(
+    specs: list[Spec], from_uri: str, *, link: bool = True, paper: bool = True
+) -> str:
     gramian = all(spec.kind in GRAMIAN_KINDS for spec in specs)
     # The registry name goes under the method's name rather than in a column of its own, so
     # that the table fits the content column of a laptop's screen.
     header = ["Method<br>registry name", *(["Gramian-based"] if gramian else [])]
-    header += [title for _, title in PROPERTIES] + ["Paper"]
-    marks = len(header) - 2  # the columns of ✓ and ✗, centred
-    rows = ["| " + " | ".join(header) + " |", "| --- |" + " :-: |" * marks + " --- |"]
+    header += [title for _, title in PROPERTIES]
+    marks = len(header) - 1  # the columns of ✓ and ✗, centred
+    rows = ["| " + " | ".join(header + ["Paper"] * paper) + " |"]
+    rows.append("| --- |" + " :-: |" * marks + " --- |" * paper)
     for spec in specs:
         name = display_name(spec)
         if link:
             name = f"[{name}]({_link(from_uri, page_of(spec).src_uri)})"
         cells = [f"{name}<br>`{spec.name}`", *([_mark(spec.gramian_based)] if gramian else [])]
         cells += [_mark(getattr(spec, field)) for field, _ in PROPERTIES]
-        cells.append(paper_link(spec.paper))
+        if paper:
+            cells.append(paper_link(spec.paper))
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -220,7 +224,8 @@ def config_example(spec: Spec) -> str:
 def method_page_markdown(page: MethodPage) -> str:
     parts = [
         f"# {page.title}",
-        properties_table(list(page.specs), page.src_uri, link=False),
+        # The docstrings below cite the paper.
+        properties_table(list(page.specs), page.src_uri, link=False, paper=False),
         "See [the table of all methods](index.md) for what the properties mean.",
     ]
     parts += [config_example(spec) for spec in page.specs]
