@@ -254,3 +254,15 @@ def test_every_included_file_is_included(site: Path) -> None:
     for page in site.rglob("*.html"):
         text = page.read_text(encoding="utf-8")
         assert not re.search(r"--8\s*&lt;", text), f"an unexpanded snippet in {page}"
+
+
+def test_every_page_has_a_title_of_its_own(site: Path) -> None:
+    titles: dict[str, Path] = {}
+    for page in sorted(site.rglob("index.html")):
+        match = re.search(r"<title>(.*?)</title>", page.read_text(encoding="utf-8"), re.S)
+        if match is None or page.parent.name == "404":
+            continue
+        title = match.group(1).strip()
+        assert title not in titles, f"{page} and {titles[title]} are both titled {title!r}"
+        titles[title] = page
+    assert len(titles) > 50
