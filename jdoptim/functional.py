@@ -135,7 +135,12 @@ def stack_jacobians(jacobians: Sequence[Tensor]) -> Tensor:
     """Concatenate per-tensor Jacobians ``[m, *shape]`` into one matrix ``[m, n]``.
 
     Tensors of different dtypes are promoted to a common one.
+
+    Raises:
+        ValueError: If ``jacobians`` is empty.
     """
+    if not jacobians:
+        raise ValueError("jacobians is empty; pass the Jacobian of at least one tensor.")
     dtype = jacobians[0].dtype
     for jac in jacobians[1:]:
         dtype = torch.promote_types(dtype, jac.dtype)
@@ -167,6 +172,9 @@ def aggregate(jacobians: Sequence[Tensor], aggregator: Aggregator) -> list[Tenso
 
     Returns:
         The update for each tensor, with shape ``shape``.
+
+    Raises:
+        ValueError: If ``jacobians`` is empty.
     """
     matrix = stack_jacobians(jacobians)
     update = aggregator(matrix)
