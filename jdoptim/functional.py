@@ -94,10 +94,7 @@ def jacobian(
         For each input, its Jacobian of shape ``[m, *input.shape]``, or ``None`` if no output
         depends on it.
     """
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-    ):
-        raise ValueError(f"Invalid chunk_size value: {chunk_size!r}; expected an integer >= 1.")
+    check_chunk_size(chunk_size)
     m = outputs.shape[0]
     step = 1 if not batched else (m if chunk_size is None else chunk_size)
     identity = torch.eye(m, dtype=outputs.dtype, device=outputs.device)
@@ -124,6 +121,15 @@ def jacobian(
         None if per_chunk[0] is None else _concatenate(per_chunk)
         for per_chunk in zip(*chunks, strict=True)
     ]
+
+
+def check_chunk_size(chunk_size: int | None) -> int | None:
+    """Raise unless ``chunk_size`` is ``None`` or an integer ≥ 1; return it."""
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"Invalid chunk_size value: {chunk_size!r}; expected an integer >= 1.")
+    return chunk_size
 
 
 def _concatenate(pieces: Sequence[Tensor | None]) -> Tensor:

@@ -38,7 +38,7 @@ from jdoptim._state import GlobalGenerators, MethodState, check_method_state, ch
 from jdoptim.aggregation import Aggregator, GramianWeightedAggregator
 from jdoptim.diagnostics import StepDiagnostics
 from jdoptim.distributed import default_process_group, disable_ddp_sync, synchronise
-from jdoptim.functional import as_loss_vector
+from jdoptim.functional import as_loss_vector, check_chunk_size
 from jdoptim.gramian import GramianEngine, is_supported
 from jdoptim.gramian._engine import _check_batch_dim
 from jdoptim.registry import build, to_config
@@ -229,10 +229,7 @@ class JDOptimizer(Optimizer):
             )
         if mode not in MODES:
             raise ValueError(f"Invalid mode value: {mode!r}; valid modes: {MODES}.")
-        if chunk_size is not None and (
-            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-        ):
-            raise ValueError(f"Invalid chunk_size value: {chunk_size!r}; expected an integer >= 1.")
+        check_chunk_size(chunk_size)
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(
                 f"Invalid nonfinite value: {nonfinite!r}; valid policies: {NONFINITE_POLICIES}."
@@ -253,8 +250,8 @@ class JDOptimizer(Optimizer):
         _check_batch_dim(batch_dim)
         self.optimizer = optimizer
         self.mode = mode
-        self.shared_params = self._check_shared(shared_params)
-        self.chunk_size = chunk_size
+        self._shared_params = self._check_shared(shared_params)
+        self._chunk_size = chunk_size
         self.nonfinite = nonfinite
         self.scaler = scaler
         self.accumulation = accumulation
@@ -264,6 +261,8 @@ class JDOptimizer(Optimizer):
         self.process_group = process_group
         self.local_weighting = local_weighting
         self._path = self._make_path(aggregator)
+        for module in self.modules:
+            disable_ddp_sync(module)
         self.last_diagnostics: StepDiagnostics | None = None
         self._diagnostics_hooks: OrderedDict[int, DiagnosticsHook] = OrderedDict()
         self._pending: list[Pieces] = []
@@ -286,7 +285,6 @@ class JDOptimizer(Optimizer):
         for module in listed:
             if not isinstance(module, nn.Module):
                 raise TypeError(f"modules must hold nn.Module objects, got {module!r}.")
-            disable_ddp_sync(module)
         return listed
 
     def _make_path(self, aggregator: Aggregator | Scalarizer) -> Path:
@@ -321,7 +319,7 @@ class JDOptimizer(Optimizer):
             and is_supported(self.modules, batch_dim=self.batch_dim)
         ):
             return GramianPath(aggregator, GramianEngine(self.modules, batch_dim=self.batch_dim))
-        return JacobianPath(aggregator, self.shared_params, self.chunk_size)
+        return JacobianPath(aggregator, self._shared_params, self._chunk_size)
 
     @property
     def aggregator(self) -> Aggregator | Scalarizer:
@@ -331,17 +329,37 @@ class JDOptimizer(Optimizer):
 
     @aggregator.setter
     def aggregator(self, aggregator: Aggregator | Scalarizer) -> None:
-        kind = {
-            JacobianPath: Aggregator,
-            GramianPath: GramianWeightedAggregator,
-            ScalarizedPath: Scalarizer,
-        }[type(self._path)]
+        kind = self._path.method_type
         if not isinstance(aggregator, kind):
             raise TypeError(
-                f"This optimizer's {self.resolved_mode} path needs a {kind.__name__}, got "
-                f"{aggregator!r}; build a new JDOptimizer to change the kind of method."
+                f"This optimizer's {self.resolved_mode} path takes a method of type "
+                f"{kind.__name__}, got {aggregator!r}; build a new JDOptimizer to change the "
+                "kind of method."
             )
         self._path.method = aggregator
+
+    @property
+    def chunk_size(self) -> int | None:
+        """Losses per batched backward pass (see the constructor); it may be reassigned."""
+        return self._chunk_size
+
+    @chunk_size.setter
+    def chunk_size(self, chunk_size: int | None) -> None:
+        self._chunk_size = check_chunk_size(chunk_size)
+        if isinstance(self._path, JacobianPath):
+            self._path.chunk_size = chunk_size
+
+    @property
+    def shared_params(self) -> list[Tensor] | None:
+        """The parameters whose Jacobian is aggregated (see the constructor); they may be
+        reassigned in jacobian mode."""
+        return self._shared_params
+
+    @shared_params.setter
+    def shared_params(self, shared_params: Iterable[Tensor] | nn.Module | None) -> None:
+        self._shared_params = self._check_shared(shared_params)
+        if isinstance(self._path, JacobianPath):
+            self._path.shared_params = self._shared_params
 
     @property
     def resolved_mode(self) -> Literal["jacobian", "gramian"]:

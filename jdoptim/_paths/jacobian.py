@@ -37,6 +37,7 @@ class JacobianPath(Path):
             backward pass per loss.
     """
 
+    method_type = Aggregator
     method: Aggregator
 
     def __init__(
