@@ -31,9 +31,9 @@ from jdoptim._paths import (
     Pieces,
     ScalarizedPath,
     Update,
+    check_combinable,
     combine,
 )
-from jdoptim._paths.base import check_combinable
 from jdoptim._state import GlobalGenerators, MethodState, check_method_state, check_optimizer_state
 from jdoptim.aggregation import Aggregator, GramianWeightedAggregator
 from jdoptim.diagnostics import StepDiagnostics

@@ -20,7 +20,7 @@ anything (the optimizer keeps the transaction: it puts the method's state back a
 The package is private: its interface may change between releases.
 """
 
-from jdoptim._paths.base import Losses, Path, Pieces, Update, combine
+from jdoptim._paths.base import Losses, Path, Pieces, Update, check_combinable, combine
 from jdoptim._paths.gramian import GramianPath
 from jdoptim._paths.jacobian import JacobianPath
 from jdoptim._paths.scalarized import ScalarizedPath
@@ -33,5 +33,6 @@ __all__ = [
     "Pieces",
     "ScalarizedPath",
     "Update",
+    "check_combinable",
     "combine",
 ]
