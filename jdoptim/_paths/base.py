@@ -83,6 +83,8 @@ class Path(ABC):
         method: The aggregator or scalarizer the path applies.
     """
 
+    method_type: ClassVar[type[nn.Module]] = nn.Module
+    """The kind of method the path applies."""
     mode: ClassVar[Literal["jacobian", "gramian"]] = "jacobian"
     """What `JDOptimizer.resolved_mode` reports for this path."""
     what: ClassVar[str] = "the Jacobian"

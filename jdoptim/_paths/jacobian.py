@@ -37,6 +37,7 @@ class JacobianPath(Path):
             backward pass per loss.
     """
 
+    method_type = Aggregator
     method: Aggregator
 
     def __init__(
@@ -74,15 +75,20 @@ class JacobianPath(Path):
                 # The graph is kept in case vmap fails midway and the losses must be replayed.
                 jacobians = jacobian(vector, params, chunk_size=self.chunk_size, retain_graph=True)
             except RuntimeError as error:
+                # vmap's failure if the same losses go through one backward pass per loss; else
+                # the model's, raised from that retry (and tried batched again next time).
+                jacobians = jacobian(vector, params, retain_graph=retain_graph, batched=False)
                 warnings.warn(
-                    f"The batched backward pass failed ({error}); computing one backward pass "
-                    "per loss from now on. Pass chunk_size=1 to choose this explicitly.",
-                    stacklevel=4,
+                    f"The batched backward pass failed where one backward pass per loss works, "
+                    f"so vmap cannot batch this graph ({error}); the losses go through one "
+                    "backward pass per loss from now on. Pass chunk_size=1 to choose this "
+                    "explicitly.",
+                    stacklevel=5,
                 )
                 self.batched = False
             else:
                 self.batched = True
-                return jacobians
+            return jacobians
         return jacobian(
             vector,
             params,

@@ -243,9 +243,14 @@ def check_positive_int(value: int, name: str) -> int:
 
 
 def check_seed(seed: int | None) -> int | None:
-    """Raise unless ``seed`` is an integer or ``None``."""
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ValueError(f"Invalid seed value: {seed!r}; expected an integer or None.")
+    """Raise unless ``seed`` is ``None`` or an integer that ``torch.Generator.manual_seed``
+    accepts (from ``-2**63`` to ``2**64 - 1``)."""
+    if seed is not None and (
+        isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64
+    ):
+        raise ValueError(
+            f"Invalid seed value: {seed!r}; expected an integer from -2**63 to 2**64 - 1, or None."
+        )
     return seed
 
 
