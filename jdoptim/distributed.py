@@ -29,9 +29,10 @@ def default_process_group() -> ProcessGroup | None:
 def disable_ddp_sync(module: nn.Module) -> None:
     """Turn off the gradient all-reduce of a ``DistributedDataParallel`` module.
 
-    `JDOptimizer` computes Jacobians with ``torch.autograd.grad`` and reduces them itself; DDP's
-    own reducer would otherwise wait for gradients that never arrive. Modules that are not DDP
-    wrappers are left alone.
+    `JDOptimizer` computes gradients with ``torch.autograd.grad``, which runs none of DDP's
+    hooks, and reduces the Jacobian itself: DDP's all-reduce never runs. Turning its
+    synchronisation off skips the bookkeeping DDP does at each forward pass for a backward pass
+    that never comes. Modules that are not DDP wrappers are left alone.
     """
     if isinstance(module, nn.parallel.DistributedDataParallel):
         module.require_backward_grad_sync = False

@@ -94,10 +94,7 @@ def jacobian(
         For each input, its Jacobian of shape ``[m, *input.shape]``, or ``None`` if no output
         depends on it.
     """
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-    ):
-        raise ValueError(f"Invalid chunk_size value: {chunk_size!r}; expected an integer >= 1.")
+    check_chunk_size(chunk_size)
     m = outputs.shape[0]
     step = 1 if not batched else (m if chunk_size is None else chunk_size)
     identity = torch.eye(m, dtype=outputs.dtype, device=outputs.device)
@@ -126,6 +123,15 @@ def jacobian(
     ]
 
 
+def check_chunk_size(chunk_size: int | None) -> int | None:
+    """Raise unless ``chunk_size`` is ``None`` or an integer ≥ 1; return it."""
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"Invalid chunk_size value: {chunk_size!r}; expected an integer >= 1.")
+    return chunk_size
+
+
 def _concatenate(pieces: Sequence[Tensor | None]) -> Tensor:
     # A single chunk is returned as it is: concatenating it would copy the whole Jacobian.
     return pieces[0] if len(pieces) == 1 else torch.cat(list(pieces))  # type: ignore[arg-type]
@@ -135,7 +141,12 @@ def stack_jacobians(jacobians: Sequence[Tensor]) -> Tensor:
     """Concatenate per-tensor Jacobians ``[m, *shape]`` into one matrix ``[m, n]``.
 
     Tensors of different dtypes are promoted to a common one.
+
+    Raises:
+        ValueError: If ``jacobians`` is empty.
     """
+    if not jacobians:
+        raise ValueError("jacobians is empty; pass the Jacobian of at least one tensor.")
     dtype = jacobians[0].dtype
     for jac in jacobians[1:]:
         dtype = torch.promote_types(dtype, jac.dtype)
@@ -167,6 +178,9 @@ def aggregate(jacobians: Sequence[Tensor], aggregator: Aggregator) -> list[Tenso
 
     Returns:
         The update for each tensor, with shape ``shape``.
+
+    Raises:
+        ValueError: If ``jacobians`` is empty.
     """
     matrix = stack_jacobians(jacobians)
     update = aggregator(matrix)

@@ -1,17 +1,20 @@
 """`JDOptimizer`: Jacobian descent inside any ``torch.optim`` optimizer.
 
-A loss vector goes through :meth:`JDOptimizer.backward`: its Jacobian with respect to the
-parameters (``jdoptim.functional.jacobian``), then the aggregator (``jdoptim.aggregation``, whose
-numerical kernels live in ``jdoptim.linalg``), then the update is added into ``.grad``;
-:meth:`JDOptimizer.step` then lets the inner optimizer step.
+A loss vector goes through :meth:`JDOptimizer.backward`, which hands it to one path
+(``jdoptim._paths``: the Jacobian, the Gramian or a scalarised loss). The path computes, on the
+side, what to aggregate and then the update, calling the aggregator (``jdoptim.aggregation``,
+whose numerical kernels live in ``jdoptim.linalg``); the optimizer queues, reduces across ranks
+and checks, then adds the update into ``.grad``; :meth:`JDOptimizer.step` lets the inner
+optimizer step.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -20,17 +23,24 @@ from torch.distributed import ProcessGroup
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from jdoptim.aggregation import Aggregator, GramianWeightedAggregator, WeightedAggregator
-from jdoptim.diagnostics import StepDiagnostics, diagnose, diagnose_gramian
-from jdoptim.distributed import default_process_group, disable_ddp_sync, synchronise
-from jdoptim.functional import (
-    accumulate_grads,
-    as_loss_vector,
-    jacobian,
-    split_update,
-    stack_jacobians,
+from jdoptim._paths import (
+    GramianPath,
+    JacobianPath,
+    Losses,
+    Path,
+    Pieces,
+    ScalarizedPath,
+    Update,
+    check_combinable,
+    combine,
 )
+from jdoptim._state import GlobalGenerators, MethodState, check_method_state, check_optimizer_state
+from jdoptim.aggregation import Aggregator, GramianWeightedAggregator
+from jdoptim.diagnostics import StepDiagnostics
+from jdoptim.distributed import default_process_group, disable_ddp_sync, synchronise
+from jdoptim.functional import as_loss_vector, check_chunk_size
 from jdoptim.gramian import GramianEngine, is_supported
+from jdoptim.gramian._engine import _check_batch_dim
 from jdoptim.registry import build, to_config
 from jdoptim.scalarization import Scalarizer
 
@@ -46,48 +56,37 @@ _STATE_KEY = "jdoptim"
 _CONFIG_OPTIONS = ("mode", "batch_dim", "chunk_size", "nonfinite", "accumulation", "diagnostics")
 
 
-def _all_finite(tensors: Sequence[Tensor]) -> bool:
-    """Whether every entry of every tensor is finite, with one synchronisation.
-
-    A sum is non-finite whenever a term is, so one pass of additions decides the common case;
-    only a non-finite sum (which finite terms can also give, by overflow) is checked entry by
-    entry.
-    """
-    if not tensors:
-        return True
-    sums = torch.stack([t.sum() for t in tensors])
-    if bool(torch.isfinite(sums).all()):
-        return True
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
-
-
-def _not_connected(params: list[Tensor]) -> ValueError:
-    return ValueError(
-        f"None of the {len(params)} parameters of the optimizer receives a gradient from the "
-        "losses; are they computed from this model?"
-    )
-
-
-def _non_finite(vector: Tensor, otherwise: str) -> str:
-    """Name the non-finite losses, or else ``otherwise`` (what was found not finite)."""
-    bad = (~torch.isfinite(vector)).nonzero().flatten().tolist()
-    return f"losses at indices {bad} are not finite" if bad else f"{otherwise} is not finite"
-
-
 class NonFiniteError(ValueError):
     """Raised when a step meets non-finite losses, Jacobian or update under
     ``nonfinite="raise"``."""
 
 
 @dataclass
-class _Contribution:
-    """What one backward pass contributes: the rows of the shared parameters' Jacobian, and the
-    ordinary gradient (of the sum of the losses) of every other parameter."""
+class _Call:
+    """What one call may change besides ``.grad`` and the queue, as it was when it began."""
 
-    shared: list[Tensor]
-    matrix: Tensor | None
-    own: dict[Tensor, Tensor] = field(default_factory=dict)
-    finite: bool = True
+    state: MethodState | None
+    generators: GlobalGenerators
+    diagnostics: StepDiagnostics | None
+
+
+def _check_flag(value: bool, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"Invalid {name} value: {value!r}; expected True or False.")
+    return value
+
+
+def _write_grads(grads: Mapping[Tensor, Tensor]) -> None:
+    """Set each parameter's ``.grad``, all or none: if a write fails (an interrupt included),
+    the ones already made are undone."""
+    previous = [(p, p.grad) for p in grads]
+    try:
+        for p, grad in grads.items():
+            p.grad = grad
+    except BaseException:
+        for p, grad in previous:
+            p.grad = grad
+        raise
 
 
 class JDOptimizer(Optimizer):
@@ -99,6 +98,34 @@ class JDOptimizer(Optimizer):
     optimizer step. The wrapper *is* an optimizer: it shares ``param_groups``, ``state`` and
     ``defaults`` with the inner one, so LR schedulers, ``GradScaler`` and checkpoint tools
     accept it.
+
+    A step either happens or changes nothing. Its **commit point** is the moment the update is
+    accepted (finite, or a ``GradScaler`` overflow to signal). Everything before it happens on
+    the side: the Jacobian or Gramian, the aggregator's (or scalarizer's) call, the diagnostics
+    and their hooks, the non-finite checks, and the new state of stateful methods, which they
+    compute in place but which is put back unless the step commits. At the commit point
+    ``.grad`` is written (all parameters or none), the queue of accumulated Jacobians is
+    emptied and the methods' new state is kept; then `step` lets the inner optimizer step.
+
+    - Any exception before the commit point (``KeyboardInterrupt`` included, in the model's
+      backward pass, the method, a hook or while ``.grad`` is written), and a refused step
+      under ``nonfinite="raise"``, leave the parameters, ``.grad``, the inner optimizer's
+      state, the queued Jacobians, every method's state (with the random generators it owns)
+      and torch's global random generators as they were before the call. An interrupted
+      backward pass may have freed the losses' autograd graph: compute them again.
+    - A skipped step (``nonfinite="skip"``) or an overflow drops the queued Jacobians and puts
+      every method's state back as it was when the step began (torch's global generators as
+      before the call that skipped it, since the training loop may have drawn from them
+      since).
+    - After the commit point, the inner optimizer's ``step`` is its own: if it raises,
+      ``.grad`` holds the update and the methods' state has advanced, and the parameters and
+      the inner optimizer's state are wherever it left them (torch's optimizers check their
+      inputs before changing anything). Call ``step()`` to retry with the same ``.grad``, or
+      ``zero_grad()`` to drop it. With a closure, each evaluation is one transaction inside
+      the inner optimizer's step; an evaluation that fails after the inner optimizer moved the
+      parameters (a line search) leaves them moved, as with any closure.
+    - `load_state_dict` checks everything before it changes anything, and loads both states or
+      neither.
 
     Args:
         optimizer: The inner optimizer, which owns the parameters and takes the steps.
@@ -202,10 +229,7 @@ class JDOptimizer(Optimizer):
             )
         if mode not in MODES:
             raise ValueError(f"Invalid mode value: {mode!r}; valid modes: {MODES}.")
-        if chunk_size is not None and (
-            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-        ):
-            raise ValueError(f"Invalid chunk_size value: {chunk_size!r}; expected an integer >= 1.")
+        check_chunk_size(chunk_size)
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(
                 f"Invalid nonfinite value: {nonfinite!r}; valid policies: {NONFINITE_POLICIES}."
@@ -216,11 +240,18 @@ class JDOptimizer(Optimizer):
             )
         if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
             raise TypeError(f"Expected a torch.amp.GradScaler as scaler, got {scaler!r}.")
+        if process_group is not None and not isinstance(process_group, ProcessGroup):
+            raise TypeError(
+                f"Invalid process_group value: {process_group!r}; expected a "
+                "torch.distributed.ProcessGroup or None."
+            )
+        _check_flag(diagnostics, "diagnostics")
+        _check_flag(local_weighting, "local_weighting")
+        _check_batch_dim(batch_dim)
         self.optimizer = optimizer
-        self.aggregator = aggregator
         self.mode = mode
-        self.shared_params = self._check_shared(shared_params)
-        self.chunk_size = chunk_size
+        self._shared_params = self._check_shared(shared_params)
+        self._chunk_size = chunk_size
         self.nonfinite = nonfinite
         self.scaler = scaler
         self.accumulation = accumulation
@@ -229,12 +260,15 @@ class JDOptimizer(Optimizer):
         self.batch_dim = batch_dim
         self.process_group = process_group
         self.local_weighting = local_weighting
-        self._engine = self._make_engine()
+        self._path = self._make_path(aggregator)
+        for module in self.modules:
+            disable_ddp_sync(module)
         self.last_diagnostics: StepDiagnostics | None = None
         self._diagnostics_hooks: OrderedDict[int, DiagnosticsHook] = OrderedDict()
-        # None until the first batched backward pass tells whether vmap runs on this graph.
-        self._batched: bool | None = None if chunk_size != 1 else False
-        self._pending: list[_Contribution] = []
+        self._pending: list[Pieces] = []
+        # The method's state when the queued pieces' step began, for a path whose pieces
+        # already run it (None otherwise, and once the step is committed or dropped).
+        self._step_state: MethodState | None = None
         self._skip_next_step = False
         self._optimizer_step_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
         self._optimizer_step_post_hooks: OrderedDict[int, Callable] = OrderedDict()
@@ -251,16 +285,19 @@ class JDOptimizer(Optimizer):
         for module in listed:
             if not isinstance(module, nn.Module):
                 raise TypeError(f"modules must hold nn.Module objects, got {module!r}.")
-            disable_ddp_sync(module)
         return listed
 
-    def _make_engine(self) -> GramianEngine | None:
-        gramian_based = isinstance(self.aggregator, GramianWeightedAggregator)
+    def _make_path(self, aggregator: Aggregator | Scalarizer) -> Path:
+        """The path the losses take, from the options: a scalarizer's, the Gramian's (where
+        ``mode`` asks for it or ``"auto"`` finds it applies) or the Jacobian's."""
+        if isinstance(aggregator, Scalarizer):
+            return ScalarizedPath(aggregator)
+        gramian_based = isinstance(aggregator, GramianWeightedAggregator)
         if self.mode == "gramian":
             if not gramian_based:
                 raise ValueError(
                     f"mode='gramian' needs a Gramian-based aggregator (such as UPGrad), but "
-                    f"{self.aggregator!r} needs the Jacobian; use mode='jacobian'."
+                    f"{aggregator!r} needs the Jacobian; use mode='jacobian'."
                 )
             if not self.modules:
                 raise ValueError("mode='gramian' needs the model: pass modules=model.")
@@ -270,7 +307,7 @@ class JDOptimizer(Optimizer):
                     "cannot give task heads their own gradients: drop shared_params, or use "
                     "mode='jacobian'."
                 )
-            return GramianEngine(self.modules, batch_dim=self.batch_dim)
+            return GramianPath(aggregator, GramianEngine(self.modules, batch_dim=self.batch_dim))
         if (
             self.mode == "auto"
             and gramian_based
@@ -281,13 +318,53 @@ class JDOptimizer(Optimizer):
             )
             and is_supported(self.modules, batch_dim=self.batch_dim)
         ):
-            return GramianEngine(self.modules, batch_dim=self.batch_dim)
-        return None
+            return GramianPath(aggregator, GramianEngine(self.modules, batch_dim=self.batch_dim))
+        return JacobianPath(aggregator, self._shared_params, self._chunk_size)
+
+    @property
+    def aggregator(self) -> Aggregator | Scalarizer:
+        """The aggregator (or scalarizer). Another one of the same kind may be assigned: a
+        scalarizer in place of a scalarizer, a Gramian-based aggregator in gramian mode."""
+        return self._path.method  # type: ignore[return-value]
+
+    @aggregator.setter
+    def aggregator(self, aggregator: Aggregator | Scalarizer) -> None:
+        kind = self._path.method_type
+        if not isinstance(aggregator, kind):
+            raise TypeError(
+                f"This optimizer's {self.resolved_mode} path takes a method of type "
+                f"{kind.__name__}, got {aggregator!r}; build a new JDOptimizer to change the "
+                "kind of method."
+            )
+        self._path.method = aggregator
+
+    @property
+    def chunk_size(self) -> int | None:
+        """Losses per batched backward pass (see the constructor); it may be reassigned."""
+        return self._chunk_size
+
+    @chunk_size.setter
+    def chunk_size(self, chunk_size: int | None) -> None:
+        self._chunk_size = check_chunk_size(chunk_size)
+        if isinstance(self._path, JacobianPath):
+            self._path.chunk_size = chunk_size
+
+    @property
+    def shared_params(self) -> list[Tensor] | None:
+        """The parameters whose Jacobian is aggregated (see the constructor); they may be
+        reassigned in jacobian mode."""
+        return self._shared_params
+
+    @shared_params.setter
+    def shared_params(self, shared_params: Iterable[Tensor] | nn.Module | None) -> None:
+        self._shared_params = self._check_shared(shared_params)
+        if isinstance(self._path, JacobianPath):
+            self._path.shared_params = self._shared_params
 
     @property
     def resolved_mode(self) -> Literal["jacobian", "gramian"]:
         """The mode in use: ``"gramian"`` or ``"jacobian"`` (what ``"auto"`` chose)."""
-        return "jacobian" if self._engine is None else "gramian"
+        return self._path.mode
 
     def _check_shared(self, shared: Iterable[Tensor] | nn.Module | None) -> list[Tensor] | None:
         if shared is None:
@@ -386,38 +463,6 @@ class JDOptimizer(Optimizer):
     def _parameters(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
 
-    def _jacobians(self, vector: Tensor, params: list[Tensor], retain_graph: bool) -> list:
-        if self._batched is None:
-            try:
-                # The graph is kept in case vmap fails midway and the losses must be replayed.
-                jacobians = jacobian(vector, params, chunk_size=self.chunk_size, retain_graph=True)
-            except RuntimeError as error:
-                warnings.warn(
-                    f"The batched backward pass failed ({error}); computing one backward pass "
-                    "per loss from now on. Pass chunk_size=1 to choose this explicitly.",
-                    stacklevel=4,
-                )
-                self._batched = False
-            else:
-                self._batched = True
-                return jacobians
-        return jacobian(
-            vector,
-            params,
-            chunk_size=self.chunk_size,
-            retain_graph=retain_graph,
-            batched=self._batched,
-        )
-
-    def _refuse(self, reason: str) -> None:
-        if self.nonfinite == "raise":
-            raise NonFiniteError(
-                f"{reason}. Nothing was changed. Pass nonfinite='skip' to skip such steps."
-            )
-        warnings.warn(f"Skipping the step: {reason}.", stacklevel=3)
-        self._pending = []
-        self._skip_next_step = True
-
     def _loss_vector(self, losses: LossesT) -> Tensor:
         vector = as_loss_vector(losses)
         if not vector.requires_grad:
@@ -427,58 +472,14 @@ class JDOptimizer(Optimizer):
             )
         return vector
 
-    def _signal_overflow(self) -> None:
-        """Fill every gradient with infinities, so that the ``GradScaler`` skips the step."""
-        for p in self._parameters():
-            p.grad = torch.full_like(p, float("inf"))
-
     def _group(self) -> ProcessGroup | None:
         return self.process_group if self.process_group is not None else default_process_group()
 
     def _scaling(self) -> bool:
         return self.scaler is not None and self.scaler.is_enabled()
 
-    def _contribution(self, losses: LossesT, retain_graph: bool) -> _Contribution:
-        vector = self._loss_vector(losses)
-        params = self._parameters()
-        if isinstance(self.aggregator, Scalarizer):
-            return self._scalarized_contribution(vector, params, retain_graph)
-        jacobians = self._jacobians(vector, params, retain_graph)
-        reached = [(p, jac) for p, jac in zip(params, jacobians, strict=True) if jac is not None]
-        if not reached:
-            raise _not_connected(params)
-        shared_ids = None if self.shared_params is None else {id(p) for p in self.shared_params}
-        shared = [(p, j) for p, j in reached if shared_ids is None or id(p) in shared_ids]
-        own = {
-            p: j.sum(dim=0)
-            for p, j in reached
-            if shared_ids is not None and id(p) not in shared_ids
-        }
-        matrix = stack_jacobians([j for _, j in shared]) if shared else None
-        finite = _all_finite([vector, *own.values(), *([] if matrix is None else [matrix])])
-        if not finite and not self._scaling() and self._group() is None:
-            self._refuse(_non_finite(vector, "the Jacobian"))
-        return _Contribution([p for p, _ in shared], matrix, own, finite)
-
-    def _scalarized_contribution(
-        self, vector: Tensor, params: list[Tensor], retain_graph: bool
-    ) -> _Contribution:
-        local = self._group() is None
-        if not bool(torch.isfinite(vector).all()):
-            # Checked before the scalarizer runs, so that a refused step records no state in it.
-            if not self._scaling() and local:
-                self._refuse(_non_finite(vector, "the losses"))
-            return _Contribution([], None, {}, finite=False)
-        scale = self.scaler.get_scale() if self._scaling() else 1.0
-        loss = self.aggregator(vector / scale) * scale if scale != 1.0 else self.aggregator(vector)
-        grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)
-        own = {p: g for p, g in zip(params, grads, strict=True) if g is not None}
-        if not own:
-            raise _not_connected(params)
-        finite = _all_finite(list(own.values()))
-        if not finite and not self._scaling() and local:
-            self._refuse("the gradient of the scalarised loss is not finite")
-        return _Contribution([], None, own, finite)
+    def _scale(self) -> float:
+        return self.scaler.get_scale() if self._scaling() else 1.0
 
     def backward(
         self, losses: LossesT, *, aggregate: bool = True, retain_graph: bool = False
@@ -486,7 +487,7 @@ class JDOptimizer(Optimizer):
         """Add the aggregated update of ``losses`` into the parameters' ``.grad``.
 
         Parameters that no loss reaches keep their ``.grad`` (``None`` stays ``None``).
-        If anything fails, no ``.grad`` is changed.
+        The call is a transaction (see the commit point above): if it fails, nothing changes.
 
         Args:
             losses: A tensor of losses of any shape with at least one dimension (flattened to
@@ -501,156 +502,159 @@ class JDOptimizer(Optimizer):
             NonFiniteError: If losses, Jacobian or update are not finite and
                 ``nonfinite="raise"``.
         """
-        if self._engine is not None:
-            return self._gramian_backward(losses, aggregate, retain_graph)
-        contribution = self._contribution(losses, retain_graph)
-        if self._skip_next_step:
-            return
-        self._pending.append(contribution)
-        if aggregate:
-            self._aggregate_pending()
+        _check_flag(aggregate, "aggregate")
+        _check_flag(retain_graph, "retain_graph")
+        skipped = self._backward(losses, aggregate, retain_graph, self.nonfinite)
+        if skipped:
+            warnings.warn(f"Skipping the step: {skipped}.", stacklevel=2)
 
-    def _gramian_backward(self, losses: LossesT, aggregate: bool, retain_graph: bool) -> None:
-        engine = self._engine
-        assert engine is not None
-        if not aggregate:
+    def _backward(
+        self, losses: LossesT, aggregate: bool, retain_graph: bool, policy: NonFinite
+    ) -> str | None:
+        """`backward` as one transaction; returns why the step is skipped, if it is."""
+        path = self._path
+        if not aggregate and not path.queues:
             raise ValueError(
-                "Gramian mode aggregates every backward pass; accumulate micro-batches with "
-                "mode='jacobian'."
+                f"{path.mode.capitalize()} mode aggregates every backward pass; accumulate "
+                "micro-batches with mode='jacobian'."
             )
         group = self._group()
-        if group is not None and not self.local_weighting:
+        if group is not None and path.reduces == "update" and not self.local_weighting:
             raise ValueError(
                 "Gramian mode cannot build the global Gramian across ranks: use mode='jacobian' "
                 "for exact Jacobian descent under data parallelism, or local_weighting=True."
             )
         vector = self._loss_vector(losses)
         if self._skip_next_step:
-            engine.reset()
             return None
-        # The engine reads the per-sample structure from the loss tensor's shape.
         tensor = losses if isinstance(losses, Tensor) else vector
-        finite = bool(torch.isfinite(vector).all())
-        gramian = engine.gramian(tensor, retain_graph=retain_graph) if finite else None
-        scale = self.scaler.get_scale() if self._scaling() else 1.0
-        if gramian is not None:
-            gramian = gramian / scale**2 if scale != 1.0 else gramian
-            finite = _all_finite([gramian])
-        weights = self.aggregator.weighting(gramian) if finite else None
-        if weights is not None and not _all_finite([weights]):
-            engine.reset()
-            return self._refuse(f"{self.aggregator!r} returned non-finite weights")
-        if group is not None:
-            return self._local_weighting_backward(weights, gramian, vector, group)
-        if weights is None:
-            engine.reset()
-            if self._scaling():
-                return self._signal_overflow()
-            return self._refuse(_non_finite(vector, "the Gramian"))
-        if self.diagnostics:
-            self._report(diagnose_gramian(gramian, weights))
-        engine.backward(weights, params=self._parameters())
-        return None
-
-    def _local_weighting_backward(
-        self, weights: Tensor | None, gramian: Tensor | None, vector: Tensor, group: ProcessGroup
-    ) -> None:
-        """Weight the local losses, then average the weighted gradients over the ranks."""
-        engine = self._engine
-        assert engine is not None
-        params = self._parameters()
-        saved = [p.grad for p in params]
-        for p in params:
-            p.grad = None
-        if weights is None:
-            engine.reset()
-        else:
-            engine.backward(weights, params=params)
-        local = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
-        reached = torch.tensor([p.grad is not None for p in params], dtype=vector.dtype)
-        for p, grad in zip(params, saved, strict=True):
-            p.grad = grad
-        _, (reached, *grads), finite = synchronise(
-            None, [reached, *local], weights is not None, False, group
-        )
-        if not finite:
-            if self._scaling():
-                return self._signal_overflow()
-            return self._refuse("the losses or the Gramian are not finite on some rank")
-        if self.diagnostics and gramian is not None and weights is not None:
-            self._report(diagnose_gramian(gramian, weights))
-        kept = [(p, g) for p, g, r in zip(params, grads, reached.tolist(), strict=True) if r > 0]
-        accumulate_grads([p for p, _ in kept], [g for _, g in kept])
-        return None
-
-    def _combine(self, pending: list[_Contribution]) -> _Contribution:
-        first = pending[0]
-        if len(pending) == 1:
-            return first
-        own: dict[Tensor, Tensor] = {}
-        for contribution in pending:
-            if [id(p) for p in contribution.shared] != [id(p) for p in first.shared]:
-                raise ValueError(
-                    "The accumulated losses reach different shared parameters; accumulate "
-                    "micro-batches of the same model and objectives."
-                )
-            for p, g in contribution.own.items():
-                own[p] = g if p not in own else own[p] + g
-        matrices = [c.matrix for c in pending if c.matrix is not None]
-        matrix = None
-        if matrices and self.accumulation == "concat":
-            matrix = torch.cat(matrices)
-        elif matrices:
-            shapes = {tuple(mat.shape) for mat in matrices}
-            if len(shapes) > 1:
-                raise ValueError(
-                    f"accumulation='sum' adds Jacobians of the same objectives, got shapes "
-                    f"{sorted(shapes)}; use accumulation='concat' for different objectives."
-                )
-            matrix = torch.stack(matrices).sum(dim=0)
-        finite = all(c.finite for c in pending)
-        return _Contribution(first.shared, matrix, own, finite)
-
-    def _aggregate_pending(self) -> None:
-        combined = self._combine(self._pending)
-        group = self._group()
-        if group is not None:
-            matrix, others, finite = synchronise(
-                combined.matrix,
-                list(combined.own.values()),
-                combined.finite,
-                self.accumulation == "concat",
-                group,
+        with self._transaction(runs_method=aggregate or path.method_in_pieces) as call:
+            pieces = path.pieces(
+                Losses(tensor, vector, self._parameters(), retain_graph, self._scale())
             )
-            own = dict(zip(combined.own, others, strict=True))
-            combined = _Contribution(combined.shared, matrix, own, finite)
-            if not finite and not self._scaling():
-                return self._refuse("the losses or the Jacobian are not finite on some rank")
-        if not combined.finite:  # only reached with a GradScaler
-            self._pending = []
-            return self._signal_overflow()
-        updates: list[Tensor] = []
-        if combined.matrix is not None:
-            scale = self.scaler.get_scale() if self._scaling() else 1.0
-            matrix = combined.matrix if scale == 1.0 else combined.matrix / scale
-            weights: list[Tensor] = []
-            handle = None
-            if self.diagnostics and isinstance(self.aggregator, WeightedAggregator):
-                handle = self.aggregator.weighting.register_forward_hook(
-                    lambda module, args, output: weights.append(output)
-                )
-            try:
-                update = self.aggregator(matrix)
-            finally:
-                if handle is not None:
-                    handle.remove()
-            if not _all_finite([update]):
-                return self._refuse(f"{self.aggregator!r} returned a non-finite update")
-            if self.diagnostics:
-                self._report(diagnose(matrix, update, weights[-1] if weights else None))
-            updates = split_update(update * scale if scale != 1.0 else update, combined.shared)
+            if not pieces.finite and not self._scaling() and group is None:
+                return self._refuse(pieces.reason, policy, call)
+            if not aggregate:
+                if self._pending:
+                    check_combinable(self._pending[0], pieces, self.accumulation)
+                self._pending.append(pieces)
+                return None
+            return self._settle([*self._pending, pieces], policy, call)
+
+    @contextmanager
+    def _transaction(self, runs_method: bool) -> Iterator[_Call]:
+        """Run the block on the side: if it raises (anything, KeyboardInterrupt included), put
+        back what it may have changed, and re-raise."""
+        call = _Call(
+            state=MethodState(self._path.method) if runs_method else None,
+            generators=GlobalGenerators(p.device for p in self._parameters()),
+            diagnostics=self.last_diagnostics,
+        )
+        if runs_method and self._path.method_in_pieces and not self._pending:
+            self._step_state = call.state  # the method's state when this step began
+        try:
+            yield call
+        except BaseException:
+            if call.state is not None:
+                call.state.restore()
+            call.generators.restore()
+            self.last_diagnostics = call.diagnostics
+            self._path.discard()
+            if not self._pending:
+                self._step_state = None
+            raise
+
+    def _settle(self, queued: list[Pieces], policy: NonFinite, call: _Call) -> str | None:
+        """Aggregate the queued pieces, then commit the update, or refuse the step."""
+        path, group = self._path, self._group()
+        pieces = combine(queued, self.accumulation)
+        across_ranks = f"the losses or {path.what} are not finite on some rank"
+        if group is not None and path.reduces == "pieces":
+            pieces = self._reduce_pieces(pieces, group)
+        if group is not None and path.reduces == "update":
+            # Each rank aggregates its own losses; only the updates are averaged.
+            update = self._aggregate(pieces) if pieces.finite else Update(finite=False)
+            update = self._reduce_update(update, group)
+            if not update.finite:
+                return self._overflow_or_refuse(across_ranks, policy, call)
+        else:
+            if not pieces.finite:  # local non-finite pieces were refused unless scaled
+                return self._overflow_or_refuse(across_ranks, policy, call)
+            update = self._aggregate(pieces)
+            if not update.finite:
+                return self._refuse(update.reason, policy, call)
+        if self.diagnostics and update.diagnose is not None:
+            self._report(update.diagnose())
+        # The commit point: the update is accepted.
+        _write_grads(
+            {
+                p: g.to(p.dtype) if p.grad is None else p.grad + g.to(p.dtype)
+                for p, g in update.grads.items()
+            }
+        )
         self._pending = []
-        accumulate_grads([*combined.shared, *combined.own], [*updates, *combined.own.values()])
+        self._step_state = None
+        return None
+
+    def _aggregate(self, pieces: Pieces) -> Update:
+        return self._path.aggregate(pieces, scale=self._scale(), diagnostics=self.diagnostics)
+
+    def _refuse(self, reason: str, policy: NonFinite, call: _Call) -> str:
+        """Raise a `NonFiniteError` (the transaction then changes nothing), or drop the step
+        and return the reason, which the caller warns about."""
+        if policy == "raise":
+            raise NonFiniteError(
+                f"{reason}. Nothing was changed. Pass nonfinite='skip' to skip such steps."
+            )
+        self._drop_step(call)
+        self._skip_next_step = True
+        return reason
+
+    def _overflow_or_refuse(self, reason: str, policy: NonFinite, call: _Call) -> str | None:
+        """With a ``GradScaler``, non-finite values are an overflow: every gradient is filled
+        with infinities, so that ``scaler.step`` skips the step, as in plain AMP. Without one,
+        the non-finite policy applies."""
+        if not self._scaling():
+            return self._refuse(reason, policy, call)
+        _write_grads({p: torch.full_like(p, float("inf")) for p in self._parameters()})
+        self._drop_step(call)
+        return None
+
+    def _drop_step(self, call: _Call) -> None:
+        """Forget the queued pieces, and put the methods' state back as it was before the step
+        began (torch's global generators as before this call)."""
+        state = self._step_state if self._step_state is not None else call.state
+        if state is not None:
+            state.restore()
+        call.generators.restore()
+        self._path.discard()
+        self._pending = []
+        self._step_state = None
+
+    def _reduce_pieces(self, pieces: Pieces, group: ProcessGroup) -> Pieces:
+        """The pieces of the global batch: Jacobians averaged (or rows stacked in rank order with
+        ``accumulation="concat"``), own gradients averaged, finite on every rank."""
+        matrix, others, finite = synchronise(
+            pieces.matrix,
+            list(pieces.own.values()),
+            pieces.finite,
+            self.accumulation == "concat",
+            group,
+        )
+        own = dict(zip(pieces.own, others, strict=True))
+        return Pieces(pieces.shared, matrix, own, finite)
+
+    def _reduce_update(self, update: Update, group: ProcessGroup) -> Update:
+        """The ranks' updates averaged, for the parameters some rank's losses reach."""
+        params = self._parameters()
+        local = [update.grads.get(p, torch.zeros_like(p)) for p in params]
+        dtype, device = (local[0].dtype, local[0].device) if local else (None, None)
+        reached = torch.tensor([p in update.grads for p in params], dtype=dtype, device=device)
+        _, (reached, *grads), finite = synchronise(
+            None, [reached, *local], update.finite, False, group
+        )
+        kept = {p: g for p, g, r in zip(params, grads, reached.tolist(), strict=True) if r > 0}
+        return Update(kept, finite, update.reason, update.diagnose)
 
     def _report(self, diagnostics: StepDiagnostics) -> None:
         self.last_diagnostics = diagnostics
@@ -689,18 +693,18 @@ class JDOptimizer(Optimizer):
                     if value is None:
                         return None  # a closure that only steps, as Lightning passes
                     vector = as_loss_vector(value)
-                    policy, self.nonfinite = self.nonfinite, "raise"
-                    try:
-                        self.backward(vector)
-                    finally:
-                        self.nonfinite = policy
+                    self._backward(vector, True, False, "raise")
                 return vector.detach().sum()
 
             return self.optimizer.step(jd_closure)
+        skipped = None
         if losses is not None:
-            self.backward(losses)
+            skipped = self._backward(losses, True, False, self.nonfinite)
         elif self._pending:
-            self._aggregate_pending()
+            with self._transaction(runs_method=not self._path.method_in_pieces) as call:
+                skipped = self._settle(list(self._pending), self.nonfinite, call)
+        if skipped:
+            warnings.warn(f"Skipping the step: {skipped}.", stacklevel=2)
         if self._skip_next_step:
             self._skip_next_step = False
             return None
@@ -708,7 +712,10 @@ class JDOptimizer(Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the gradients, as the inner optimizer does, and forget accumulated Jacobians
-        and a pending skip."""
+        (with what their losses changed in a scalarizer's state) and a pending skip."""
+        if self._step_state is not None:
+            self._step_state.restore()
+        self._step_state = None
         self._pending = []
         self._skip_next_step = False
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -730,22 +737,59 @@ class JDOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict written by `state_dict` (or by the inner optimizer alone).
 
+        Everything is checked before anything changes: the ``"jdoptim"`` entry, the aggregator's
+        configuration and state (its keys, the kinds and dimensions of its tensors, their
+        finiteness, and that the aggregator loads it), and the inner optimizer's parameter
+        groups and per-parameter state shapes. Either both states are loaded, or neither. A
+        successful load forgets accumulated Jacobians and a pending skip.
+
         Raises:
-            ValueError: If the state was written with another aggregator configuration.
+            ValueError: If the state was written with another aggregator configuration, or is
+                damaged; the message names what is wrong.
         """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"Expected a state dict (a mapping), got {type(state_dict).__name__}.")
         state_dict = dict(state_dict)
         extra = state_dict.pop(_STATE_KEY, None)
+        if extra is not None:
+            self._check_saved_aggregator(extra)
+        check_optimizer_state(self.optimizer, state_dict)
+        previous = self.optimizer.state_dict()
+        self.optimizer.load_state_dict(state_dict)
+        if extra is not None:
+            method = MethodState(self.aggregator)
+            try:
+                self.aggregator.load_state_dict(extra["aggregator_state"])
+            except BaseException:
+                method.restore()
+                self.optimizer.load_state_dict(previous)
+                raise
+        self._pending = []
+        self._step_state = None
+        self._skip_next_step = False
+
+    def _check_saved_aggregator(self, extra: Any) -> None:
+        """Raise unless ``extra``, the ``"jdoptim"`` entry of a state dict, suits this
+        optimizer."""
+        where = f"state_dict[{_STATE_KEY!r}]"
+        keys = ("aggregator", "aggregator_state")
+        if not isinstance(extra, Mapping) or any(key not in extra for key in keys):
+            found = sorted(extra) if isinstance(extra, Mapping) else type(extra).__name__
+            raise ValueError(
+                f"{where} should hold {list(keys)}, found {found}: the checkpoint is truncated "
+                "or was not written by JDOptimizer.state_dict()."
+            )
         current = self._aggregator_config()
-        saved = None if extra is None else extra["aggregator"]
+        saved = extra["aggregator"]
         if None not in (saved, current) and saved != current:
             raise ValueError(
                 f"This state was saved with the aggregator {saved}, but this "
                 f"optimizer uses {current}; build it with "
                 "jdoptim.build(state_dict['jdoptim']['aggregator'])."
             )
-        self.optimizer.load_state_dict(state_dict)
-        if extra is not None:
-            self.aggregator.load_state_dict(extra["aggregator_state"])
+        check_method_state(
+            self.aggregator, extra["aggregator_state"], f"{where}['aggregator_state']"
+        )
 
     def _aggregator_config(self) -> dict[str, Any] | None:
         try:

@@ -56,22 +56,41 @@ def _sample_losses(output, y):
 
 
 CASES = {
-    # name: (losses, optimizer options, wrap the model in DDP, share only the trunk)
-    "tasks": (_task_losses, {}, False, False),
-    "samples": (_sample_losses, {"accumulation": "concat"}, False, False),
-    "ddp_multi_task": (_task_losses, {}, True, True),
+    # name: (losses, optimizer options, wrap the model in DDP, share only the trunk,
+    #        pass the model as modules=)
+    "tasks": (_task_losses, {}, False, False, True),
+    "samples": (_sample_losses, {"accumulation": "concat"}, False, False, True),
+    "ddp_multi_task": (_task_losses, {}, True, True, True),
+    "ddp_without_modules": (_task_losses, {}, True, True, False),
 }
+# How many times DDP's own gradient all-reduce ran, by case, on this rank.
+DDP_REDUCTIONS: dict[str, int] = {}
+
+
+def _count_reductions(case: str, model: nn.parallel.DistributedDataParallel) -> None:
+    DDP_REDUCTIONS[case] = 0
+
+    def hook(state, bucket):  # unannotated: DDP checks annotations that are not strings
+        DDP_REDUCTIONS[case] += 1
+        future = torch.futures.Future()
+        future.set_result(bucket.buffer())
+        return future
+
+    model.register_comm_hook(None, hook)
 
 
 def _train(case: str, rank: int | None) -> list[torch.Tensor]:
-    losses_fn, options, wrap, shared = CASES[case]
+    losses_fn, options, wrap, shared, pass_modules = CASES[case]
     torch.manual_seed(0)
     net = _Net().double()
-    model = nn.parallel.DistributedDataParallel(net) if wrap and rank is not None else net
+    model = net
+    if wrap and rank is not None:
+        model = nn.parallel.DistributedDataParallel(net)
+        _count_reductions(case, model)
     extra = {"shared_params": net.trunk} if shared else {}
-    optimizer = JDOptimizer(
-        SGD(net.parameters(), lr=0.1), UPGrad(), modules=model, **options, **extra
-    )
+    if pass_modules:
+        extra["modules"] = model
+    optimizer = JDOptimizer(SGD(net.parameters(), lr=0.1), UPGrad(), **options, **extra)
     for step in range(STEPS):
         x, y = _global_data(step)
         if rank is not None:
@@ -158,6 +177,31 @@ def _local_weighting(rank: int | None) -> list[torch.Tensor]:
     return [p.detach().clone() for p in net.parameters()]
 
 
+def _ddp_broadcasts_rank_0s_model(rank: int) -> list[torch.Tensor]:
+    """The ranks build their models from different seeds; wrapping them in DDP gives every rank
+    rank 0's parameters."""
+    torch.manual_seed(rank)
+    net = _Net().double()
+    nn.parallel.DistributedDataParallel(net)
+    return [p.detach().clone() for p in net.parameters()]
+
+
+def _auto_modes() -> tuple[str, str]:
+    """What mode="auto" resolves to for a Gramian-based aggregator under data parallelism,
+    without and with local_weighting."""
+    net = _Net().double()
+    return tuple(
+        JDOptimizer(
+            SGD(net.parameters(), lr=0.1),
+            UPGrad(),
+            mode="auto",
+            modules=net,
+            local_weighting=local,
+        ).resolved_mode
+        for local in (False, True)
+    )
+
+
 def _skip_consistently(rank: int) -> list[torch.Tensor]:
     torch.manual_seed(0)
     net = _Net().double()
@@ -202,6 +246,9 @@ def _worker(rank: int, port: int, out: str) -> None:
     results["local_weighting"] = _local_weighting(rank)
     results["accumulate_and_amp"] = _accumulate_and_amp(rank)
     results["checkpointed"] = _checkpointed(rank, out)
+    results["broadcast"] = _ddp_broadcasts_rank_0s_model(rank)
+    results["auto_modes"] = _auto_modes()
+    results["ddp_reductions"] = dict(DDP_REDUCTIONS)
     torch.save(results, Path(out) / f"rank{rank}.partial")
     os.replace(Path(out) / f"rank{rank}.partial", Path(out) / f"rank{rank}.pt")
     dist.barrier()  # no rank tears its connections down while a peer still uses them
@@ -338,3 +385,36 @@ def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(rank_results
     for rank in range(WORLD):
         for param, reference in zip(rank_results[rank]["skip"], initial, strict=True):
             assert torch.equal(param, reference)
+
+
+def test_ddp_never_reduces_gradients_with_or_without_modules(rank_results):
+    """JDOptimizer computes gradients with torch.autograd.grad, which runs none of DDP's hooks:
+    DDP's all-reduce never runs, whether the DDP model is passed as modules= or not, and the
+    updates are the same (both equal one process on the global batch, checked above)."""
+    for rank in range(WORLD):
+        assert rank_results[rank]["ddp_reductions"] == {
+            "ddp_multi_task": 0,
+            "ddp_without_modules": 0,
+        }
+    for a, b in zip(
+        rank_results[0]["ddp_multi_task"], rank_results[0]["ddp_without_modules"], strict=True
+    ):
+        assert torch.equal(a, b)
+
+
+def test_ddp_gives_every_rank_the_model_of_rank_0(rank_results):
+    torch.manual_seed(0)
+    rank_0 = [p.detach() for p in _Net().double().parameters()]
+    for rank in range(WORLD):
+        for param, reference in zip(rank_results[rank]["broadcast"], rank_0, strict=True):
+            assert torch.equal(param, reference)
+
+
+def test_auto_mode_is_jacobian_under_data_parallelism_unless_local_weighting(rank_results):
+    for rank in range(WORLD):
+        assert rank_results[rank]["auto_modes"] == ("jacobian", "gramian")
+
+
+def test_a_seeded_randomised_aggregator_draws_the_same_on_every_rank(rank_results):
+    for a, b in zip(rank_results[0]["checkpointed"], rank_results[1]["checkpointed"], strict=True):
+        assert torch.equal(a, b)

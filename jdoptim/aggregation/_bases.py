@@ -195,10 +195,16 @@ def solve_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def nan_unless_finite(result: Tensor, matrix: Tensor) -> Tensor:
-    """``result``, or NaN everywhere if ``matrix`` has a non-finite entry (no host
-    synchronisation), so that non-finite input never gives a finite output."""
-    return torch.where(torch.isfinite(matrix).all(), result, torch.nan)
+def all_finite(tensor: Tensor, dim: int | None = None) -> Tensor:
+    """Whether every entry (along ``dim``, if given) of ``tensor`` is finite, as a boolean
+    tensor, without host synchronisation. The least and largest entries are NaN or infinite
+    exactly when some entry is; finding them is several times faster than
+    ``torch.isfinite(tensor).all()`` on the CPU."""
+    if tensor.numel() == 0:
+        shape = () if dim is None else tensor.shape[:dim] + tensor.shape[dim + 1 :]
+        return torch.ones(shape, dtype=torch.bool, device=tensor.device)
+    low, high = torch.aminmax(tensor) if dim is None else torch.aminmax(tensor, dim=dim)
+    return torch.isfinite(low) & torch.isfinite(high)
 
 
 class Weighting(Configurable):
@@ -238,7 +244,7 @@ class Weighting(Configurable):
                     f"{tuple(matrix.shape)}."
                 )
         with torch.no_grad():
-            if self.uses_matrix and not bool(torch.isfinite(matrix).all()):
+            if self.uses_matrix and not bool(all_finite(matrix)):
                 # One host synchronisation, so that no solver runs (or raises) on non-finite
                 # input and no state changes.
                 return matrix.new_full((matrix.shape[0],), torch.nan)
@@ -434,9 +440,12 @@ def check_positive_int(value: Any, name: str) -> int:
 
 
 def check_seed(value: Any, name: str = "seed") -> int | None:
-    """Raise unless ``value`` is an integer or ``None``."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-        raise _invalid(name, value, "an integer or None")
+    """Raise unless ``value`` is ``None`` or an integer that ``torch.Generator.manual_seed``
+    accepts (from ``-2**63`` to ``2**64 - 1``)."""
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, int) or not -(2**63) <= value < 2**64
+    ):
+        raise _invalid(name, value, "an integer from -2**63 to 2**64 - 1, or None")
     return value
 
 

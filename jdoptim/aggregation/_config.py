@@ -9,9 +9,9 @@ from torch import Tensor
 from jdoptim.aggregation._bases import (
     Aggregator,
     Argument,
+    all_finite,
     check_length,
     check_weights,
-    nan_unless_finite,
     optional,
     solve_dtype,
 )
@@ -73,18 +73,18 @@ class ConFIG(Aggregator):
 
     def _aggregate(self, matrix: Tensor) -> Tensor:
         m, n = matrix.shape
-        # Half precision is solved in float32; non-finite entries give a NaN update below.
-        J = matrix.to(solve_dtype(matrix.dtype)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+        if not bool(all_finite(matrix)):
+            return matrix.new_full((n,), torch.nan)
+        J = matrix.to(solve_dtype(matrix.dtype))  # half precision is solved in float32
         if self.pref_vector is None:
             weights = J.new_ones(m)
         else:
             check_length(self.pref_vector, m, type(self).__name__, "preferences")
             weights = self.pref_vector.to(dtype=J.dtype, device=J.device)
-        # Each row divided by its largest entry first, so that its norm cannot overflow.
-        largest = J.abs().amax(dim=1, keepdim=True)
-        scaled = J / torch.where(largest > 0, largest, 1.0)
-        norms = scaled.norm(dim=1, keepdim=True)
-        units = scaled / torch.where(norms > 0, norms, 1.0)
+        # Accumulated in float64, so that the squares of entries near 1e±30 neither overflow nor
+        # underflow.
+        norms = torch.linalg.vector_norm(J, dim=1, keepdim=True, dtype=torch.float64).to(J.dtype)
+        units = J / torch.where(norms > 0, norms, 1.0)
         tolerance = torch.finfo(J.dtype).eps * math.sqrt(m * n)
         if m <= n:
             # U = Rᵀ Qᵀ, so U⁺ w = Q (Rᵀ)⁺ w: faster than an SVD of the wide U, and more
@@ -99,5 +99,4 @@ class ConFIG(Aggregator):
         length = direction.norm()
         defined = (fitted > tolerance * weights.norm()) & (length > 0)
         unit = torch.where(defined, direction / torch.where(length > 0, length, 1.0), 0.0)
-        update = (J @ unit).sum() * unit
-        return nan_unless_finite(update, matrix).to(matrix.dtype)
+        return ((J @ unit).sum() * unit).to(matrix.dtype)

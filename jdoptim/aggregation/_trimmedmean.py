@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from jdoptim.aggregation._bases import Aggregator, Argument, check_non_negative_int
+from jdoptim.aggregation._bases import Aggregator, Argument, all_finite, check_non_negative_int
 from jdoptim.registry import register
 
 
@@ -60,4 +60,4 @@ class TrimmedMean(Aggregator):
         ordered = matrix.sort(dim=0).values
         trimmed = ordered[self.trim_number : m - self.trim_number].mean(dim=0)
         # Sorting would trim non-finite entries away: a column holding one gives NaN instead.
-        return torch.where(torch.isfinite(matrix).all(dim=0), trimmed, torch.nan)
+        return torch.where(all_finite(matrix, dim=0), trimmed, torch.nan)

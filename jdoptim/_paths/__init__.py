@@ -1,0 +1,38 @@
+"""The ways `jdoptim.JDOptimizer` turns a vector of losses into ``.grad``, one unit per way.
+
+Every path has the interface of `Path`: ``pieces(losses)`` computes what the aggregation needs
+(`Pieces`), ``aggregate(pieces)`` the `Update` to add into ``.grad``; neither writes anything.
+The optimizer chooses the path, queues pieces, reduces them across ranks, applies the
+non-finite policy and writes the update. The paths:
+
+- `JacobianPath`: the Jacobian of the losses (with respect to the shared parameters in
+  multi-task learning, the others getting their ordinary gradient), then the aggregator;
+- `GramianPath`: the Gramian from the model's layers, the weighting, the weighted gradient;
+- `ScalarizedPath`: one ordinary backward pass of a scalarised loss.
+
+A new way (for example the Gramian of a multi-task model's shared parameters, with the heads'
+own gradients in `Pieces.own`) is one more subclass of `Path`: it declares what the optimizer
+needs to know about it (`Path.method_type`, `Path.mode`, `Path.queues`, `Path.reduces`,
+`Path.method_in_pieces`), implements `Path.pieces` and `Path.aggregate` without writing
+anything (the optimizer keeps the transaction: it puts the method's state back and calls
+`Path.discard` when a step does not happen), and is chosen in `JDOptimizer._make_path`.
+
+The package is private: its interface may change between releases.
+"""
+
+from jdoptim._paths.base import Losses, Path, Pieces, Update, check_combinable, combine
+from jdoptim._paths.gramian import GramianPath
+from jdoptim._paths.jacobian import JacobianPath
+from jdoptim._paths.scalarized import ScalarizedPath
+
+__all__ = [
+    "GramianPath",
+    "JacobianPath",
+    "Losses",
+    "Path",
+    "Pieces",
+    "ScalarizedPath",
+    "Update",
+    "check_combinable",
+    "combine",
+]
