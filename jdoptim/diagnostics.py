@@ -6,7 +6,8 @@ device; call ``.item()`` or ``.tolist()`` when you log them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -28,6 +29,9 @@ class StepDiagnostics:
         alignments: ``cos(gᵢ, d)`` between each gradient and the update ``d``, shape ``[m]``.
         update_conflicts: Whether the update conflicts with some objective (0-d bool tensor).
         update_norm: ``‖d‖`` (0-d tensor).
+        method_state: What the method reports about this step, by name (see
+            `jdoptim.aggregation.Aggregator.report`): the weights that GradNorm, MoCo, DB-MTL or
+            IMTL learn, for example. Empty for methods without such state.
     """
 
     weights: Tensor | None
@@ -37,6 +41,7 @@ class StepDiagnostics:
     alignments: Tensor
     update_conflicts: Tensor
     update_norm: Tensor
+    method_state: Mapping[str, Tensor] = field(default_factory=dict)
 
 
 def _safe_divide(numerator: Tensor, denominator: Tensor) -> Tensor:
@@ -44,7 +49,11 @@ def _safe_divide(numerator: Tensor, denominator: Tensor) -> Tensor:
 
 
 def _from_products(
-    gramian: Tensor, products: Tensor, update_norm: Tensor, weights: Tensor | None
+    gramian: Tensor,
+    products: Tensor,
+    update_norm: Tensor,
+    weights: Tensor | None,
+    method_state: Mapping[str, Tensor] | None,
 ) -> StepDiagnostics:
     norms = gramian.diagonal().clamp(min=0).sqrt()
     cosines = _safe_divide(gramian, norms[:, None] * norms[None, :])
@@ -57,11 +66,18 @@ def _from_products(
         alignments=alignments,
         update_conflicts=(alignments < -CONFLICT_TOLERANCE).any(),
         update_norm=update_norm,
+        method_state=dict(method_state or {}),
     )
 
 
-def diagnose(matrix: Tensor, update: Tensor, weights: Tensor | None = None) -> StepDiagnostics:
-    """Compute `StepDiagnostics` from a Jacobian ``[m, n]`` and its aggregated update ``[n]``.
+def diagnose(
+    matrix: Tensor,
+    update: Tensor,
+    weights: Tensor | None = None,
+    method_state: Mapping[str, Tensor] | None = None,
+) -> StepDiagnostics:
+    """Compute `StepDiagnostics` from a Jacobian ``[m, n]`` and its aggregated update ``[n]``
+    (with the weights and what the method reports, when there are some).
 
     Examples:
         >>> import torch
@@ -75,10 +91,14 @@ def diagnose(matrix: Tensor, update: Tensor, weights: Tensor | None = None) -> S
         False
     """
     with torch.no_grad():
-        return _from_products(matrix @ matrix.T, matrix @ update, update.norm(), weights)
+        return _from_products(
+            matrix @ matrix.T, matrix @ update, update.norm(), weights, method_state
+        )
 
 
-def diagnose_gramian(gramian: Tensor, weights: Tensor) -> StepDiagnostics:
+def diagnose_gramian(
+    gramian: Tensor, weights: Tensor, method_state: Mapping[str, Tensor] | None = None
+) -> StepDiagnostics:
     """Compute `StepDiagnostics` from a Gramian ``G = J Jᵀ`` and the weights of the update
     ``d = Jᵀ w``, without the Jacobian: ``J d = G w`` and ``‖d‖² = wᵀ G w``.
 
@@ -94,4 +114,4 @@ def diagnose_gramian(gramian: Tensor, weights: Tensor) -> StepDiagnostics:
     with torch.no_grad():
         products = gramian @ weights
         update_norm = (weights @ products).clamp(min=0).sqrt()
-        return _from_products(gramian, products, update_norm, weights)
+        return _from_products(gramian, products, update_norm, weights, method_state)

@@ -35,7 +35,8 @@ from jdoptim._paths import (
     combine,
 )
 from jdoptim._state import GlobalGenerators, MethodState, check_method_state, check_optimizer_state
-from jdoptim.aggregation import Aggregator, GramianWeightedAggregator
+from jdoptim.aggregation import Aggregator, Columns, GramianWeightedAggregator
+from jdoptim.aggregation._columns import layer_names
 from jdoptim.diagnostics import StepDiagnostics
 from jdoptim.distributed import default_process_group, disable_ddp_sync, synchronise
 from jdoptim.functional import as_loss_vector, check_chunk_size
@@ -251,6 +252,8 @@ class JDOptimizer(Optimizer):
         self.optimizer = optimizer
         self.mode = mode
         self._shared_params = self._check_shared(shared_params)
+        self._shared_module = shared_params if isinstance(shared_params, nn.Module) else None
+        self._layers: dict[int, str] | None = None
         self._chunk_size = chunk_size
         self.nonfinite = nonfinite
         self.scaler = scaler
@@ -294,7 +297,7 @@ class JDOptimizer(Optimizer):
             return ScalarizedPath(aggregator)
         gramian_based = isinstance(aggregator, GramianWeightedAggregator)
         if self.mode == "gramian":
-            if not gramian_based:
+            if not gramian_based or aggregator.needs_columns:
                 raise ValueError(
                     f"mode='gramian' needs a Gramian-based aggregator (such as UPGrad), but "
                     f"{aggregator!r} needs the Jacobian; use mode='jacobian'."
@@ -311,6 +314,7 @@ class JDOptimizer(Optimizer):
         if (
             self.mode == "auto"
             and gramian_based
+            and not aggregator.needs_columns
             and self.modules
             and self.shared_params is None
             and (
@@ -319,7 +323,23 @@ class JDOptimizer(Optimizer):
             and is_supported(self.modules, batch_dim=self.batch_dim)
         ):
             return GramianPath(aggregator, GramianEngine(self.modules, batch_dim=self.batch_dim))
-        return JacobianPath(aggregator, self._shared_params, self._chunk_size)
+        return JacobianPath(aggregator, self._shared_params, self._chunk_size, self._columns)
+
+    def _columns(self, shared: list[Tensor]) -> Columns:
+        """The layout of the shared parameters' Jacobian: their sizes, their layers (the modules
+        that hold them, in ``shared_params`` when it is a module, else in ``modules``) and their
+        parameter groups."""
+        if self._layers is None:
+            root = self._shared_module if self._shared_module is not None else self.modules
+            self._layers = layer_names(root)
+        layers = self._layers
+        known = all(id(p) in layers for p in shared)
+        group_of = {id(p): i for i, group in enumerate(self.param_groups) for p in group["params"]}
+        return Columns(
+            tuple(p.numel() for p in shared),
+            tuple(layers[id(p)] for p in shared) if known else None,
+            tuple(group_of[id(p)] for p in shared),
+        )
 
     @property
     def aggregator(self) -> Aggregator | Scalarizer:
@@ -335,6 +355,11 @@ class JDOptimizer(Optimizer):
                 f"This optimizer's {self.resolved_mode} path takes a method of type "
                 f"{kind.__name__}, got {aggregator!r}; build a new JDOptimizer to change the "
                 "kind of method."
+            )
+        if self.resolved_mode == "gramian" and aggregator.needs_columns:
+            raise TypeError(
+                f"{aggregator!r} needs the Jacobian's columns, which gramian mode does not form; "
+                "build a new JDOptimizer with mode='jacobian'."
             )
         self._path.method = aggregator
 
@@ -358,6 +383,8 @@ class JDOptimizer(Optimizer):
     @shared_params.setter
     def shared_params(self, shared_params: Iterable[Tensor] | nn.Module | None) -> None:
         self._shared_params = self._check_shared(shared_params)
+        self._shared_module = shared_params if isinstance(shared_params, nn.Module) else None
+        self._layers = None
         if isinstance(self._path, JacobianPath):
             self._path.shared_params = self._shared_params
 
@@ -402,11 +429,11 @@ class JDOptimizer(Optimizer):
             >>> import torch
             >>> from jdoptim import JDOptimizer
             >>> sgd = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
-            >>> JDOptimizer.from_config(sgd, {"aggregator": {"name": "mgda"}, "mode": "auto"})
+            >>> JDOptimizer.from_config(sgd, {"aggregator": {"name": "imtlg"}, "mode": "auto"})
             ... # doctest: +ELLIPSIS
             JDOptimizer(
               optimizer=SGD (...),
-              aggregator=MGDA(solver='active_set', epsilon=0.001, max_iters=100),
+              aggregator=IMTLG(),
               mode='auto', chunk_size=None, nonfinite='raise'
             )
         """
@@ -524,6 +551,20 @@ class JDOptimizer(Optimizer):
                 "Gramian mode cannot build the global Gramian across ranks: use mode='jacobian' "
                 "for exact Jacobian descent under data parallelism, or local_weighting=True."
             )
+        method = path.method
+        if (
+            (not aggregate or self._pending)
+            and self.accumulation == "sum"
+            and isinstance(method, Aggregator)
+            and method.loss_dependent_head_weights
+            and self.shared_params is not None
+        ):
+            raise ValueError(
+                f"{type(method).__name__} weights the heads' gradients by the values of each "
+                "call's losses, so the heads' gradients of micro-batches added with "
+                "accumulation='sum' are not those of the whole batch; aggregate every "
+                "backward pass, or accumulate with accumulation='concat'."
+            )
         vector = self._loss_vector(losses)
         if self._skip_next_step:
             return None
@@ -634,15 +675,18 @@ class JDOptimizer(Optimizer):
     def _reduce_pieces(self, pieces: Pieces, group: ProcessGroup) -> Pieces:
         """The pieces of the global batch: Jacobians averaged (or rows stacked in rank order with
         ``accumulation="concat"``), own gradients averaged, finite on every rank."""
+        matrix, losses = pieces.matrix, pieces.losses
+        with_losses = matrix is not None and losses is not None and self.aggregator.needs_losses
+        if with_losses:
+            # The losses travel as one more column, reduced as the rows are.
+            matrix = torch.cat([matrix, losses.to(matrix.dtype)[:, None]], dim=1)
         matrix, others, finite = synchronise(
-            pieces.matrix,
-            list(pieces.own.values()),
-            pieces.finite,
-            self.accumulation == "concat",
-            group,
+            matrix, list(pieces.own.values()), pieces.finite, self.accumulation == "concat", group
         )
+        if with_losses:
+            matrix, losses = matrix[:, :-1], matrix[:, -1].to(losses.dtype)
         own = dict(zip(pieces.own, others, strict=True))
-        return Pieces(pieces.shared, matrix, own, finite)
+        return Pieces(pieces.shared, matrix, own, finite, losses=losses)
 
     def _reduce_update(self, update: Update, group: ProcessGroup) -> Update:
         """The ranks' updates averaged, for the parameters some rank's losses reach."""

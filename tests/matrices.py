@@ -79,3 +79,19 @@ MATRICES: dict[str, Callable[[], Tensor]] = {
 
 STRONGLY_STATIONARY = {"zero", "strongly_stationary"}
 """Matrices with 0 as a strictly positive combination of the rows."""
+
+
+def losses_for(m: int, dtype: torch.dtype = torch.float64, seed: int = 0) -> Tensor:
+    """Positive values of ``m`` losses, for the methods that need them (one per row)."""
+    generator = _gen(1000 + seed)
+    return (torch.rand(m, generator=generator, dtype=torch.float64) + 0.5).to(dtype)
+
+
+def call(method: torch.nn.Module, matrix: Tensor, losses: Tensor | None = None) -> Tensor:
+    """Call an aggregator or weighting on ``matrix``, with the values of the losses when it
+    needs them (``losses``, or `losses_for` the rows)."""
+    if not getattr(method, "needs_losses", False):
+        return method(matrix)
+    if losses is None:
+        losses = losses_for(matrix.shape[0], matrix.dtype)
+    return method(matrix, losses=losses)

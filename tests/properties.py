@@ -26,6 +26,7 @@ from torch import Tensor
 
 from jdoptim import get_spec
 from jdoptim.aggregation import GramianWeightedAggregator
+from tests.matrices import call, losses_for
 
 NON_FINITE = (math.nan, math.inf, -math.inf)
 
@@ -51,11 +52,11 @@ cut-off, say) is as invariant as its conditioning allows, and an order-dependent
 more."""
 
 
-def _call(method, matrix: Tensor, seed: int) -> Tensor:
+def _call(method, matrix: Tensor, seed: int, losses: Tensor | None = None) -> Tensor:
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        return method(matrix)
+        return call(method, matrix, losses)
 
 
 def faithful_gramian(method: GramianWeightedAggregator, J: Tensor) -> bool:
@@ -73,18 +74,20 @@ def faithful_gramian(method: GramianWeightedAggregator, J: Tensor) -> bool:
     return bool(factor > 0) and bool(((G - factor * exact).abs() <= bound).all())
 
 
-def _weights_scale(name: str, J: Tensor, seed: int) -> Tensor:
+def _weights_scale(name: str, J: Tensor, seed: int, losses: Tensor | None) -> Tensor:
     """``Σ_j |w_j| |g_j|`` for the weights of a fresh instance, or the largest row norm."""
     method = get_spec(name).example(J.shape[0])
     J64 = J.double()
     norms = J64.norm(dim=1)
     if not isinstance(method, GramianWeightedAggregator):
         return norms.max()
-    weights = _call(method.weighting, method._weighting_input(J), seed).double()
+    weights = _call(method.weighting, method._weighting_input(J), seed, losses).double()
     return (weights.abs() * norms).sum()
 
 
-def _perturbed_updates(name: str, J: Tensor, seed: int, generator: torch.Generator) -> list[Tensor]:
+def _perturbed_updates(
+    name: str, J: Tensor, seed: int, generator: torch.Generator, losses: Tensor | None
+) -> list[Tensor]:
     """The updates after random perturbations at the rounding level. For a Gramian-based method:
     of ``2 eps |g_i| |g_j|`` on each entry of the Gramian (what forming it in J's dtype does),
     and of norm ``2 eps |G|`` (the backward error of a stable eigensolver or factorisation on
@@ -101,11 +104,13 @@ def _perturbed_updates(name: str, J: Tensor, seed: int, generator: torch.Generat
         E = (E + E.T) / 2
         entrywise = G + 2 * eps * E * torch.outer(norms, norms)
         normwise = G + 2 * eps * G.norm() * E / E.norm()
-        return [_call(method.weighting, P.to(J.dtype), seed) @ J for P in (entrywise, normwise)]
+        return [
+            _call(method.weighting, P.to(J.dtype), seed, losses) @ J for P in (entrywise, normwise)
+        ]
     E = torch.randn(J.shape, generator=generator, dtype=torch.float64)
     rowwise = J64 + 2 * eps * norms[:, None] * E / J.shape[1] ** 0.5
     normwise = J64 + 2 * eps * J64.norm() * E / E.norm()
-    return [_call(method, P.to(J.dtype), seed) for P in (rowwise, normwise)]
+    return [_call(method, P.to(J.dtype), seed, losses) for P in (rowwise, normwise)]
 
 
 def _with_a_non_finite_entry(matrix: Tensor, seed: int) -> Tensor:
@@ -117,28 +122,39 @@ def _with_a_non_finite_entry(matrix: Tensor, seed: int) -> Tensor:
     return broken
 
 
-def aggregator_violations(name: str, J: Tensor, seed: int = 0) -> list[str]:
-    """The contracts that aggregator ``name`` breaks on the Jacobian ``J``."""
+def aggregator_violations(
+    name: str, J: Tensor, seed: int = 0, losses: Tensor | None = None
+) -> list[str]:
+    """The contracts that aggregator ``name`` breaks on the Jacobian ``J`` (and the values of
+    the losses, for a method that needs them: ``losses`` or `losses_for` the rows)."""
     spec = get_spec(name)
     m, n = J.shape
     dtype = J.dtype
+    method = spec.example(m)
+    if method.needs_losses and losses is None:
+        losses = losses_for(m, dtype)
+    if not method.needs_losses:
+        losses = None
     try:
-        update = _call(spec.example(m), J, seed)
+        update = _call(spec.example(m), J, seed, losses)
     except Exception as error:
         return [f"raises {type(error).__name__} on finite input: {error}"]
     violations = []
     if update.shape != (n,) or update.dtype != dtype:
         violations.append(f"returns shape {tuple(update.shape)}, dtype {update.dtype}")
-    method = spec.example(m)
     gramian_based = isinstance(method, GramianWeightedAggregator) and method.weighting.uses_matrix
     faithful = not gramian_based or faithful_gramian(method, J)
-    if faithful and not torch.isfinite(update).all():
+    if (
+        faithful
+        and not torch.isfinite(update).all()
+        and _representable_update(name, J, seed, losses)
+    ):
         violations.append("finite input, non-finite update")
     measured = faithful and dtype in (torch.float64, torch.float32) and torch.isfinite(update).all()
     if measured and (spec.non_conflicting or spec.permutation_invariant):
         J64, d = J.double(), update.double()
         norms = J64.norm(dim=1)
-        scale = _weights_scale(name, J, seed)
+        scale = _weights_scale(name, J, seed, losses)
         eps = torch.finfo(dtype).eps
         if spec.non_conflicting:
             worst = ((J64 @ d) / (norms * scale).clamp(min=torch.finfo(torch.float64).tiny)).min()
@@ -147,10 +163,11 @@ def aggregator_violations(name: str, J: Tensor, seed: int = 0) -> list[str]:
         if spec.permutation_invariant and not spec.randomised:
             generator = torch.Generator().manual_seed(seed)
             permutation = torch.randperm(m, generator=generator)
-            permuted = _call(spec.example(m), J[permutation], seed).double()
+            permuted_losses = None if losses is None else losses[permutation]
+            permuted = _call(spec.example(m), J[permutation], seed, permuted_losses).double()
             change = ((permuted - d).norm() / scale.clamp(min=1e-300)).item()
             try:
-                perturbed = _perturbed_updates(name, J, seed, generator)
+                perturbed = _perturbed_updates(name, J, seed, generator, losses)
                 change_under_noise = max((p.double() - d).norm() for p in perturbed)
                 sensitivity = (change_under_noise / scale.clamp(min=1e-300)).item()
             except Exception:
@@ -160,24 +177,57 @@ def aggregator_violations(name: str, J: Tensor, seed: int = 0) -> list[str]:
                     f"changes by {change:.3g} S under a permutation of the rows (by "
                     f"{sensitivity:.3g} S under rounding-level noise)"
                 )
-    try:
-        broken = _call(spec.example(m), _with_a_non_finite_entry(J, seed), seed)
-    except ValueError:
-        pass
-    except Exception as error:
-        violations.append(f"raises {type(error).__name__} on non-finite input: {error}")
-    else:
-        if torch.isfinite(broken).all():
-            violations.append("non-finite input, finite update")
+    violations += _non_finite_violations(
+        lambda matrix, values: _call(spec.example(m), matrix, seed, values), J, seed, losses
+    )
     return violations
 
 
-def weighting_violations(name: str, J: Tensor, seed: int = 0) -> list[str]:
+def _representable_update(name: str, J: Tensor, seed: int, losses: Tensor | None) -> bool:
+    """Whether the update is within the range of ``J``'s dtype when computed in float64. A
+    method scaled by the losses (DB-MTL divides by them) can rightly overflow; the others
+    always count as representable."""
+    if losses is None:
+        return True
+    try:
+        exact = _call(get_spec(name).example(J.shape[0]), J.double(), seed, losses.double())
+    except Exception:
+        return True
+    return bool(torch.isfinite(exact).all()) and _representable(exact, J.dtype)
+
+
+def _non_finite_violations(run, matrix: Tensor, seed: int, losses: Tensor | None) -> list[str]:
+    """A matrix with a NaN or infinite entry (and non-finite losses, for a method that needs
+    them) gives a ``ValueError`` or a non-finite result."""
+    violations = []
+    cases = [("input", _with_a_non_finite_entry(matrix, seed), losses)]
+    if losses is not None:
+        cases.append(("losses", matrix, _with_a_non_finite_entry(losses[None], seed)[0]))
+    for what, broken_matrix, broken_losses in cases:
+        try:
+            broken = run(broken_matrix, broken_losses)
+        except ValueError:
+            continue
+        except Exception as error:
+            violations.append(f"raises {type(error).__name__} on non-finite {what}: {error}")
+            continue
+        if torch.isfinite(broken).all():
+            violations.append(f"non-finite {what}, finite result")
+    return violations
+
+
+def weighting_violations(
+    name: str, J: Tensor, seed: int = 0, losses: Tensor | None = None
+) -> list[str]:
     """The contracts that weighting ``name`` breaks on the Jacobian ``J`` (or its Gramian,
-    computed in float64 and cast to J's dtype)."""
+    computed in float64 and cast to J's dtype), and the losses of a weighting that needs them."""
     spec = get_spec(name)
     m = J.shape[0]
     weighting = spec.example(m)
+    if weighting.needs_losses and losses is None:
+        losses = losses_for(m, J.dtype)
+    if not weighting.needs_losses:
+        losses = None
     if weighting.needs_jacobian:
         matrix = J
     else:
@@ -186,7 +236,7 @@ def weighting_violations(name: str, J: Tensor, seed: int = 0) -> list[str]:
             return []  # not a finite Gramian in this dtype
         matrix = G
     try:
-        weights = _call(weighting, matrix, seed)
+        weights = _call(weighting, matrix, seed, losses)
     except Exception as error:
         return [f"raises {type(error).__name__} on finite input: {error}"]
     violations = []
@@ -196,19 +246,19 @@ def weighting_violations(name: str, J: Tensor, seed: int = 0) -> list[str]:
         # Weights beyond the dtype's range (FairGrad's, near 0 in the hull) overflow rightly:
         # look at them before the cast to the input's dtype.
         with torch.no_grad():
-            uncast = _call(spec.example(m)._weights, matrix, seed)
+            method = spec.example(m)
+            context = () if losses is None else (losses,)
+            torch.manual_seed(seed)
+            uncast = method._weights(matrix, *context)
         if _representable(uncast, J.dtype):
             violations.append("finite input, non-finite weights")
     if weighting.uses_matrix:
-        try:
-            broken = _call(spec.example(m), _with_a_non_finite_entry(matrix, seed), seed)
-        except ValueError:
-            pass
-        except Exception as error:
-            violations.append(f"raises {type(error).__name__} on non-finite input: {error}")
-        else:
-            if torch.isfinite(broken).all():
-                violations.append("non-finite input, finite weights")
+        violations += _non_finite_violations(
+            lambda broken, values: _call(spec.example(m), broken, seed, values),
+            matrix,
+            seed,
+            losses,
+        )
     return violations
 
 

@@ -16,7 +16,7 @@ from torch import Tensor
 
 import jdoptim
 from jdoptim import Aggregator, Weighting, build, get_spec, to_config
-from tests.matrices import MATRICES, STRONGLY_STATIONARY
+from tests.matrices import MATRICES, STRONGLY_STATIONARY, call, losses_for
 
 AGGREGATORS = jdoptim.list_aggregators()
 WEIGHTINGS = jdoptim.list_weightings()
@@ -37,7 +37,7 @@ def _matrix(name: str, dtype: torch.dtype) -> Tensor:
 
 def _run(aggregator: Aggregator | Weighting, matrix: Tensor, seed: int = 0) -> Tensor:
     torch.manual_seed(seed)
-    return aggregator(matrix)
+    return call(aggregator, matrix)
 
 
 def _with_property(flag: str) -> list[str]:
@@ -61,7 +61,7 @@ def _pairs(names: list[str], matrix_names=MATRICES) -> list[tuple[str, str]]:
 @pytest.mark.parametrize(("name", "matrix_name"), _pairs(AGGREGATORS))
 def test_output_shape_dtype_and_finiteness(name: str, matrix_name: str, dtype: torch.dtype):
     J = _matrix(matrix_name, dtype)
-    update = _make(name, J.shape[0])(J)
+    update = call(_make(name, J.shape[0]), J)
     assert update.shape == (J.shape[1],)
     assert update.dtype == dtype
     assert update.device == J.device
@@ -72,7 +72,7 @@ def test_output_shape_dtype_and_finiteness(name: str, matrix_name: str, dtype: t
 def test_weighting_shape_and_finiteness(name: str, matrix_name: str):
     J = _matrix(matrix_name, torch.float64)
     weighting = _make(name, J.shape[0])
-    weights = weighting(J if weighting.needs_jacobian else J @ J.T)
+    weights = call(weighting, J if weighting.needs_jacobian else J @ J.T)
     assert weights.shape == (J.shape[0],)
     assert weights.dtype == torch.float64
     assert torch.isfinite(weights).all(), weights
@@ -163,7 +163,7 @@ def test_is_a_module_with_hooks_and_to(name: str):
     assert isinstance(aggregator, torch.nn.Module)
     seen = []
     handle = aggregator.register_forward_hook(lambda module, args, out: seen.append(out))
-    update = aggregator(J)
+    update = call(aggregator, J)
     handle.remove()
     assert len(seen) == 1 and seen[0] is update
     assert aggregator.to(torch.float64) is aggregator
@@ -176,7 +176,7 @@ def test_too_few_objectives_raise_a_clear_error(name: str):
     spec = get_spec(name)
     J = _matrix("normal_5x8", torch.float64)[: spec.min_objectives - 1]
     with pytest.raises(ValueError, match=str(spec.min_objectives)):
-        spec.example(spec.min_objectives)(J)
+        call(spec.example(spec.min_objectives), J)
 
 
 @pytest.mark.parametrize("name", AGGREGATORS)
@@ -194,7 +194,7 @@ def test_bad_matrices_are_rejected(name: str):
 @pytest.mark.parametrize(("name", "matrix_name"), _pairs(_with_property("non_conflicting")))
 def test_non_conflicting(name: str, matrix_name: str, dtype: torch.dtype):
     J = _matrix(matrix_name, dtype)
-    update = _make(name, J.shape[0])(J)
+    update = call(_make(name, J.shape[0]), J)
     products = J @ update
     bound = PROPERTY_RTOL[dtype] * J.norm(dim=1) * J.norm(dim=1).max()
     assert (products >= -bound).all(), (products, bound)
@@ -210,8 +210,8 @@ def test_linear_under_scaling(name: str, matrix_name: str):
     generator = torch.Generator().manual_seed(4)
     c1, c2 = torch.rand(2, m, generator=generator, dtype=torch.float64) + 0.1
     aggregator = _make(name, m)
-    combined = aggregator(J * (c1 + c2)[:, None])
-    separate = aggregator(J * c1[:, None]) + aggregator(J * c2[:, None])
+    combined = call(aggregator, J * (c1 + c2)[:, None])
+    separate = call(aggregator, J * c1[:, None]) + call(aggregator, J * c2[:, None])
     scale = J.norm(dim=1).max() * (c1 + c2).max()
     assert (combined - separate).norm() <= PROPERTY_RTOL[torch.float64] * scale
 
@@ -220,13 +220,16 @@ def test_linear_under_scaling(name: str, matrix_name: str):
 def test_permutation_invariant(name: str, matrix_name: str):
     J = _matrix(matrix_name, torch.float64)
     permutation = torch.randperm(J.shape[0], generator=torch.Generator().manual_seed(5))
-    aggregator = _make(name, J.shape[0])
-    torch.testing.assert_close(aggregator(J[permutation]), aggregator(J), rtol=1e-6, atol=1e-9)
+    losses = losses_for(J.shape[0])
+    # Fresh instances: a stateful method's second call would start from the first's state.
+    permuted = call(_make(name, J.shape[0]), J[permutation], losses[permutation])
+    original = call(_make(name, J.shape[0]), J, losses)
+    torch.testing.assert_close(permuted, original, rtol=1e-6, atol=1e-9)
 
 
 @pytest.mark.parametrize("name", _with_property("non_conflicting"))
 def test_non_conflicting_methods_vanish_on_strongly_stationary_matrices(name: str):
     for matrix_name in STRONGLY_STATIONARY:
         J = _matrix(matrix_name, torch.float64)
-        update = _make(name, J.shape[0])(J)
+        update = call(_make(name, J.shape[0]), J)
         assert update.norm() <= 1e-6 * (1 + J.norm()), (matrix_name, update)

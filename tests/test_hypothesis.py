@@ -3,7 +3,8 @@
 Every registered aggregator, weighting and scalarizer is run on inputs drawn by
 `tests.strategies` (zero, duplicated and tiny rows, low rank, a common component, weakly
 stationary points, spread norms, scales from 1e-30 to 1e30, float64, float32, bfloat16 and
-float16, any row order; losses from 1e-30 to 1e30) and checked by `tests.properties`: finite
+float16, any row order; losses from 1e-30 to 1e30, also for the methods whose update depends on
+them) and checked by `tests.properties`: finite
 input gives a finite result of the right shape and dtype, the declared properties hold
 (non-conflicting, permutation invariant), non-finite input gives a ``ValueError`` or a
 non-finite result. The examples are derandomised, so that a run does not depend on luck;
@@ -49,7 +50,7 @@ def test_aggregator_contracts(name: str, data: st.DataObject):
     spec = jdoptim.get_spec(name)
     J = data.draw(degenerate_jacobians(min_m=spec.min_objectives, dtypes=_dtypes(name)))
     seed = data.draw(st.integers(0, 2**31 - 1))
-    assert aggregator_violations(name, J, seed) == []
+    assert aggregator_violations(name, J, seed, _losses(name, J, data)) == []
 
 
 @pytest.mark.parametrize("name", jdoptim.list_weightings())
@@ -59,7 +60,14 @@ def test_weighting_contracts(name: str, data: st.DataObject):
     spec = jdoptim.get_spec(name)
     J = data.draw(degenerate_jacobians(min_m=spec.min_objectives, dtypes=_dtypes(name)))
     seed = data.draw(st.integers(0, 2**31 - 1))
-    assert weighting_violations(name, J, seed) == []
+    assert weighting_violations(name, J, seed, _losses(name, J, data)) == []
+
+
+def _losses(name: str, J: torch.Tensor, data: st.DataObject) -> torch.Tensor | None:
+    """Values of the losses, from 1e-30 to 1e30, for a method that needs them."""
+    if not jdoptim.get_spec(name).example(J.shape[0]).needs_losses:
+        return None
+    return data.draw(loss_vectors(m=J.shape[0], dtypes=(J.dtype,)))
 
 
 @pytest.mark.parametrize("name", jdoptim.list_scalarizers())

@@ -50,6 +50,8 @@ class Pieces:
             ``shared``: task heads, or every parameter of a scalarised loss).
         finite: Whether every value computed is finite.
         reason: What is not finite, when ``finite`` is ``False``, for the user.
+        losses: The values of the losses ``[m]`` (detached, as scaled as the losses), for
+            methods that need them, or ``None``.
     """
 
     shared: list[Tensor] = field(default_factory=list)
@@ -57,6 +59,7 @@ class Pieces:
     own: dict[Tensor, Tensor] = field(default_factory=dict)
     finite: bool = True
     reason: str = ""
+    losses: Tensor | None = None
 
 
 @dataclass
@@ -168,15 +171,23 @@ def combine(queued: Sequence[Pieces], accumulation: Literal["sum", "concat"]) ->
         check_combinable(first, pieces, accumulation)
         for p, g in pieces.own.items():
             own[p] = g if p not in own else own[p] + g
-    matrices = [pieces.matrix for pieces in queued if pieces.matrix is not None]
-    matrix = None
-    if matrices and accumulation == "concat":
-        matrix = torch.cat(matrices)
-    elif matrices:
-        matrix = torch.stack(matrices).sum(dim=0)
+    matrix = _combined([pieces.matrix for pieces in queued], accumulation)
+    losses = _combined([pieces.losses for pieces in queued], accumulation)
     finite = all(pieces.finite for pieces in queued)
     reason = next((pieces.reason for pieces in queued if not pieces.finite), "")
-    return Pieces(first.shared, matrix, own, finite, reason)
+    return Pieces(first.shared, matrix, own, finite, reason, losses)
+
+
+def _combined(
+    tensors: Sequence[Tensor | None], accumulation: Literal["sum", "concat"]
+) -> Tensor | None:
+    """The rows of several calls stacked (``"concat"``), or added (``"sum"``)."""
+    present = [t for t in tensors if t is not None]
+    if not present:
+        return None
+    if accumulation == "concat":
+        return torch.cat(present)
+    return torch.stack(present).sum(dim=0)
 
 
 def check_combinable(first: Pieces, later: Pieces, accumulation: Literal["sum", "concat"]) -> None:

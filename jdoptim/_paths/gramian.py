@@ -51,18 +51,26 @@ class GramianPath(Path):
             gramian = gramian / losses.scale**2
         if not all_finite([gramian]):
             return GramianPieces(finite=False, reason=non_finite_reason(losses.vector, self.what))
-        return GramianPieces(gramian=gramian, params=losses.params)
+        values = losses.vector.detach()
+        return GramianPieces(
+            losses=values if losses.scale == 1.0 else values / losses.scale,
+            gramian=gramian,
+            params=losses.params,
+        )
 
     def aggregate(self, pieces: Pieces, *, scale: float, diagnostics: bool) -> Update:
         assert isinstance(pieces, GramianPieces) and pieces.gramian is not None
         gramian, params = pieces.gramian, pieces.params
-        weights = self.method.weighting(gramian)
+        weighting = self.method.weighting
+        context = {"losses": pieces.losses} if weighting.needs_losses else {}
+        weights = weighting(gramian, **context)
         if not all_finite([weights]):
             return Update(finite=False, reason=f"{self.method!r} returned non-finite weights")
         grads = _captured(lambda: self.engine.backward(weights, params=params), params or [])
+        report = {k: v.clone() for k, v in self.method.report().items()} if diagnostics else {}
 
         def diagnose_step():
-            return diagnose_gramian(gramian, weights)
+            return diagnose_gramian(gramian, weights, report)
 
         return Update(grads, diagnose=diagnose_step if diagnostics else None)
 

@@ -23,6 +23,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from jdoptim.aggregation._columns import Columns
+
 Check = Callable[[Any, str], Any]
 """``check(value, name)`` returns the value to store or raises an error naming ``name`` and
 ``value``."""
@@ -214,7 +216,8 @@ class Weighting(Configurable):
     The weights do not require grad (aggregation is not differentiable) and have the input's
     dtype; methods solve half-precision input (bfloat16, float16) in float32 or better (see
     `solve_dtype`). A matrix with a non-finite entry gives NaN weights, never finite ones, and
-    leaves the weighting's state unchanged.
+    leaves the weighting's state unchanged; so do non-finite losses for a weighting that
+    `needs_losses`.
     """
 
     registry_kind: ClassVar[str] = "weighting"
@@ -223,13 +226,18 @@ class Weighting(Configurable):
     uses_matrix: ClassVar[bool] = True
     """``False`` when the weights depend only on the number of objectives ``m``, so callers may
     pass any ``[m, m]`` tensor (such as a zero-stride view) instead of computing the Gramian."""
+    needs_losses: ClassVar[bool] = False
+    """``True`` when the weights depend on the values of the losses too, passed as
+    ``weighting(matrix, losses=losses)`` (`jdoptim.JDOptimizer` passes them)."""
 
-    def forward(self, matrix: Tensor) -> Tensor:
+    def forward(self, matrix: Tensor, losses: Tensor | None = None) -> Tensor:
         """Compute the weights.
 
         Args:
             matrix: The Gramian ``[m, m]``, or the Jacobian ``[m, n]`` if
                 `needs_jacobian`.
+            losses: The values of the ``m`` losses, for a weighting that `needs_losses`
+                (ignored by the others).
 
         Returns:
             The weights, shape ``[m]``, with ``matrix``'s dtype and device.
@@ -243,15 +251,49 @@ class Weighting(Configurable):
                     f"{type(self).__name__} expects a square Gramian, got shape "
                     f"{tuple(matrix.shape)}."
                 )
+        needs_losses = self.needs_losses
+        if needs_losses:
+            losses = check_losses_of(losses, matrix.shape[0], self)
         with torch.no_grad():
             if self.uses_matrix and not bool(all_finite(matrix)):
                 # One host synchronisation, so that no solver runs (or raises) on non-finite
                 # input and no state changes.
                 return matrix.new_full((matrix.shape[0],), torch.nan)
+            if needs_losses:
+                if not bool(all_finite(losses)):
+                    return matrix.new_full((matrix.shape[0],), torch.nan)
+                return self._weights(matrix, losses).to(matrix.dtype)  # type: ignore[call-arg]
             return self._weights(matrix).to(matrix.dtype)
 
     @abstractmethod
     def _weights(self, matrix: Tensor) -> Tensor: ...
+
+    def head_weights(self, losses: Tensor) -> Tensor | None:
+        """See `Aggregator.head_weights`."""
+        return None
+
+    def report(self) -> dict[str, Tensor]:
+        """See `Aggregator.report`."""
+        return {}
+
+
+def check_losses_of(losses: Tensor | None, m: int, method: nn.Module) -> Tensor:
+    """Raise unless ``losses`` holds the values of ``m`` losses, for a method that needs them;
+    return them detached."""
+    owner = type(method).__name__
+    if losses is None:
+        raise ValueError(
+            f"{owner} needs the values of the losses: call it as method(matrix, "
+            "losses=losses) (JDOptimizer passes them)."
+        )
+    if not isinstance(losses, Tensor):
+        raise TypeError(f"{owner} expects the losses as a torch.Tensor, got {losses!r}.")
+    if losses.ndim != 1 or losses.shape[0] != m or not losses.is_floating_point():
+        raise ValueError(
+            f"{owner} expects a 1-D floating tensor of {m} losses (one per row), got shape "
+            f"{tuple(losses.shape)} and dtype {losses.dtype}."
+        )
+    return losses.detach()
 
 
 class Aggregator(Configurable):
@@ -259,15 +301,34 @@ class Aggregator(Configurable):
 
     The update does not require grad (aggregation is not differentiable), and has ``J``'s
     dtype and device.
+
+    Most methods need ``J`` alone. A method that `needs_losses` also takes the values of the
+    losses, and one that `needs_columns` the layout of ``J``'s columns (which parameter, layer
+    or parameter group each belongs to, as `Columns`); `jdoptim.JDOptimizer` passes both.
     """
 
     registry_kind: ClassVar[str] = "aggregator"
+    needs_losses: ClassVar[bool] = False
+    """``True`` when the update depends on the values of the losses too."""
+    needs_columns: ClassVar[bool] = False
+    """``True`` when the method treats blocks of ``J``'s columns (layers, parameters)
+    separately, so it needs their layout; such a method cannot run from a Gramian."""
+    loss_dependent_head_weights: ClassVar[bool] = False
+    """``True`` when `head_weights` depends on the values of the losses, so that the heads'
+    gradients of micro-batches summed with ``accumulation="sum"`` would not be those of the
+    whole batch."""
 
-    def forward(self, matrix: Tensor) -> Tensor:
+    def forward(
+        self, matrix: Tensor, *, losses: Tensor | None = None, columns: Columns | None = None
+    ) -> Tensor:
         """Aggregate the rows of ``matrix``.
 
         Args:
             matrix: The Jacobian, shape ``[m, n]``.
+            losses: The values of the ``m`` losses, for a method that `needs_losses` (ignored
+                by the others).
+            columns: The layout of the columns, for a method that `needs_columns` (ignored by
+                the others).
 
         Returns:
             The update, shape ``[n]``, with ``matrix``'s dtype and device.
@@ -275,16 +336,58 @@ class Aggregator(Configurable):
         check_matrix(matrix, "Jacobian")
         if matrix.shape[0] == 0:
             raise ValueError(f"{type(self).__name__} needs at least one row, got shape (0, n).")
+        extra: dict[str, Any] = {}
+        if self.needs_losses:
+            extra["losses"] = check_losses_of(losses, matrix.shape[0], self)
+        if self.needs_columns:
+            extra["columns"] = check_columns_of(columns, matrix.shape[1], self)
         with torch.no_grad():
-            return self._aggregate(matrix)
+            return self._aggregate(matrix, **extra)
 
     @abstractmethod
     def _aggregate(self, matrix: Tensor) -> Tensor: ...
 
+    def head_weights(self, losses: Tensor) -> Tensor | None:
+        """The weights ``c`` of the losses in the gradient of the parameters that are not
+        aggregated (task heads, under ``shared_params``): they receive the gradient of
+        ``Σ_i c_i L_i``. ``None`` (the default) means the plain sum. Methods that scale or
+        transform each loss (GradNorm's weights, DB-MTL's logarithm) return the derivative of
+        what they do to each loss, so that the heads train on the same losses as the trunk.
+
+        Args:
+            losses: The values of the losses ``[m]``, detached.
+        """
+        return None
+
+    def report(self) -> dict[str, Tensor]:
+        """What the last call computed besides the update, by name, for the diagnostics
+        (`jdoptim.diagnostics.StepDiagnostics.method_state`): the weights a method learns, for
+        example. Empty by default."""
+        return {}
+
+
+def check_columns_of(columns: Columns | None, n: int, method: nn.Module) -> Columns:
+    """Raise unless ``columns`` is the layout of ``n`` columns, for a method that needs it."""
+    owner = type(method).__name__
+    if columns is None:
+        raise ValueError(
+            f"{owner} needs the layout of the Jacobian's columns: call it as "
+            "aggregator(J, columns=Columns.of(params, model)) (JDOptimizer passes it)."
+        )
+    if not isinstance(columns, Columns):
+        raise TypeError(f"{owner} expects columns as a jdoptim Columns, got {columns!r}.")
+    if columns.n != n:
+        raise ValueError(
+            f"{owner} got the layout of {columns.n} columns for a Jacobian with {n} columns."
+        )
+    return columns
+
 
 @functools.cache
 def _forwarded_arguments(cls: type) -> frozenset[str]:
-    return frozenset(constructor_parameters(cls)) - {"weighting"}
+    # The arguments the aggregator declares itself (how it calls its weighting) stay on it.
+    own = {name for name in dir(cls) if isinstance(inspect.getattr_static(cls, name), Argument)}
+    return frozenset(constructor_parameters(cls)) - {"weighting"} - own
 
 
 class WeightedAggregator(Aggregator):
@@ -292,9 +395,11 @@ class WeightedAggregator(Aggregator):
     Jacobian (`Weighting.needs_jacobian`); a Gramian-based weighting belongs in a
     `GramianWeightedAggregator`.
 
-    A method that builds its own weighting (``UPGrad`` builds an ``UPGradWeighting``) has no
-    arguments of its own: reading or assigning ``aggregator.reg_eps`` reads or assigns
-    ``aggregator.weighting.reg_eps``, where it is checked. Its weighting cannot be replaced. An
+    A method that builds its own weighting (``UPGrad`` builds an ``UPGradWeighting``) keeps its
+    weighting's arguments there: reading or assigning ``aggregator.reg_eps`` reads or assigns
+    ``aggregator.weighting.reg_eps``, where it is checked. Only the arguments that say how the
+    aggregator calls its weighting (which columns it shows it, for example) are declared on
+    the aggregator itself. Its weighting cannot be replaced. An
     aggregator built directly from a weighting (this class, `GramianWeightedAggregator`) can get
     another one by assignment, checked in the same way.
 
@@ -357,13 +462,25 @@ class WeightedAggregator(Aggregator):
     def reset(self) -> None:
         self.weighting.reset()
 
+    @property  # type: ignore[override]
+    def needs_losses(self) -> bool:  # type: ignore[override]
+        """Whether the weighting needs the values of the losses."""
+        return self.weighting.needs_losses
+
+    def head_weights(self, losses: Tensor) -> Tensor | None:
+        return self.weighting.head_weights(losses)
+
+    def report(self) -> dict[str, Tensor]:
+        return self.weighting.report()
+
     def _weighting_input(self, matrix: Tensor) -> Tensor:
         return matrix
 
-    def _aggregate(self, matrix: Tensor) -> Tensor:
+    def _aggregate(self, matrix: Tensor, losses: Tensor | None = None) -> Tensor:
         # A wrapped weighting (in CRMOGMWeighting) can change kind after construction.
         self._check_weighting(self.weighting)
-        weights = self.weighting(self._weighting_input(matrix))
+        context = {"losses": losses} if self.weighting.needs_losses else {}
+        weights = self.weighting(self._weighting_input(matrix), **context)
         return weights @ matrix
 
 

@@ -56,7 +56,8 @@ class CRMOGMWeighting(Weighting):
     CAGrad...) biased and possibly non-convergent, and that averaging them this way fixes it.
 
     The wrapper takes whatever input the wrapped weighting takes (a Gramian, or ``J`` for a
-    weighting that needs it), so it also sets ``needs_jacobian`` from it: use it in a
+    weighting that needs it, and the losses for one that needs them), so it also sets
+    ``needs_jacobian`` and ``needs_losses`` from it: use it in a
     `GramianWeightedAggregator` (or `CRMOGM`) around a Gramian-based weighting, and in a
     `WeightedAggregator` around one that needs ``J``.
 
@@ -79,7 +80,7 @@ class CRMOGMWeighting(Weighting):
         ... )
         >>> weighting
         CRMOGMWeighting(weighting=MGDAWeighting(solver='active_set', epsilon=0.001,
-                        max_iters=100), alpha=0.5, initial_weights=None)
+                        max_iters=100, normalization='none'), alpha=0.5, initial_weights=None)
         >>> J = torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
         >>> weighting(J @ J.T)
         tensor([0.6000, 0.4000])
@@ -114,13 +115,24 @@ class CRMOGMWeighting(Weighting):
         """Whether the wrapped weighting reads the matrix."""
         return self.weighting.uses_matrix
 
+    @property  # type: ignore[override]
+    def needs_losses(self) -> bool:  # type: ignore[override]
+        """Whether the wrapped weighting needs the values of the losses."""
+        return self.weighting.needs_losses
+
+    def head_weights(self, losses: Tensor) -> Tensor | None:
+        return self.weighting.head_weights(losses)
+
+    def report(self) -> dict[str, Tensor]:
+        return self.weighting.report()
+
     def reset(self) -> None:
         """Forget the average, and reset the wrapped weighting."""
         self._average = None
         self.weighting.reset()
 
-    def _weights(self, matrix: Tensor) -> Tensor:
-        fresh = self.weighting(matrix)
+    def _weights(self, matrix: Tensor, losses: Tensor | None = None) -> Tensor:
+        fresh = self.weighting(matrix, **({} if losses is None else {"losses": losses}))
         m = fresh.shape[0]
         if self._average is not None:
             if self._average.shape[0] != m:

@@ -5,7 +5,8 @@ fail on the first violation; this script runs many more and counts them, to show
 failures are (the goal is none). Aggregators and weightings get Jacobians from
 `tests.strategies.degenerate_jacobians` (zero, duplicated and tiny rows, low rank, a common
 component, weakly stationary points, spread norms, scales 1e-30 to 1e30, float64, float32,
-bfloat16, float16, any row order); scalarizers get losses from 1e-30 to 1e30. The checks are
+bfloat16, float16, any row order), with losses from 1e-30 to 1e30 for the methods that need
+them; scalarizers get losses from 1e-30 to 1e30. The checks are
 those of `tests.properties`: finite input gives a finite result of the right shape and dtype,
 the declared properties hold (non-conflicting, permutation invariant), and non-finite input
 gives a ``ValueError`` or a non-finite result.
@@ -63,10 +64,13 @@ def run(name: str, examples: int) -> tuple[dict[str, int], collections.Counter, 
         phases=[Phase.generate],
         suppress_health_check=list(HealthCheck),
     )
-    @given(strategy, st.integers(0, 2**31 - 1))
-    def sample(matrix: torch.Tensor, seed: int) -> None:
+    @given(strategy, st.integers(0, 2**31 - 1), st.data())
+    def sample(matrix: torch.Tensor, seed: int, data: st.DataObject) -> None:
+        context = []
+        if spec.kind != "scalarizer" and spec.example(matrix.shape[0]).needs_losses:
+            context.append(data.draw(loss_vectors(m=matrix.shape[0], dtypes=(matrix.dtype,))))
         try:
-            violations = check(name, matrix, seed)
+            violations = check(name, matrix, seed, *context)
         except Exception as error:
             violations = [f"the check itself raises {type(error).__name__}: {error}"]
         totals["inputs"] += 1
