@@ -299,8 +299,8 @@ def to_config(obj: Configurable) -> dict[str, Any]:
 
     Examples:
         >>> import jdoptim
-        >>> jdoptim.to_config(jdoptim.MGDA())
-        {'name': 'mgda', 'solver': 'active_set', 'epsilon': 0.001, 'max_iters': 100}
+        >>> jdoptim.to_config(jdoptim.CAGrad(c=0.5))
+        {'name': 'cagrad', 'c': 0.5, 'norm_eps': 0.0, 'max_iters': 100, 'rescale': 0}
     """
     spec = get_spec(obj)
     config: dict[str, Any] = {"name": spec.name}

@@ -129,6 +129,7 @@ def test_nested_configs_build_recursively():
                 "solver": "active_set",
                 "epsilon": 0.001,
                 "max_iters": 7,
+                "normalization": "none",
             },
         }
     finally:
@@ -161,7 +162,7 @@ def test_repr_derives_from_the_constructor_signature():
         "UPGrad(pref_vector=[1.0, 3.0], norm_eps=0.0, reg_eps=0.1, solver='quadprog')"
     )
     assert repr(jdoptim.MGDA(max_iters=5)) == (
-        "MGDA(solver='active_set', epsilon=0.001, max_iters=5)"
+        "MGDA(solver='active_set', epsilon=0.001, max_iters=5, normalization='none')"
     )
 
 

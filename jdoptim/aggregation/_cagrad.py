@@ -120,6 +120,20 @@ def _exact_root_on_piece(
     return mu
 
 
+RESCALES: tuple[int, ...] = (0, 1, 2)
+"""The rescalings of the update, numbered as in the paper's code: none, by $1/(1 + c^2)$, by
+$1/(1 + c)$."""
+
+
+def _check_rescale(value: object, name: str) -> int:
+    if isinstance(value, bool) or value not in RESCALES:
+        raise ValueError(
+            f"Invalid {name} value: {value!r}; expected 0 (none), 1 (divide by 1 + c**2) or 2 "
+            "(divide by 1 + c)."
+        )
+    return int(value)  # type: ignore[call-overload]
+
+
 @register(paper=_PAPER, permutation_invariant=True, example_args=lambda m: {"c": 0.5})
 class CAGradWeighting(Weighting):
     r"""CAGrad's weights $w = \mathbf 1/m + \mu$, where $J^\top \mu$ is the correction added to
@@ -130,17 +144,22 @@ class CAGradWeighting(Weighting):
         norm_eps: A Gramian whose trace is not above this value is treated as zero (zero
             weights). TorchJD uses 1e-4; the default 0 keeps the method exact at every scale.
         max_iters: Largest number of Newton steps of the solver.
+        rescale: ``0``: none; ``1``: the weights divided by $1 + c^2$; ``2``: by $1 + c$.
     """
 
     c = Argument(check_non_negative)
     norm_eps = Argument(check_non_negative)
     max_iters = Argument(check_positive_int)
+    rescale = Argument(_check_rescale)
 
-    def __init__(self, c: float, norm_eps: float = 0.0, max_iters: int = 100) -> None:
+    def __init__(
+        self, c: float, norm_eps: float = 0.0, max_iters: int = 100, rescale: int = 0
+    ) -> None:
         super().__init__()
         self.c = c
         self.norm_eps = norm_eps
         self.max_iters = max_iters
+        self.rescale = rescale
 
     def _weights(self, matrix: Tensor) -> Tensor:
         m = matrix.shape[0]
@@ -154,7 +173,7 @@ class CAGradWeighting(Weighting):
             return torch.zeros_like(matrix[0])
         L = gramian_factor(G / trace, matrix.dtype)
         mu = cagrad_multipliers(L, self.c, tolerances(matrix.dtype), self.max_iters)
-        weights = mu + 1.0 / m
+        weights = (mu + 1.0 / m) / (1.0, 1.0 + self.c**2, 1.0 + self.c)[self.rescale]
         return weights.to(device=matrix.device, dtype=matrix.dtype)
 
 
@@ -183,7 +202,10 @@ class CAGrad(GramianWeightedAggregator):
     $t = \min_i g_i^\top d$ in which each step is an exact projection (see
     `cagrad_multipliers`): the result agrees with the optimum to rounding, whereas the paper's
     code uses scipy's SLSQP and TorchJD uses cvxpy with Clarabel, both to a solver tolerance.
-    There is no rescaling by $1/(1 + c^2)$ (an option of the paper's code), as in TorchJD.
+    By default the update is not rescaled, as in TorchJD; ``rescale=1`` divides it by
+    $1 + c^2$ and ``rescale=2`` by $1 + c$, the options of the paper's code (its experiments
+    use ``rescale=1``, which is also LibMTL's default), numbered as there. A rescaling multiplies
+    the update by a constant, as a smaller learning rate would.
 
     When the optimum is not unique, which happens only when $0$ is in the convex hull of the
     rows (the optimal value is then $0$ and $g_{w^\star} = 0$), the update is the optimal $d$
@@ -198,6 +220,8 @@ class CAGrad(GramianWeightedAggregator):
             update). TorchJD uses 1e-4; the default 0 keeps the method exact at every scale.
         max_iters: Largest number of Newton steps of the solver; it raises a `RuntimeError`
             if they do not suffice.
+        rescale: ``0``: no rescaling; ``1``: the update divided by $1 + c^2$; ``2``: by
+            $1 + c$.
 
     Examples:
         >>> import torch
@@ -209,5 +233,7 @@ class CAGrad(GramianWeightedAggregator):
         tensor([0.7041, 0.5000], dtype=torch.float64)
     """
 
-    def __init__(self, c: float, norm_eps: float = 0.0, max_iters: int = 100) -> None:
-        super().__init__(CAGradWeighting(c, norm_eps, max_iters))
+    def __init__(
+        self, c: float, norm_eps: float = 0.0, max_iters: int = 100, rescale: int = 0
+    ) -> None:
+        super().__init__(CAGradWeighting(c, norm_eps, max_iters, rescale))

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from torch import Tensor
 
 from jdoptim.aggregation._bases import (
@@ -19,12 +20,15 @@ from jdoptim.registry import register
 _PAPER = "https://arxiv.org/abs/1810.04650"
 Solver = Literal["active_set", "frank_wolfe"]
 SOLVERS: tuple[str, ...] = ("active_set", "frank_wolfe")
+Normalization = Literal["none", "l2", "loss", "loss+"]
+NORMALIZATIONS: tuple[str, ...] = ("none", "l2", "loss", "loss+")
 
 
 @register(paper=_PAPER, non_conflicting=True, permutation_invariant=True)
 class MGDAWeighting(Weighting):
-    r"""Weights of the minimum-norm point of the convex hull of the rows:
-    $w = \arg\min_{w \in \Delta_m} w^\top G w$ (see `MGDA`).
+    r"""Weights of the minimum-norm point of the convex hull of the rows (normalised by
+    $\nu_i$): $w = D^{-1} \arg\min_{v \in \Delta_m} v^\top D^{-1} G D^{-1} v$ with
+    $D = \operatorname{diag}(\nu)$ (see `MGDA`).
 
     Its arguments are those of `MGDA`.
     """
@@ -32,22 +36,60 @@ class MGDAWeighting(Weighting):
     solver = Argument(one_of(SOLVERS))
     epsilon = Argument(check_non_negative)
     max_iters = Argument(check_positive_int)
+    normalization = Argument(one_of(NORMALIZATIONS))
 
     def __init__(
-        self, solver: Solver = "active_set", epsilon: float = 0.001, max_iters: int = 100
+        self,
+        solver: Solver = "active_set",
+        epsilon: float = 0.001,
+        max_iters: int = 100,
+        normalization: Normalization = "none",
     ) -> None:
         super().__init__()
         self.solver = solver
         self.epsilon = epsilon
         self.max_iters = max_iters
+        self.normalization = normalization
 
-    def _weights(self, matrix: Tensor) -> Tensor:
+    @property  # type: ignore[override]
+    def needs_losses(self) -> bool:  # type: ignore[override]
+        """Whether the normalisation divides by the losses (``"loss"``, ``"loss+"``)."""
+        return self.normalization in ("loss", "loss+")
+
+    def _weights(self, matrix: Tensor, losses: Tensor | None = None) -> Tensor:
+        if self.normalization == "none":
+            return self._min_norm(matrix)
+        # The normalisers, and the normalised Gramian, in float64: 1/ν of a tiny gradient in
+        # float32 would overflow.
+        G = matrix.to(torch.float64)
+        norms = G.diagonal().clamp(min=0).sqrt()
+        if losses is not None:
+            losses = losses.to(torch.float64)
+            if not bool((losses > 0).all()):
+                raise ValueError(
+                    f"MGDA(normalization={self.normalization!r}) divides each gradient by its "
+                    f"loss, so the losses must be positive; got {losses.cpu().tolist()}."
+                )
+        if self.normalization == "l2":
+            normalizers = norms
+        elif self.normalization == "loss":
+            normalizers = losses
+        else:
+            normalizers = norms * losses
+        # A zero gradient stays zero: its direction is undefined, and 0 in the hull makes the
+        # update 0, as without normalisation.
+        inverse = torch.where(normalizers > 0, 1.0 / normalizers, 0.0)
+        normalized = G * inverse[:, None] * inverse[None, :]
+        weights = self._min_norm(normalized, matrix.dtype)
+        return weights.to(torch.float64) * inverse
+
+    def _min_norm(self, G: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        dtype = G.dtype if dtype is None else dtype
         if self.solver == "frank_wolfe":
-            G = matrix.to(solve_dtype(matrix.dtype))
-            return min_norm_frank_wolfe(G, self.epsilon, self.max_iters)
+            return min_norm_frank_wolfe(G.to(solve_dtype(G.dtype)), self.epsilon, self.max_iters)
         # Wolfe's algorithm branches on values at every step: one transfer to the CPU costs less
         # than a host synchronisation per step.
-        return min_norm_weights(matrix, matrix.dtype).to(device=matrix.device, dtype=matrix.dtype)
+        return min_norm_weights(G, dtype).to(device=G.device, dtype=G.dtype)
 
 
 @register(paper=_PAPER, non_conflicting=True, permutation_invariant=True)
@@ -73,10 +115,30 @@ class MGDA(GramianWeightedAggregator):
     from $w^\star$ (then the update can conflict with some rows). ``epsilon`` and ``max_iters``
     are used by ``"frank_wolfe"`` only; ``MGDA(solver="frank_wolfe")`` gives TorchJD's numbers.
 
+    **Gradient normalisation** (MGDA-UB's experiments, Section 3.3 of the paper and its code;
+    LibMTL's ``mgda_gn``): with ``normalization`` other than ``"none"``, the rows are divided by
+    normalisers $\nu_i$ before the min-norm problem,
+
+    $$
+    \mathcal A(J) = \sum_i v^\star_i \frac{g_i}{\nu_i},\qquad
+    v^\star = \arg\min_{v \in \Delta_m} \lVert \textstyle\sum_i v_i g_i / \nu_i
+    \rVert^2,
+    $$
+
+    with $\nu_i = \lVert g_i \rVert$ (``"l2"``), $L_i$ (``"loss"``, the value of loss $i$)
+    or $L_i \lVert g_i \rVert$ (``"loss+"``); the weights of the rows are $v^\star_i /
+    \nu_i$. The update is the min-norm point of the normalised rows, as in LibMTL, so it still
+    conflicts with no row (the paper's code instead applies $v^\star$ to the unnormalised
+    losses, which can conflict). A zero row stays zero (and makes the update zero, as without
+    normalisation). ``"loss"`` and ``"loss+"`` need the values of the losses
+    (`jdoptim.JDOptimizer` passes them; a direct call is ``MGDA(...)(J, losses=losses)``),
+    which must be positive.
+
     Args:
         solver: ``"active_set"`` (exact) or ``"frank_wolfe"`` (TorchJD's iteration).
         epsilon: Frank-Wolfe stops once its step size falls below this value.
         max_iters: Largest number of Frank-Wolfe iterations.
+        normalization: ``"none"``, ``"l2"``, ``"loss"`` or ``"loss+"`` (see above).
 
     Examples:
         >>> import torch
@@ -86,9 +148,15 @@ class MGDA(GramianWeightedAggregator):
         tensor([0.8000, 0.4000], dtype=torch.float64)
         >>> MGDA().weighting(J @ J.T)
         tensor([0.8000, 0.2000, 0.0000], dtype=torch.float64)
+        >>> MGDA(normalization="loss")(J, losses=torch.tensor([1.0, 4.0, 2.0]))  # rows / losses
+        tensor([0.2000, 0.4000], dtype=torch.float64)
     """
 
     def __init__(
-        self, solver: Solver = "active_set", epsilon: float = 0.001, max_iters: int = 100
+        self,
+        solver: Solver = "active_set",
+        epsilon: float = 0.001,
+        max_iters: int = 100,
+        normalization: Normalization = "none",
     ) -> None:
-        super().__init__(MGDAWeighting(solver, epsilon, max_iters))
+        super().__init__(MGDAWeighting(solver, epsilon, max_iters, normalization))

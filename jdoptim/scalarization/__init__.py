@@ -14,7 +14,7 @@ Examples:
     >>> Mean()(torch.tensor([1.0, 2.0, 3.0]))
     tensor(2.)
     >>> jdoptim.build({"name": "scalarization.stch", "mu": 0.5})
-    STCH(mu=0.5, weights=None, reference=None)
+    STCH(mu=0.5, weights=None, reference=None, warmup_epochs=0)
 """
 
 from jdoptim.scalarization._bases import Scalarizer

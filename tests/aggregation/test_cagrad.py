@@ -273,3 +273,15 @@ def test_invalid_arguments(kwargs: dict):
         CAGrad(**kwargs)
     with pytest.raises(ValueError, match="Invalid"):
         CAGradWeighting(**kwargs)
+
+
+@pytest.mark.parametrize(("rescale", "factor"), [(1, 1 + 0.6**2), (2, 1 + 0.6)])
+def test_rescale_divides_the_update_as_the_papers_code_does(rescale: int, factor: float):
+    J = torch.randn(4, 6, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    torch.testing.assert_close(CAGrad(c=0.6, rescale=rescale)(J), CAGrad(c=0.6)(J) / factor)
+
+
+@pytest.mark.parametrize("rescale", [3, -1, 1.5, "1", True])
+def test_rescale_is_one_of_the_papers_codes(rescale):
+    with pytest.raises(ValueError, match="Invalid rescale value"):
+        CAGrad(c=0.5, rescale=rescale)

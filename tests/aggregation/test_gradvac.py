@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from jdoptim import GradVac, GradVacWeighting, PCGrad
+from jdoptim import Columns, GradVac, GradVacWeighting, JDOptimizer, PCGrad
 
 J_BASE = torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]], dtype=torch.float64)
 
@@ -149,3 +149,114 @@ def test_state_dict_into_a_fresh_instance_and_reset():
 def test_bad_arguments_are_rejected(kwargs: dict, match: str):
     with pytest.raises(ValueError, match=match):
         GradVac(**kwargs)
+
+
+# --- per layer, per parameter, per parameter group --------------------------------------------
+
+
+def test_blocks_are_corrected_separately_with_one_order_for_all():
+    # With m = 2 the orders are fixed: each block follows the reference on its own columns.
+    generator = torch.Generator().manual_seed(4)
+    columns = Columns((2, 3, 1), layers=("a", "b", "a"))
+    aggregator = GradVac(beta=0.3, granularity="layer")
+    targets = {
+        "a": torch.zeros(2, 2, dtype=torch.float64),
+        "b": torch.zeros(2, 2, dtype=torch.float64),
+    }
+    for _ in range(4):
+        J = torch.randn(2, 6, generator=generator, dtype=torch.float64)
+        expected = torch.empty(6, dtype=torch.float64)
+        for layer, index in (("a", [0, 1, 5]), ("b", [2, 3, 4])):
+            update, targets[layer] = _reference_step(
+                J[:, index], targets[layer], [(1,), (0,)], 0.3, 1e-8
+            )
+            expected[index] = update
+        torch.testing.assert_close(aggregator(J, columns=columns), expected)
+    torch.testing.assert_close(
+        aggregator.weighting.targets, torch.stack([targets["a"], targets["b"]])
+    )
+
+
+@pytest.mark.parametrize("granularity", ["parameter", "group"])
+def test_each_block_is_gradvac_on_its_columns_with_the_same_random_orders(granularity: str):
+    generator = torch.Generator().manual_seed(5)
+    columns = Columns((3, 2, 4), groups=(0, 1, 2))
+    blockwise = GradVac(seed=11, granularity=granularity)
+    alone = [GradVac(seed=11) for _ in range(3)]
+    for _ in range(3):
+        J = torch.randn(4, 9, generator=generator, dtype=torch.float64)
+        parts = [
+            aggregator(J[:, start:stop])
+            for aggregator, (start, stop) in zip(alone, [(0, 3), (3, 5), (5, 9)], strict=True)
+        ]
+        torch.testing.assert_close(blockwise(J, columns=columns), torch.cat(parts))
+
+
+def test_the_optimizer_finds_the_layers_of_the_shared_module():
+    torch.manual_seed(0)
+    trunk = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    heads = torch.nn.ModuleList(torch.nn.Linear(2, 1) for _ in range(3))
+    x = torch.randn(8, 3, dtype=torch.float32)
+    model = copy.deepcopy((trunk, heads))
+    optimizer = JDOptimizer(
+        torch.optim.SGD([*trunk.parameters(), *heads.parameters()], lr=0.1),
+        GradVac(seed=1, granularity="layer"),
+        shared_params=trunk,
+    )
+    features = trunk(x)
+    losses = torch.stack([head(features).pow(2).mean() for head in heads])
+    optimizer.backward(losses)
+    # The same step by hand: the Jacobian of the trunk, aggregated with the trunk's layers.
+    twin_trunk, twin_heads = model
+    features = twin_trunk(x)
+    twin_losses = torch.stack([head(features).pow(2).mean() for head in twin_heads])
+    params = list(twin_trunk.parameters())
+    J = torch.stack(
+        [
+            torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, retain_graph=True)])
+            for loss in twin_losses
+        ]
+    )
+    update = GradVac(seed=1, granularity="layer")(J, columns=Columns.of(params, twin_trunk))
+    torch.testing.assert_close(torch.cat([p.grad.reshape(-1) for p in trunk.parameters()]), update)
+
+
+def test_layers_unknown_or_gramian_mode_are_clear_errors():
+    model = torch.nn.Linear(3, 2)
+    for shared in (None, list(model.parameters())):
+        unknown = JDOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            GradVac(granularity="layer"),
+            shared_params=shared,
+        )
+        with pytest.raises(ValueError, match="layers of the Jacobian's columns are not known"):
+            unknown.backward(model(torch.randn(4, 3)).pow(2).mean(dim=0))
+    known = JDOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), GradVac(granularity="layer"), modules=model
+    )
+    known.backward(model(torch.randn(4, 3)).pow(2).mean(dim=0))
+    assert known.aggregator.weighting.targets.shape == (2, 2)  # one layer
+    with pytest.raises(ValueError, match="needs the Jacobian"):
+        JDOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            GradVac(granularity="parameter"),
+            mode="gramian",
+            modules=model,
+        )
+    auto = JDOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        GradVac(granularity="parameter"),
+        mode="auto",
+        modules=model,
+    )
+    assert auto.resolved_mode == "jacobian"
+    with pytest.raises(ValueError, match="needs the layout of the Jacobian's columns"):
+        GradVac(granularity="parameter")(torch.eye(2))
+
+
+def test_assigning_the_granularity_restarts_the_targets():
+    aggregator = GradVac(granularity="parameter")
+    aggregator(torch.eye(2, dtype=torch.float64), columns=Columns((1, 1)))
+    assert aggregator.weighting.targets.shape == (2, 2, 2)
+    aggregator.granularity = "all"
+    assert aggregator.weighting.targets is None

@@ -158,3 +158,44 @@ def test_frank_wolfe_keeps_torchjds_iteration():
         MGDA(solver="frank_wolfe")(J), torch.tensor([0.0, 1.0, 1.0]), atol=1e-6, rtol=0
     )
     torch.testing.assert_close(MGDA()(J), torch.tensor([0.0, 1.0, 1.0]), atol=1e-6, rtol=0)
+
+
+# --- gradient normalisations (MGDA-UB's experiments, LibMTL's mgda_gn) ---------------------------
+
+
+def _normalizers(J: Tensor, losses: Tensor, normalization: str) -> Tensor:
+    norms = J.norm(dim=1)
+    return {"l2": norms, "loss": losses, "loss+": losses * norms}[normalization]
+
+
+@pytest.mark.parametrize("normalization", ["l2", "loss", "loss+"])
+@pytest.mark.parametrize("seed", range(4))
+def test_normalised_rows_give_their_min_norm_point(normalization: str, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    J = torch.randn(5, 7, generator=generator, dtype=torch.float64)
+    J = J * torch.logspace(-3, 3, 5, dtype=torch.float64)[:, None]
+    losses = torch.rand(5, generator=generator, dtype=torch.float64) * 10 + 0.01
+    normalized = J / _normalizers(J, losses, normalization)[:, None]
+    update = MGDA(normalization=normalization)(J, losses=losses)
+    torch.testing.assert_close(update, _reference(normalized), rtol=1e-10, atol=1e-13)
+    # The weights of the unnormalised rows, and the update still conflicts with no row.
+    weights = MGDAWeighting(normalization=normalization)(J @ J.T, losses=losses)
+    torch.testing.assert_close(weights @ J, update)
+    assert (J @ update >= -1e-12 * J.norm(dim=1) * update.norm()).all()
+
+
+def test_l2_normalisation_is_invariant_to_the_rows_scales_and_keeps_zero_rows():
+    J = torch.tensor([[1.0, 0.0], [1.0, 3.0], [0.0, 0.0]], dtype=torch.float64)
+    update = MGDA(normalization="l2")(J[:2])
+    scaled = J[:2] * torch.tensor([[1e-20], [1e20]], dtype=torch.float64)
+    torch.testing.assert_close(MGDA(normalization="l2")(scaled), update)
+    torch.testing.assert_close(MGDA(normalization="l2")(J), torch.zeros(2, dtype=torch.float64))
+
+
+def test_loss_normalisation_needs_positive_losses():
+    J = torch.eye(2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="MGDA needs the values of the losses"):
+        MGDA(normalization="loss")(J)
+    with pytest.raises(ValueError, match="losses must be positive"):
+        MGDA(normalization="loss+")(J, losses=torch.tensor([1.0, -1.0]))
+    torch.testing.assert_close(MGDA(normalization="l2")(J), MGDA()(J))  # needs no losses

@@ -94,3 +94,101 @@ def test_arguments_are_validated():
         STCH(0.1, weights=[1.0, 1.0])(torch.ones(3))
     with pytest.raises(ValueError, match="STCH has 2 reference entries but got 3 losses"):
         STCH(0.1, reference=[1.0, 1.0])(torch.ones(3))
+
+
+# --- warm-up with a nadir estimate on the log-losses, as LibMTL runs it ------------------------
+
+
+def _libmtl_gradients(epochs: list[list[list[float]]], mu: float, warmup_epoch: int):
+    """LibMTL's STCH, from its protocol: the sum of the log-losses before and during epoch
+    ``warmup_epoch`` (whose mean losses become the nadir), then m μ log Σ exp of the
+    log-losses relative to the nadir, shifted by their maximum."""
+    recorded, nadir, gradients = [], None, []
+    for epoch, batches in enumerate(epochs):
+        for values in batches:
+            losses = torch.tensor(values, dtype=torch.float64, requires_grad=True)
+            if epoch <= warmup_epoch:
+                if epoch == warmup_epoch:
+                    recorded.append(losses.detach())
+                scalar = torch.log(losses + 1e-20).sum()
+            else:
+                if nadir is None:
+                    nadir = torch.stack(recorded).mean(dim=0)
+                logs = torch.log(losses / nadir + 1e-20)
+                shifted = logs - logs.detach().max()
+                scalar = mu * torch.log(torch.exp(shifted / mu).sum()) * len(values)
+            (gradient,) = torch.autograd.grad(scalar, losses)
+            gradients.append(gradient)
+    return gradients
+
+
+def test_warm_up_and_nadir_follow_libmtl():
+    generator = torch.Generator().manual_seed(0)
+    epochs = [
+        [(torch.rand(3, generator=generator) * 2 + 0.1).tolist() for _ in range(2)]
+        for _ in range(4)
+    ]
+    expected = _libmtl_gradients(epochs, mu=0.5, warmup_epoch=1)
+    scalarizer = STCH(0.5, weights=[1.0, 1.0, 1.0], warmup_epochs=2)
+    gradients = []
+    for batches in epochs:
+        for values in batches:
+            losses = torch.tensor(values, dtype=torch.float64, requires_grad=True)
+            factor = 1 if scalarizer.warming_up else 3  # LibMTL multiplies STCH's scalar by m
+            (gradient,) = torch.autograd.grad(scalarizer(losses), losses)
+            gradients.append(gradient * factor)
+        scalarizer.step()
+    assert not scalarizer.warming_up
+    for got, reference in zip(gradients, expected, strict=True):
+        torch.testing.assert_close(got, reference)
+
+
+def test_only_training_losses_of_the_last_warm_up_epoch_are_recorded():
+    scalarizer = STCH(1.0, warmup_epochs=2)
+    scalarizer(torch.tensor([5.0, 5.0]))  # epoch 0: not recorded
+    scalarizer.step()
+    scalarizer(torch.tensor([1.0, 2.0]))
+    scalarizer.eval()
+    scalarizer(torch.tensor([100.0, 100.0]))  # validation: not recorded
+    scalarizer.train()
+    scalarizer(torch.tensor([3.0, 4.0]))
+    scalarizer.step()
+    torch.testing.assert_close(scalarizer.nadir, torch.tensor([2.0, 3.0]))
+
+
+def test_the_nadir_can_be_given_and_must_be_positive():
+    scalarizer = STCH(1.0, warmup_epochs=1)
+    with pytest.warns(UserWarning, match="no losses recorded"):
+        scalarizer.step()
+    assert scalarizer.warming_up
+    with pytest.raises(ValueError, match="must be positive and finite"):
+        scalarizer.step(torch.tensor([1.0, 0.0]))
+    scalarizer.step(torch.tensor([2.0, 4.0]))
+    losses = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    expected = _stch([math.log(0.5), math.log(0.5)], [0.5, 0.5], [0.0, 0.0], 1.0)
+    assert scalarizer(losses).item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_warm_up_state_round_trips_into_a_fresh_instance_and_reset_restarts_it():
+    scalarizer = STCH(0.5, warmup_epochs=1)
+    scalarizer(torch.tensor([1.0, 2.0, 4.0]))
+    state = scalarizer.state_dict()
+    fresh = STCH(0.5, warmup_epochs=1)
+    fresh.load_state_dict(state)
+    for instance in (scalarizer, fresh):
+        instance(torch.tensor([3.0, 2.0, 2.0]))
+        instance.step()
+        torch.testing.assert_close(instance.nadir, torch.tensor([2.0, 2.0, 3.0]))
+    scalarizer.reset()
+    assert scalarizer.warming_up and scalarizer.nadir is None
+
+
+def test_warm_up_excludes_a_reference_and_negative_losses():
+    with pytest.raises(ValueError, match="reference must be None"):
+        STCH(0.5, reference=[0.0, 0.0], warmup_epochs=1)
+    scalarizer = STCH(0.5, reference=[0.0, 0.0])
+    with pytest.raises(ValueError, match="reference must be None"):
+        scalarizer.warmup_epochs = 2
+    assert scalarizer.warmup_epochs == 0
+    with pytest.raises(ValueError, match="logarithm of the losses"):
+        STCH(0.5, warmup_epochs=1)(torch.tensor([1.0, -1.0]))
