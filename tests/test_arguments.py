@@ -24,6 +24,7 @@ from jdoptim import build, get_spec, to_config
 from jdoptim.aggregation import (
     Aggregator,
     CAGrad,
+    Columns,
     GramianWeightedAggregator,
     MeanWeighting,
     MGDAWeighting,
@@ -31,23 +32,31 @@ from jdoptim.aggregation import (
     WeightedAggregator,
     Weighting,
 )
-from jdoptim.aggregation._bases import Configurable, constructor_parameters
+from jdoptim.aggregation._bases import Configurable, _forwarded_arguments, constructor_parameters
 from jdoptim.aggregation._excessmtl import ExcessMTLWeighting
 from jdoptim.registry import _to_json
+from tests.matrices import call, losses_for
 
 M = 5
+LOSSES = losses_for(M)
+COLUMNS = Columns((3, 5), layers=("first", "second"), groups=(0, 0))
+"""The layout of the columns of the Jacobian ``[M, 8]`` of `_compute`."""
 NAMES = jdoptim.list_aggregators() + jdoptim.list_weightings() + jdoptim.list_scalarizers()
 
 NEW_VALUES: dict[str, list[Any]] = {
     "alpha": [0.25],
     "beta": [0.25],
+    "beta_sigma": [0.25],
     "c": [2.0],
     "eps": [1e-3],
     "epsilon": [0.1],
     "f": [torch.sqrt],
     "gamma": [0.5],
+    "gamma_sigma": [0.25],
+    "granularity": ["parameter"],
     "initial_weights": [[0.1, 0.2, 0.3, 0.2, 0.2]],
     "lambda_": [0.5],
+    "layer": [0],
     "leak": [[0.5, 0.0, 1.0, 0.25, 0.5]],
     "lr": [0.5],
     "max_iters": [50],
@@ -60,10 +69,12 @@ NEW_VALUES: dict[str, list[Any]] = {
     "n_selected": [2],
     "n_warmup_steps": [0],
     "norm_eps": [1e-3],
+    "normalization": ["l2", "loss"],
     "optim_niter": [5],
     "pref_vector": [[1.0, 2.0, 3.0, 1.0, 0.5]],
     "reference": [[0.1, 0.0, -0.2, 0.3, 0.1]],
     "reg_eps": [0.1],
+    "rescale": [1],
     "rho": [0.5],
     "robust_step_size": [0.5],
     "scale_mode": ["median"],
@@ -74,7 +85,9 @@ NEW_VALUES: dict[str, list[Any]] = {
     "theta": [1.0],
     "trim_number": [2],
     "update_weights_every": [2],
+    "warmup_epochs": [2],
     "weight_decay": [0.01],
+    "weight_update": ["softmax"],
     "weighting": [MGDAWeighting()],
     "weights": [[0.5, 1.0, 1.0, 1.0, 2.0]],
 }
@@ -108,9 +121,10 @@ def _compute(obj: Configurable, seed: int = 0) -> Tensor:
     J = torch.randn(M, 8, generator=generator, dtype=torch.float64)
     torch.manual_seed(seed)
     if isinstance(obj, Aggregator):
-        return obj(J)
+        columns = {"columns": COLUMNS} if obj.needs_columns else {}
+        return obj(J, **columns, **({"losses": LOSSES} if obj.needs_losses else {}))
     if isinstance(obj, Weighting):
-        return obj(J if obj.needs_jacobian else J @ J.T)
+        return call(obj, J if obj.needs_jacobian else J @ J.T, LOSSES)
     losses = torch.rand(M, generator=generator, dtype=torch.float64) + 0.5
     return obj(losses)
 
@@ -158,7 +172,7 @@ def test_assignment_is_what_the_object_computes_with(name: str, argument: str):
     value = getattr(obj, argument)
     assert _same(value, candidate)
     assert _same(obj.constructor_args()[argument], candidate)
-    if isinstance(obj, WeightedAggregator) and argument != "weighting":
+    if isinstance(obj, WeightedAggregator) and argument in _forwarded_arguments(type(obj)):
         # No shadow copy: the aggregator's argument is its weighting's.
         assert argument not in obj.__dict__
         assert getattr(obj.weighting, argument) is value
@@ -225,7 +239,7 @@ def test_weighted_aggregators_read_and_write_their_weightings_arguments():
     assert aggregator.weighting.c == 2.0 and "c" not in aggregator.__dict__
     aggregator.weighting.c = 1.0
     assert aggregator.c == 1.0
-    assert repr(aggregator) == "CAGrad(c=1.0, norm_eps=0.0, max_iters=100)"
+    assert repr(aggregator) == "CAGrad(c=1.0, norm_eps=0.0, max_iters=100, rescale=0)"
     J = torch.randn(4, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     torch.testing.assert_close(aggregator(J), CAGrad(c=1.0)(J), rtol=0, atol=0)
 

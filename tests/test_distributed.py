@@ -62,7 +62,15 @@ CASES = {
     "samples": (_sample_losses, {"accumulation": "concat"}, False, False, True),
     "ddp_multi_task": (_task_losses, {}, True, True, True),
     "ddp_without_modules": (_task_losses, {}, True, True, False),
+    # Methods that take the values of the losses: those of the global batch reach them.
+    "gradnorm_multi_task": (_task_losses, {}, False, True, True),
+    "mgda_loss_samples": (_sample_losses, {"accumulation": "concat"}, False, False, True),
 }
+AGGREGATORS = {
+    "gradnorm_multi_task": lambda: jdoptim.GradNorm(lr=0.05),
+    "mgda_loss_samples": lambda: jdoptim.MGDA(normalization="loss+"),
+}
+"""The aggregator of the cases that do not use UPGrad."""
 # How many times DDP's own gradient all-reduce ran, by case, on this rank.
 DDP_REDUCTIONS: dict[str, int] = {}
 
@@ -90,7 +98,8 @@ def _train(case: str, rank: int | None) -> list[torch.Tensor]:
     extra = {"shared_params": net.trunk} if shared else {}
     if pass_modules:
         extra["modules"] = model
-    optimizer = JDOptimizer(SGD(net.parameters(), lr=0.1), UPGrad(), **options, **extra)
+    aggregator = AGGREGATORS.get(case, UPGrad)()
+    optimizer = JDOptimizer(SGD(net.parameters(), lr=0.1), aggregator, **options, **extra)
     for step in range(STEPS):
         x, y = _global_data(step)
         if rank is not None:

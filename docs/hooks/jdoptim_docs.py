@@ -62,6 +62,7 @@ MODULE_TITLES = {
 # nav entries and table rows with these, and the classes keep their Python names.
 DISPLAY_NAMES = {
     "AlignedMTL": "Aligned-MTL",
+    "DBMTL": "DB-MTL",
     "CRMOGM": "CR-MOGM",
     "IMTLG": "IMTL-G",
     "IMTLL": "IMTL-L",

@@ -9,18 +9,23 @@ from jdoptim.aggregation._bases import (
     Weighting,
 )
 from jdoptim.aggregation._cagrad import CAGrad, CAGradWeighting
+from jdoptim.aggregation._columns import Columns
 from jdoptim.aggregation._config import ConFIG
 from jdoptim.aggregation._constant import Constant, ConstantWeighting
 from jdoptim.aggregation._crmogm import CRMOGM, CRMOGMWeighting
+from jdoptim.aggregation._dbmtl import DBMTL
 from jdoptim.aggregation._dualproj import DualProj, DualProjWeighting
 from jdoptim.aggregation._excessmtl import ExcessMTL, ExcessMTLWeighting
 from jdoptim.aggregation._fairgrad import FairGrad, FairGradWeighting
 from jdoptim.aggregation._graddrop import GradDrop
+from jdoptim.aggregation._gradnorm import GradNorm, GradNormWeighting
 from jdoptim.aggregation._gradvac import GradVac, GradVacWeighting
+from jdoptim.aggregation._imtl import IMTL, IMTLWeighting
 from jdoptim.aggregation._imtlg import IMTLG, IMTLGWeighting
 from jdoptim.aggregation._krum import Krum, KrumWeighting
 from jdoptim.aggregation._mean import Mean, MeanWeighting
 from jdoptim.aggregation._mgda import MGDA, MGDAWeighting
+from jdoptim.aggregation._moco import MoCo
 from jdoptim.aggregation._modo import MoDoWeighting
 from jdoptim.aggregation._nashmtl import NashMTL, NashMTLWeighting
 from jdoptim.aggregation._pcd import PCD, PCDWeighting
@@ -33,6 +38,8 @@ from jdoptim.aggregation._upgrad import UPGrad, UPGradWeighting
 
 __all__ = [
     "CRMOGM",
+    "DBMTL",
+    "IMTL",
     "IMTLG",
     "MGDA",
     "PCD",
@@ -43,6 +50,7 @@ __all__ = [
     "CAGrad",
     "CAGradWeighting",
     "CRMOGMWeighting",
+    "Columns",
     "ConFIG",
     "Constant",
     "ConstantWeighting",
@@ -53,15 +61,19 @@ __all__ = [
     "FairGrad",
     "FairGradWeighting",
     "GradDrop",
+    "GradNorm",
+    "GradNormWeighting",
     "GradVac",
     "GradVacWeighting",
     "GramianWeightedAggregator",
     "IMTLGWeighting",
+    "IMTLWeighting",
     "Krum",
     "KrumWeighting",
     "MGDAWeighting",
     "Mean",
     "MeanWeighting",
+    "MoCo",
     "MoDoWeighting",
     "NashMTL",
     "NashMTLWeighting",

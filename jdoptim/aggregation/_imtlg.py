@@ -39,11 +39,16 @@ class IMTLGWeighting(Weighting):
         super().__init__()
 
     def _weights(self, matrix: Tensor) -> Tensor:
-        G = matrix.to(torch.float64)
-        v = imtlg_direction(G, matrix.dtype)
-        total = v.sum()
-        vanishes = total.abs() <= G.shape[0] * tolerances(matrix.dtype).dependence * v.abs().sum()
-        return torch.where(vanishes, 0.0, v / torch.where(vanishes, 1.0, total))
+        return imtlg_weights(matrix.to(torch.float64), matrix.dtype)
+
+
+def imtlg_weights(G: Tensor, dtype: torch.dtype) -> Tensor:
+    """IMTL-G's weights $v / \\mathbf 1^\top v$ (0 when the sum vanishes) from a float64
+    Gramian computed in ``dtype``."""
+    v = imtlg_direction(G, dtype)
+    total = v.sum()
+    vanishes = total.abs() <= G.shape[0] * tolerances(dtype).dependence * v.abs().sum()
+    return torch.where(vanishes, 0.0, v / torch.where(vanishes, 1.0, total))
 
 
 @register(paper=_PAPER, permutation_invariant=True)

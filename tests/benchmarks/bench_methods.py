@@ -65,13 +65,18 @@ def jacobian(m: int, n: int, shared_part: float, seed: int) -> torch.Tensor:
 
 
 def work(name: str, m: int, J: torch.Tensor, G: torch.Tensor) -> Callable[[], object]:
-    """The call that is timed for the aggregator registered as ``name``."""
+    """The call that is timed for the aggregator registered as ``name`` (with the values of
+    losses between 0.5 and 1.5 for a method that needs them)."""
     spec = jdoptim.get_spec(name)
     aggregator = spec.example(m)
+    generator = torch.Generator().manual_seed(m)
+    context = (
+        {"losses": torch.rand(m, generator=generator) + 0.5} if aggregator.needs_losses else {}
+    )
     if spec.gramian_based:
         weighting = aggregator.weighting
-        return lambda: weighting(G)
-    return lambda: aggregator(J)
+        return lambda: weighting(G, **context)
+    return lambda: aggregator(J, **context)
 
 
 def measure(sizes: tuple[int, ...], rounds: int) -> dict[tuple[str, str], float]:
