@@ -30,14 +30,21 @@ from jdoptim._paths import (
     Path,
     Pieces,
     ScalarizedPath,
+    ShardedJacobianPath,
     Update,
     check_combinable,
     combine,
+    make_sharded_path,
 )
 from jdoptim._state import GlobalGenerators, MethodState, check_method_state, check_optimizer_state
 from jdoptim.aggregation import Aggregator, GramianWeightedAggregator
 from jdoptim.diagnostics import StepDiagnostics
-from jdoptim.distributed import default_process_group, disable_ddp_sync, synchronise
+from jdoptim.distributed import (
+    default_process_group,
+    disable_ddp_sync,
+    sharding_of,
+    synchronise,
+)
 from jdoptim.functional import as_loss_vector, check_chunk_size
 from jdoptim.gramian import GramianEngine, is_supported
 from jdoptim.gramian._engine import _check_batch_dim
@@ -290,6 +297,11 @@ class JDOptimizer(Optimizer):
     def _make_path(self, aggregator: Aggregator | Scalarizer) -> Path:
         """The path the losses take, from the options: a scalarizer's, the Gramian's (where
         ``mode`` asks for it or ``"auto"`` finds it applies) or the Jacobian's."""
+        sharding = sharding_of(self._parameters())
+        if sharding is not None:  # a model sharded with fully_shard
+            return make_sharded_path(
+                aggregator, sharding, mode=self.mode, shared_params=self._shared_params
+            )
         if isinstance(aggregator, Scalarizer):
             return ScalarizedPath(aggregator)
         gramian_based = isinstance(aggregator, GramianWeightedAggregator)
@@ -358,7 +370,7 @@ class JDOptimizer(Optimizer):
     @shared_params.setter
     def shared_params(self, shared_params: Iterable[Tensor] | nn.Module | None) -> None:
         self._shared_params = self._check_shared(shared_params)
-        if isinstance(self._path, JacobianPath):
+        if isinstance(self._path, (JacobianPath, ShardedJacobianPath)):
             self._path.shared_params = self._shared_params
 
     @property
@@ -530,7 +542,14 @@ class JDOptimizer(Optimizer):
         tensor = losses if isinstance(losses, Tensor) else vector
         with self._transaction(runs_method=aggregate or path.method_in_pieces) as call:
             pieces = path.pieces(
-                Losses(tensor, vector, self._parameters(), retain_graph, self._scale())
+                Losses(
+                    tensor,
+                    vector,
+                    self._parameters(),
+                    retain_graph,
+                    self._scale(),
+                    self.accumulation,
+                )
             )
             if not pieces.finite and not self._scaling() and group is None:
                 return self._refuse(pieces.reason, policy, call)

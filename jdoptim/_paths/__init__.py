@@ -8,7 +8,9 @@ non-finite policy and writes the update. The paths:
 - `JacobianPath`: the Jacobian of the losses (with respect to the shared parameters in
   multi-task learning, the others getting their ordinary gradient), then the aggregator;
 - `GramianPath`: the Gramian from the model's layers, the weighting, the weighted gradient;
-- `ScalarizedPath`: one ordinary backward pass of a scalarised loss.
+- `ScalarizedPath`: one ordinary backward pass of a scalarised loss;
+- `ShardedJacobianPath` and `ShardedScalarizedPath`: the same for a model sharded with
+  ``fully_shard``, from each rank's shards of the gradients (chosen by `make_sharded_path`).
 
 A new way (for example the Gramian of a multi-task model's shared parameters, with the heads'
 own gradients in `Pieces.own`) is one more subclass of `Path`: it declares what the optimizer
@@ -24,6 +26,7 @@ from jdoptim._paths.base import Losses, Path, Pieces, Update, check_combinable, 
 from jdoptim._paths.gramian import GramianPath
 from jdoptim._paths.jacobian import JacobianPath
 from jdoptim._paths.scalarized import ScalarizedPath
+from jdoptim._paths.sharded import ShardedJacobianPath, ShardedScalarizedPath, make_sharded_path
 
 __all__ = [
     "GramianPath",
@@ -32,7 +35,10 @@ __all__ = [
     "Path",
     "Pieces",
     "ScalarizedPath",
+    "ShardedJacobianPath",
+    "ShardedScalarizedPath",
     "Update",
     "check_combinable",
     "combine",
+    "make_sharded_path",
 ]

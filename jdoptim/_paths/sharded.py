@@ -1,0 +1,240 @@
+"""The paths for models sharded with ``torch.distributed.fsdp.fully_shard`` (FSDP2).
+
+Each rank holds a shard of every parameter (a ``DTensor``); the losses are connected to the
+parameters only through FSDP's hooks, which all-gather each layer's parameters before its forward
+and backward passes and reduce-scatter its gradient into the shards' ``.grad`` after. These paths
+therefore run ordinary backward passes and read ``.grad``:
+
+- `ShardedJacobianPath`: one backward pass per loss gives, on each rank, its shard of every
+  loss's gradient, reduced by FSDP across ranks as it reduces any gradient (averaged over the
+  global batch). These shards are the rank's columns ``J_r`` of the Jacobian (``m × n / ranks``).
+  The Gramian is the sum of the ranks' ``J_r J_rᵀ`` (one all-reduce of ``m × m``); every rank
+  computes the same weights from it, and updates its own shard with ``J_rᵀ w``. Only
+  Gramian-based aggregators can work this way, without gathering ``J``.
+- `ShardedScalarizedPath`: one backward pass of the scalarised loss.
+
+Both agree across ranks on everything that decides a step (the number of losses, finiteness),
+so that every rank takes the same decisions and runs the same collectives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+from jdoptim._paths.base import (
+    Losses,
+    Path,
+    Pieces,
+    Update,
+    all_finite,
+    non_finite_reason,
+    not_connected,
+)
+from jdoptim._paths.scalarized import ScalarizedPath
+from jdoptim.aggregation import Aggregator, GramianWeightedAggregator
+from jdoptim.diagnostics import diagnose_gramian
+from jdoptim.distributed import DTensor, Sharding
+from jdoptim.registry import get_spec, list_aggregators
+from jdoptim.scalarization import Scalarizer
+
+
+def make_sharded_path(
+    method: Aggregator | Scalarizer,
+    sharding: Sharding,
+    *,
+    mode: str,
+    shared_params: Sequence[Tensor] | None,
+) -> Path:
+    """The path for ``method`` on sharded parameters.
+
+    Raises:
+        ValueError: If ``mode="gramian"``, or the aggregator needs the Jacobian itself.
+    """
+    if isinstance(method, Scalarizer):
+        return ShardedScalarizedPath(method, sharding)
+    if mode == "gramian":
+        raise ValueError(
+            "mode='gramian' is not available for models sharded with fully_shard: use "
+            "mode='jacobian' (or 'auto'), which is exact and keeps the memory divided by the "
+            "ranks."
+        )
+    if not isinstance(method, GramianWeightedAggregator):
+        gramian_based = [name for name in list_aggregators() if get_spec(name).gramian_based]
+        raise ValueError(
+            f"{method!r} needs the whole Jacobian, which no rank holds when the model is sharded "
+            "with fully_shard (gathering it would cost every rank the memory of the unsharded "
+            "Jacobian). Use a Gramian-based aggregator, whose weights need only the Gramian, "
+            f"which the ranks sum from their shards: {', '.join(gramian_based)}."
+        )
+    return ShardedJacobianPath(method, sharding, shared_params)
+
+
+@contextmanager
+def _own_grads(params: Sequence[Tensor]) -> Iterator[None]:
+    """Clear the ``.grad`` of ``params`` for the block's backward passes, then put it back."""
+    saved = [p.grad for p in params]
+    try:
+        for p in params:
+            p.grad = None
+        yield
+    finally:
+        for p, grad in zip(params, saved, strict=True):
+            p.grad = grad
+
+
+def _local(param: Tensor) -> Tensor:
+    return param.to_local() if isinstance(param, DTensor) else param
+
+
+def _as_param(local: Tensor, param: Tensor) -> Tensor:
+    """A local shard as a ``DTensor`` sharded like ``param``."""
+    return DTensor.from_local(
+        local.view(_local(param).shape).to(param.dtype),
+        param.device_mesh,
+        param.placements,
+        run_check=False,
+        shape=param.shape,
+        stride=param.stride(),
+    )
+
+
+class ShardedJacobianPath(Path):
+    """Aggregate the Jacobian of the losses from its shards, through their summed Gramian.
+
+    With ``accumulation="sum"`` the objectives are the losses, averaged over the ranks' batches
+    as FSDP averages gradients (each rank computes the same losses on its own data). With
+    ``"concat"`` every rank has objectives of its own (such as one loss per sample), and the rows
+    of the ranks are stacked in the order of the mesh: that takes one backward pass per
+    objective of every rank, in which the other ranks contribute zero.
+
+    Args:
+        method: A Gramian-based aggregator.
+        sharding: How the parameters are sharded.
+        shared_params: The parameters whose Jacobian is aggregated; ``None`` for all of them.
+            The others get the gradient of the sum of the losses.
+    """
+
+    method_type = GramianWeightedAggregator
+    method: GramianWeightedAggregator
+    reduces = "itself"
+
+    def __init__(
+        self,
+        method: GramianWeightedAggregator,
+        sharding: Sharding,
+        shared_params: Sequence[Tensor] | None = None,
+    ) -> None:
+        super().__init__(method)
+        self.sharding = sharding
+        self.shared_params = None if shared_params is None else list(shared_params)
+
+    def _passes(self, m: int, concat: bool) -> list[tuple[int, bool]]:
+        """The backward passes: which loss, and whether this rank's loss counts (with
+        ``concat``, only the owner's of the row does)."""
+        if not concat:
+            return [(k, True) for k in range(m)]
+        me = torch.distributed.get_rank()
+        return [(k, rank == me) for rank in self.sharding.ranks for k in range(m)]
+
+    def pieces(self, losses: Losses) -> Pieces:
+        vector, params = losses.vector, losses.params
+        concat = losses.accumulation == "concat"
+        self.sharding.check_same(vector.numel(), "numbers of losses", vector.device)
+        shared_ids = None if self.shared_params is None else {id(p) for p in self.shared_params}
+        shared = [p for p in params if shared_ids is None or id(p) in shared_ids]
+        passes = self._passes(vector.numel(), concat)
+        dtype = shared[0].dtype if shared else vector.dtype
+        for p in shared[1:]:
+            dtype = torch.promote_types(dtype, p.dtype)
+        sizes = [_local(p).numel() for p in shared]
+        matrix = torch.zeros(len(passes), sum(sizes), dtype=dtype, device=vector.device)
+        columns = dict(zip(map(id, shared), torch.split(matrix, sizes, dim=1), strict=True))
+        reached: set[int] = set()
+        own: dict[Tensor, Tensor] = {}
+        with _own_grads(params):
+            for row, (k, counts) in enumerate(passes):
+                keep = losses.retain_graph or row + 1 < len(passes)
+                loss = vector[k] if counts else vector[k] * 0.0
+                torch.autograd.backward(loss, retain_graph=keep)
+                for p in params:
+                    grad, p.grad = p.grad, None
+                    if grad is None:
+                        continue
+                    reached.add(id(p))
+                    if id(p) in columns:
+                        columns[id(p)][row].copy_(_local(grad).reshape(-1))
+                    else:
+                        own[p] = grad if p not in own else own[p] + grad
+        if not reached:
+            raise not_connected(params)
+        if concat:
+            # FSDP averages each row over the ranks, of which only the owner's counts.
+            matrix.mul_(self.sharding.size)
+            own = {p: g * self.sharding.size for p, g in own.items()}
+        kept = [p for p in shared if id(p) in reached]
+        if len(kept) < len(shared):
+            matrix = torch.cat([columns[id(p)] for p in kept], dim=1)
+        local_finite = all_finite([vector, matrix, *map(_local, own.values())])
+        finite = self.sharding.all_true(local_finite, vector.device)
+        reason = "" if finite else non_finite_reason(vector, self.what)
+        return Pieces(kept, matrix if kept else None, own, finite, reason)
+
+    def aggregate(self, pieces: Pieces, *, scale: float, diagnostics: bool) -> Update:
+        if pieces.matrix is None:
+            return Update(dict(pieces.own))
+        matrix = pieces.matrix if scale == 1.0 else pieces.matrix / scale
+        work = torch.promote_types(matrix.dtype, torch.float32)
+        local = matrix.to(work)
+        gramian = local @ local.T
+        if self.sharding.replicas > 1:
+            gramian /= self.sharding.replicas  # each shard is held by that many ranks
+        gramian = self.sharding.all_reduce(gramian)
+        weights = self.method.weighting(gramian)
+        update = weights.to(work) @ local
+        finite = self.sharding.all_true(all_finite([weights, update]), matrix.device)
+        if not finite:
+            return Update(finite=False, reason=f"{self.method!r} returned a non-finite update")
+        if scale != 1.0:
+            update = update * scale
+        updates = torch.split(update, [_local(p).numel() for p in pieces.shared])
+        grads = {p: _as_param(u, p) for p, u in zip(pieces.shared, updates, strict=True)}
+        grads.update(pieces.own)
+
+        def diagnose_step():
+            return diagnose_gramian(gramian, weights)
+
+        return Update(grads, diagnose=diagnose_step if diagnostics else None)
+
+
+class ShardedScalarizedPath(ScalarizedPath):
+    """Backpropagate the scalarised loss through FSDP, which reduces its gradient.
+
+    Args:
+        method: The scalarizer.
+        sharding: How the parameters are sharded.
+    """
+
+    reduces = "itself"
+
+    def __init__(self, method: Scalarizer, sharding: Sharding) -> None:
+        super().__init__(method)
+        self.sharding = sharding
+
+    def pieces(self, losses: Losses) -> Pieces:
+        vector, scale, params = losses.vector, losses.scale, losses.params
+        # Agreed before the scalarizer runs, so that it never sees non-finite losses and every
+        # rank runs the backward pass, or none.
+        if not self.sharding.all_true(torch.isfinite(vector).all(), vector.device):
+            return Pieces(finite=False, reason=non_finite_reason(vector, "the losses"))
+        loss = self.method(vector / scale) * scale if scale != 1.0 else self.method(vector)
+        with _own_grads(params):
+            torch.autograd.backward(loss, retain_graph=losses.retain_graph)
+            own = {p: p.grad for p in params if p.grad is not None}
+        if not own:
+            raise not_connected(params)
+        finite = self.sharding.all_true(all_finite(list(map(_local, own.values()))), vector.device)
+        return Pieces(own=own, finite=finite, reason="" if finite else f"{self.what} is not finite")

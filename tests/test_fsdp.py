@@ -1,0 +1,400 @@
+"""Sharded models (``fully_shard``, FSDP2): two gloo processes on the CPU, each holding half of
+every parameter, must apply the update of one process stepping on the whole model and the global
+batch."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.optim import SGD
+
+import jdoptim
+from jdoptim import JDOptimizer, NonFiniteError, UPGrad
+from jdoptim.scalarization import Sum
+from tests.ranks import WORLD, load_results, run_ranks
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is missing")
+
+BATCH = 8  # per rank
+STEPS = 3
+
+
+class _Net(nn.Module):
+    """A trunk and three heads; sharded, a head's weight [1, 6] leaves rank 1 an empty shard."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh())
+        self.heads = nn.ModuleList(nn.Linear(6, 1) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.trunk(x)
+        return torch.cat([head(features) for head in self.heads], dim=1)
+
+
+def _shard(net: _Net, mesh: str = "fsdp", **options: Any) -> _Net:
+    """``fully_shard`` on every linear layer and on the model; ``"hsdp"`` also replicates (a
+    2 × 1 mesh: two replicas of one shard)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if mesh == "hsdp":
+        options["mesh"] = init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=("replicate", "shard"))
+    for layer in [*net.trunk, *net.heads]:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, **options)
+    fully_shard(net, **options)
+    return net
+
+
+def _full(net: nn.Module) -> list[torch.Tensor]:
+    """The whole parameters (gathered from the ranks' shards)."""
+    return [
+        (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+        for p in net.parameters()
+    ]
+
+
+def _batch(step: int, rank: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(WORLD * BATCH, 4, generator=generator)
+    y = torch.randn(WORLD * BATCH, 3, generator=generator)
+    if rank is None:
+        return x, y
+    return x[rank * BATCH : (rank + 1) * BATCH], y[rank * BATCH : (rank + 1) * BATCH]
+
+
+def _task_losses(output, y):
+    return ((output - y) ** 2).mean(dim=0)
+
+
+def _sample_losses(output, y):
+    return ((output - y) ** 2).mean(dim=1)
+
+
+CASES = {
+    # name: (losses, method, optimizer options, share only the trunk, mesh)
+    "tasks": (_task_losses, UPGrad, {}, False, "fsdp"),
+    "multi_task": (_task_losses, UPGrad, {}, True, "fsdp"),
+    "samples": (_sample_losses, UPGrad, {"accumulation": "concat"}, False, "fsdp"),
+    "samples_multi_task": (_sample_losses, UPGrad, {"accumulation": "concat"}, True, "fsdp"),
+    "hsdp_multi_task": (_task_losses, UPGrad, {}, True, "hsdp"),
+    "mgda": (_task_losses, jdoptim.MGDA, {}, False, "fsdp"),
+    "scalarized": (_task_losses, Sum, {}, False, "fsdp"),
+}
+
+
+def _train(case: str, rank: int | None) -> list[torch.Tensor]:
+    losses_fn, method, options, shared, mesh = CASES[case]
+    torch.manual_seed(0)
+    net = _Net()
+    if rank is not None:
+        _shard(net, mesh)
+    extra = {"shared_params": net.trunk} if shared else {}
+    optimizer = JDOptimizer(
+        SGD(net.parameters(), lr=0.1), method(), modules=net, **options, **extra
+    )
+    for step in range(STEPS):
+        x, y = _batch(step, rank)
+        optimizer.zero_grad()
+        optimizer.step(losses_fn(net(x), y))
+    return _full(net)
+
+
+def _diagnostics(rank: int | None, mesh: str = "fsdp") -> dict[str, torch.Tensor]:
+    """The weights and the gradients' norms of one step (from the summed Gramian)."""
+    torch.manual_seed(0)
+    net = _Net()
+    if rank is not None:
+        _shard(net, mesh)
+    optimizer = JDOptimizer(SGD(net.parameters(), lr=0.1), UPGrad(), diagnostics=True)
+    x, y = _batch(0, rank)
+    optimizer.step(_task_losses(net(x), y))
+    report = optimizer.last_diagnostics
+    return {"weights": report.weights, "norms": report.gradient_norms}
+
+
+def _accumulate_and_amp(rank: int | None) -> list[torch.Tensor]:
+    """Two micro-batches per step, a GradScaler and Adam: the same as one process on the whole
+    batch without either."""
+    torch.manual_seed(0)
+    net = _Net()
+    if rank is None:
+        optimizer = JDOptimizer(torch.optim.Adam(net.parameters(), lr=0.01), UPGrad())
+        for step in range(STEPS):
+            x, y = _batch(step, None)
+            optimizer.zero_grad()
+            optimizer.step(_task_losses(net(x), y))
+        return _full(net)
+    _shard(net)
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    optimizer = JDOptimizer(torch.optim.Adam(net.parameters(), lr=0.01), UPGrad(), scaler=scaler)
+    half = BATCH // 2
+    for step in range(STEPS):
+        x, y = _batch(step, rank)
+        optimizer.zero_grad()
+        for micro in range(2):
+            part = slice(micro * half, (micro + 1) * half)
+            losses = _task_losses(net(x[part]), y[part]) / 2
+            optimizer.backward(scaler.scale(losses), aggregate=micro == 1)
+        scaler.step(optimizer)
+        scaler.update()
+    return _full(net)
+
+
+def _mixed_precision(rank: int) -> dict[str, Any]:
+    """Parameters and Jacobians in bfloat16, gradients reduced in float32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    torch.manual_seed(0)
+    net = _shard(
+        _Net(),
+        mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32),
+    )
+    optimizer = JDOptimizer(SGD(net.parameters(), lr=0.1), UPGrad(), shared_params=net.trunk)
+    dtypes = set()
+    for step in range(STEPS):
+        x, y = _batch(step, rank)
+        optimizer.zero_grad()
+        optimizer.backward(_task_losses(net(x), y).float())
+        dtypes |= {p.grad.dtype for p in net.parameters()}
+        optimizer.step()
+    return {"params": _full(net), "grad_dtypes": sorted(map(str, dtypes))}
+
+
+def _non_finite(rank: int) -> dict[str, Any]:
+    """A loss that is not finite on rank 1 only: skipped, refused or (with a GradScaler) an
+    overflow on every rank."""
+    results: dict[str, Any] = {}
+    poison = torch.tensor([1.0, float("nan") if rank == 1 else 1.0, 1.0])
+    for policy in ("skip", "raise", "overflow"):
+        torch.manual_seed(0)
+        net = _shard(_Net())
+        scaler = torch.amp.GradScaler("cpu", init_scale=256.0) if policy == "overflow" else None
+        optimizer = JDOptimizer(
+            SGD(net.parameters(), lr=0.1),
+            UPGrad(),
+            nonfinite="skip" if policy == "skip" else "raise",
+            scaler=scaler,
+        )
+        x, y = _batch(0, rank)
+        losses = _task_losses(net(x), y) * poison
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                if scaler is None:
+                    optimizer.step(losses)
+                else:
+                    optimizer.backward(scaler.scale(losses))
+                    scaler.step(optimizer)
+                    scaler.update()
+            except NonFiniteError as error:
+                results[f"{policy}_error"] = str(error)
+        results[f"{policy}_warnings"] = [str(w.message) for w in caught]
+        results[f"{policy}_params"] = _full(net)
+        results[f"{policy}_grads_none"] = all(p.grad is None for p in net.parameters())
+        if scaler is not None:
+            results["overflow_scale"] = scaler.get_scale()
+    return results
+
+
+def _checkpoint(rank: int, out: Path) -> dict[str, Any]:
+    """Save a sharded checkpoint after STEPS steps with torch.distributed.checkpoint, take one
+    more step; then load it into a fresh model and optimizer and take the same step."""
+    import torch.distributed.checkpoint as dcp
+
+    from jdoptim.distributed import get_state_dict, set_state_dict
+
+    def build(seed: int) -> tuple[_Net, JDOptimizer]:
+        torch.manual_seed(seed)
+        net = _shard(_Net())
+        adam = torch.optim.Adam(net.parameters(), lr=0.01)
+        return net, JDOptimizer(adam, jdoptim.Random(seed=3), modules=net)
+
+    def step(net: _Net, optimizer: JDOptimizer, index: int) -> None:
+        x, y = _batch(index, rank)
+        optimizer.zero_grad()
+        optimizer.step(_task_losses(net(x), y))
+
+    net, optimizer = build(0)
+    for index in range(STEPS):
+        step(net, optimizer, index)
+    model_state, optim_state = get_state_dict(net, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=out / "dcp")
+    step(net, optimizer, STEPS)
+    uninterrupted = _full(net)
+
+    resumed_net, resumed = build(1)  # another initial model: everything comes from the file
+    model_state, optim_state = get_state_dict(resumed_net, resumed)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=out / "dcp")
+    set_state_dict(
+        resumed_net,
+        resumed,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optim"],
+    )
+    step(resumed_net, resumed, STEPS)
+
+    other_net, other = build(0)
+    other_net_state, other_state = get_state_dict(other_net, other)
+    buffer = io.BytesIO()
+    torch.save({"aggregator": {"name": "upgrad"}, "aggregator_state": {}}, buffer)
+    other_state["jdoptim"] = buffer.getvalue()
+    try:
+        set_state_dict(
+            other_net,
+            other,
+            model_state_dict=other_net_state,
+            optim_state_dict=other_state,
+        )
+        refused = None
+    except ValueError as error:
+        refused = str(error)
+    return {
+        "uninterrupted": uninterrupted,
+        "resumed": _full(resumed_net),
+        "saved_aggregator": resumed.state_dict()["jdoptim"]["aggregator"],
+        "refused": refused,
+    }
+
+
+def _errors(rank: int) -> dict[str, str]:
+    """What is refused, with the message each rank gives."""
+    from jdoptim.aggregation import TrimmedMean
+
+    messages = {}
+
+    def message(build) -> str:
+        try:
+            build()
+        except ValueError as error:
+            return str(error)
+        return "no error"
+
+    def optimizer(net: nn.Module, method=None, **options) -> JDOptimizer:
+        return JDOptimizer(SGD(net.parameters(), lr=0.1), method or UPGrad(), **options)
+
+    net = _shard(_Net())
+    messages["jacobian_aggregator"] = message(lambda: optimizer(net, TrimmedMean(trim_number=1)))
+    messages["gramian_mode"] = message(lambda: optimizer(net, mode="gramian", modules=net))
+
+    from torch.distributed.fsdp import fully_shard
+
+    partly = _Net()
+    fully_shard(partly.trunk)
+    messages["partly_sharded"] = message(lambda: optimizer(partly))
+
+    jd = optimizer(net)
+    x, y = _batch(0, rank)
+    losses = _task_losses(net(x), y)
+    messages["different_counts"] = message(lambda: jd.step(losses[: 2 + rank]))
+    messages["different_counts_grads_none"] = str(all(p.grad is None for p in net.parameters()))
+    messages["auto_mode"] = optimizer(net, mode="auto", modules=net).resolved_mode
+    return messages
+
+
+def _rank_work(rank: int, out: Path) -> dict[str, Any]:
+    results: dict[str, Any] = {case: _train(case, rank) for case in CASES}
+    results["diagnostics"] = {mesh: _diagnostics(rank, mesh) for mesh in ("fsdp", "hsdp")}
+    results["accumulate_and_amp"] = _accumulate_and_amp(rank)
+    results["mixed_precision"] = _mixed_precision(rank)
+    results["non_finite"] = _non_finite(rank)
+    results["checkpoint"] = _checkpoint(rank, out)
+    results["errors"] = _errors(rank)
+    return results
+
+
+@pytest.fixture(scope="module")
+def rank_results(tmp_path_factory) -> list[dict[str, Any]]:
+    return load_results(run_ranks(tmp_path_factory, _rank_work))
+
+
+def _assert_params(actual: list[torch.Tensor], expected: list[torch.Tensor], atol: float) -> None:
+    for param, reference in zip(actual, expected, strict=True):
+        torch.testing.assert_close(param, reference, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_sharded_ranks_equal_one_process_on_the_global_batch(rank_results, case):
+    expected = _train(case, rank=None)
+    for rank in range(WORLD):
+        _assert_params(rank_results[rank][case], expected, atol=1e-6)
+    assert not all(torch.equal(a, b) for a, b in zip(expected, _full(_Net()), strict=True)), (
+        "the steps moved nothing"
+    )
+
+
+def test_the_gramian_and_weights_are_those_of_one_process(rank_results):
+    expected = _diagnostics(rank=None)
+    for rank in range(WORLD):
+        for mesh in ("fsdp", "hsdp"):  # with HSDP, each shard's Gramian is counted once
+            result = rank_results[rank]["diagnostics"][mesh]
+            for key in ("weights", "norms"):
+                torch.testing.assert_close(result[key], expected[key], rtol=0, atol=1e-6)
+
+
+def test_accumulation_grad_scaler_and_adam_under_sharding(rank_results):
+    expected = _accumulate_and_amp(rank=None)
+    for rank in range(WORLD):
+        _assert_params(rank_results[rank]["accumulate_and_amp"], expected, atol=1e-6)
+
+
+def test_mixed_precision_reduces_in_float32_and_follows_the_float32_run(rank_results):
+    torch.manual_seed(0)
+    net = _Net()
+    optimizer = JDOptimizer(SGD(net.parameters(), lr=0.1), UPGrad(), shared_params=net.trunk)
+    for step in range(STEPS):
+        x, y = _batch(step, None)
+        optimizer.zero_grad()
+        optimizer.step(_task_losses(net(x), y))
+    start = _full(_Net())
+    for rank in range(WORLD):
+        result = rank_results[rank]["mixed_precision"]
+        assert result["grad_dtypes"] == ["torch.float32"]
+        for param, reference, initial in zip(result["params"], _full(net), start, strict=True):
+            # bfloat16 has 8 bits of mantissa: the steps agree to about 1% of their size.
+            torch.testing.assert_close(param - initial, reference - initial, rtol=0, atol=2e-2)
+
+
+def test_a_non_finite_loss_on_one_rank_stops_the_step_on_every_rank(rank_results):
+    torch.manual_seed(0)
+    initial = _full(_Net())
+    for rank in range(WORLD):
+        result = rank_results[rank]["non_finite"]
+        for policy in ("skip", "raise", "overflow"):
+            _assert_params(result[f"{policy}_params"], initial, atol=0)
+        assert result["skip_warnings"] == [
+            "Skipping the step: the losses or the Jacobian are not finite on some rank."
+        ]
+        assert result["skip_grads_none"] and result["raise_grads_none"]
+        assert "not finite on some rank. Nothing was changed." in result["raise_error"]
+        assert result["overflow_scale"] == 128.0  # the scaler saw the overflow and halved
+
+
+def test_a_sharded_checkpoint_resumes_the_same_training(rank_results):
+    for rank in range(WORLD):
+        result = rank_results[rank]["checkpoint"]
+        _assert_params(result["resumed"], result["uninterrupted"], atol=0)
+        assert result["saved_aggregator"] == jdoptim.to_config(jdoptim.Random(seed=3))
+        assert "saved with the aggregator" in result["refused"]
+
+
+def test_what_sharding_refuses_is_said_on_every_rank(rank_results):
+    for rank in range(WORLD):
+        messages = rank_results[rank]["errors"]
+        assert "TrimmedMean" in messages["jacobian_aggregator"]
+        assert "Use a Gramian-based aggregator" in messages["jacobian_aggregator"]
+        assert "upgrad" in messages["jacobian_aggregator"]
+        assert "mode='gramian' is not available" in messages["gramian_mode"]
+        assert "Apply fully_shard to the root module" in messages["partly_sharded"]
+        assert "different numbers of losses (from 2 to 3)" in messages["different_counts"]
+        assert messages["different_counts_grads_none"] == "True"
+        assert messages["auto_mode"] == "jacobian"
