@@ -300,7 +300,11 @@ class JDOptimizer(Optimizer):
         sharding = sharding_of(self._parameters())
         if sharding is not None:  # a model sharded with fully_shard
             return make_sharded_path(
-                aggregator, sharding, mode=self.mode, shared_params=self._shared_params
+                aggregator,
+                sharding,
+                mode=self.mode,
+                shared_params=self._shared_params,
+                modules=self.modules,
             )
         if isinstance(aggregator, Scalarizer):
             return ScalarizedPath(aggregator)

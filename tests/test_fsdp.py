@@ -54,12 +54,14 @@ def _shard(net: _Net, mesh: str = "fsdp", **options: Any) -> _Net:
     return net
 
 
+def _full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor (gathered from the ranks' shards)."""
+    return (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach().clone()
+
+
 def _full(net: nn.Module) -> list[torch.Tensor]:
-    """The whole parameters (gathered from the ranks' shards)."""
-    return [
-        (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
-        for p in net.parameters()
-    ]
+    """The whole parameters."""
+    return [_full_tensor(p) for p in net.parameters()]
 
 
 def _batch(step: int, rank: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -266,6 +268,72 @@ def _checkpoint(rank: int, out: Path) -> dict[str, Any]:
     }
 
 
+class _FailOnce(torch.autograd.Function):
+    """The identity, whose backward pass raises the first time once armed."""
+
+    armed = False
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        if _FailOnce.armed:
+            _FailOnce.armed = False
+            raise RuntimeError("interrupted")
+        return grad
+
+
+class _FragileNet(_Net):
+    """Fails between the heads' backward pass and the trunk's, once armed."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = _FailOnce.apply(self.trunk(x))
+        return torch.cat([head(features) for head in self.heads], dim=1)
+
+
+def _snapshot(net: nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The parameters, their ``.grad`` and the optimizer's state, whole."""
+    tensors = [
+        *net.parameters(),
+        *(p.grad for p in net.parameters()),
+        *(t for state in optimizer.state.values() for t in state.values()),
+    ]
+    return [_full_tensor(t) for t in tensors]
+
+
+def _interrupted(rank: int) -> dict[str, Any]:
+    """A backward pass that fails midway on every rank changes nothing, and the training goes
+    on as if it had not been tried."""
+    results: dict[str, Any] = {}
+    for interrupt in (False, True):
+        torch.manual_seed(0)
+        net = _shard(_FragileNet())
+        adam = torch.optim.Adam(net.parameters(), lr=0.01)
+        optimizer = JDOptimizer(adam, jdoptim.Random(seed=3), modules=net)
+        for step in range(3):
+            x, y = _batch(step, rank)
+            if step == 1:
+                optimizer.backward(_task_losses(net(x), y))  # a .grad that must survive
+            if step == 1 and interrupt:
+                before = _snapshot(net, adam)
+                _FailOnce.armed = True
+                try:
+                    optimizer.step(_task_losses(net(x), y))  # the second pass fails
+                except RuntimeError as error:
+                    results["error"] = str(error)
+                after = _snapshot(net, adam)
+                results["unchanged"] = all(
+                    torch.equal(a, b) for a, b in zip(before, after, strict=True)
+                )
+            if step != 1:
+                optimizer.zero_grad()
+            optimizer.step(_task_losses(net(x), y))
+        results["interrupted" if interrupt else "uninterrupted"] = _full(net)
+    return results
+
+
 def _errors(rank: int) -> dict[str, str]:
     """What is refused, with the message each rank gives."""
     from jdoptim.aggregation import TrimmedMean
@@ -309,6 +377,7 @@ def _rank_work(rank: int, out: Path) -> dict[str, Any]:
     results["non_finite"] = _non_finite(rank)
     results["checkpoint"] = _checkpoint(rank, out)
     results["errors"] = _errors(rank)
+    results["interrupted"] = _interrupted(rank)
     return results
 
 
@@ -398,3 +467,11 @@ def test_what_sharding_refuses_is_said_on_every_rank(rank_results):
         assert "different numbers of losses (from 2 to 3)" in messages["different_counts"]
         assert messages["different_counts_grads_none"] == "True"
         assert messages["auto_mode"] == "jacobian"
+
+
+def test_a_backward_pass_failing_on_every_rank_changes_nothing(rank_results):
+    for rank in range(WORLD):
+        result = rank_results[rank]["interrupted"]
+        assert result["error"] == "interrupted"
+        assert result["unchanged"]
+        _assert_params(result["interrupted"], result["uninterrupted"], atol=0)

@@ -20,10 +20,10 @@ so that every rank takes the same decisions and runs the same collectives.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from jdoptim._paths.base import (
     Losses,
@@ -48,14 +48,17 @@ def make_sharded_path(
     *,
     mode: str,
     shared_params: Sequence[Tensor] | None,
+    modules: Sequence[nn.Module] = (),
 ) -> Path:
-    """The path for ``method`` on sharded parameters.
+    """The path for ``method`` on sharded parameters; ``modules`` are the model, whose FSDP
+    state is reset if a backward pass fails.
 
     Raises:
         ValueError: If ``mode="gramian"``, or the aggregator needs the Jacobian itself.
     """
+    roots = fsdp_roots(modules)
     if isinstance(method, Scalarizer):
-        return ShardedScalarizedPath(method, sharding)
+        return ShardedScalarizedPath(method, sharding, roots)
     if mode == "gramian":
         raise ValueError(
             "mode='gramian' is not available for models sharded with fully_shard: use "
@@ -70,17 +73,43 @@ def make_sharded_path(
             "Jacobian). Use a Gramian-based aggregator, whose weights need only the Gramian, "
             f"which the ranks sum from their shards: {', '.join(gramian_based)}."
         )
-    return ShardedJacobianPath(method, sharding, shared_params)
+    return ShardedJacobianPath(method, sharding, shared_params, roots)
+
+
+def fsdp_roots(modules: Sequence[nn.Module]) -> list[nn.Module]:
+    """The outermost modules sharded with ``fully_shard`` in ``modules`` (the roots, on which
+    FSDP's state is reset)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    roots: list[nn.Module] = []
+
+    def visit(module: nn.Module) -> None:
+        if isinstance(module, FSDPModule):
+            roots.append(module)
+            return
+        for child in module.children():
+            visit(child)
+
+    for module in modules:
+        visit(module)
+    return roots
 
 
 @contextmanager
-def _own_grads(params: Sequence[Tensor]) -> Iterator[None]:
-    """Clear the ``.grad`` of ``params`` for the block's backward passes, then put it back."""
+def _backward_passes(params: Sequence[Tensor], roots: Sequence[nn.Module]) -> Iterator[None]:
+    """Clear the ``.grad`` of ``params`` for the block's backward passes, then put it back. If
+    the block fails, reset the per-iteration state of FSDP's ``roots``, as FSDP asks after a
+    failed backward pass, so that the next step runs normally."""
     saved = [p.grad for p in params]
     try:
         for p in params:
             p.grad = None
         yield
+    except BaseException:
+        for root in roots:
+            with suppress(RuntimeError):  # not the root of its FSDP tree: nothing to reset
+                root.reset_iter_state()  # type: ignore[operator]
+        raise
     finally:
         for p, grad in zip(params, saved, strict=True):
             p.grad = grad
@@ -116,6 +145,7 @@ class ShardedJacobianPath(Path):
         sharding: How the parameters are sharded.
         shared_params: The parameters whose Jacobian is aggregated; ``None`` for all of them.
             The others get the gradient of the sum of the losses.
+        roots: The model's outermost FSDP modules, reset if a backward pass fails.
     """
 
     method_type = GramianWeightedAggregator
@@ -127,10 +157,12 @@ class ShardedJacobianPath(Path):
         method: GramianWeightedAggregator,
         sharding: Sharding,
         shared_params: Sequence[Tensor] | None = None,
+        roots: Sequence[nn.Module] = (),
     ) -> None:
         super().__init__(method)
         self.sharding = sharding
         self.shared_params = None if shared_params is None else list(shared_params)
+        self.roots = list(roots)
 
     def _passes(self, m: int, concat: bool) -> list[tuple[int, bool]]:
         """The backward passes: which loss, and whether this rank's loss counts (with
@@ -155,7 +187,7 @@ class ShardedJacobianPath(Path):
         columns = dict(zip(map(id, shared), torch.split(matrix, sizes, dim=1), strict=True))
         reached: set[int] = set()
         own: dict[Tensor, Tensor] = {}
-        with _own_grads(params):
+        with _backward_passes(params, self.roots):
             for row, (k, counts) in enumerate(passes):
                 keep = losses.retain_graph or row + 1 < len(passes)
                 loss = vector[k] if counts else vector[k] * 0.0
@@ -216,13 +248,17 @@ class ShardedScalarizedPath(ScalarizedPath):
     Args:
         method: The scalarizer.
         sharding: How the parameters are sharded.
+        roots: The model's outermost FSDP modules, reset if the backward pass fails.
     """
 
     reduces = "itself"
 
-    def __init__(self, method: Scalarizer, sharding: Sharding) -> None:
+    def __init__(
+        self, method: Scalarizer, sharding: Sharding, roots: Sequence[nn.Module] = ()
+    ) -> None:
         super().__init__(method)
         self.sharding = sharding
+        self.roots = list(roots)
 
     def pieces(self, losses: Losses) -> Pieces:
         vector, scale, params = losses.vector, losses.scale, losses.params
@@ -231,7 +267,7 @@ class ShardedScalarizedPath(ScalarizedPath):
         if not self.sharding.all_true(torch.isfinite(vector).all(), vector.device):
             return Pieces(finite=False, reason=non_finite_reason(vector, "the losses"))
         loss = self.method(vector / scale) * scale if scale != 1.0 else self.method(vector)
-        with _own_grads(params):
+        with _backward_passes(params, self.roots):
             torch.autograd.backward(loss, retain_graph=losses.retain_graph)
             own = {p: p.grad for p in params if p.grad is not None}
         if not own:
