@@ -173,6 +173,12 @@ def sharding_of(params: Sequence[Tensor]) -> Sharding | None:
     Raises:
         ValueError: If only some are ``DTensor``s, if they live on different device meshes, or
             if a placement is neither ``Shard`` nor ``Replicate``, or differs between them.
+
+    Examples:
+        >>> import torch
+        >>> from jdoptim.distributed import sharding_of
+        >>> sharding_of(list(torch.nn.Linear(2, 2).parameters())) is None  # not sharded
+        True
     """
     if DTensor is None:
         return None
@@ -232,6 +238,38 @@ def get_state_dict(
     Returns:
         The model's state dict and the optimizer's, ready for ``torch.distributed.checkpoint.save``
         (and as templates for ``torch.distributed.checkpoint.load``).
+
+    Examples:
+        In one process (under ``torchrun``, every rank runs the same lines and writes its
+        shards; ``no_dist=True`` is then left out):
+
+        >>> import tempfile
+        >>> import torch
+        >>> import torch.distributed.checkpoint as dcp
+        >>> from jdoptim import JDOptimizer, Random
+        >>> from jdoptim.distributed import get_state_dict, set_state_dict
+        >>> def build():
+        ...     model = torch.nn.Linear(3, 2)
+        ...     return model, JDOptimizer(torch.optim.Adam(model.parameters()), Random(seed=1))
+        >>> model, optimizer = build()
+        >>> optimizer.step(model(torch.randn(4, 3)).pow(2).mean(dim=0))
+        >>> model_state, optim_state = get_state_dict(model, optimizer)
+        >>> sorted(optim_state)
+        ['jdoptim', 'param_groups', 'state']
+        >>> folder = tempfile.mkdtemp()
+        >>> dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=folder,
+        ...          no_dist=True)  # doctest: +ELLIPSIS
+        Metadata(...)
+        >>> resumed_model, resumed = build()
+        >>> model_state, optim_state = get_state_dict(resumed_model, resumed)
+        >>> state = {"model": model_state, "optim": optim_state}
+        >>> dcp.load(state, checkpoint_id=folder, no_dist=True)
+        >>> set_state_dict(resumed_model, resumed, model_state_dict=state["model"],
+        ...                optim_state_dict=state["optim"])
+        >>> torch.equal(resumed_model.weight, model.weight)
+        True
+        >>> resumed.state_dict()["jdoptim"]["aggregator"]
+        {'name': 'random', 'seed': 1}
     """
     from torch.distributed.checkpoint.state_dict import get_state_dict as torch_get_state_dict
 

@@ -366,6 +366,14 @@ def _errors(rank: int) -> dict[str, str]:
     messages["different_counts"] = message(lambda: jd.step(losses[: 2 + rank]))
     messages["different_counts_grads_none"] = str(all(p.grad is None for p in net.parameters()))
     messages["auto_mode"] = optimizer(net, mode="auto", modules=net).resolved_mode
+
+    other = _shard(_Net())
+    messages["other_model"] = message(lambda: jd.step(_task_losses(other(x), y)))
+
+    net.set_requires_gradient_sync(False)
+    no_sync = optimizer(net, modules=net)
+    messages["no_sync"] = message(lambda: no_sync.step(_task_losses(net(x), y)))
+    messages["no_sync_grads_none"] = str(all(p.grad is None for p in net.parameters()))
     return messages
 
 
@@ -467,6 +475,10 @@ def test_what_sharding_refuses_is_said_on_every_rank(rank_results):
         assert "different numbers of losses (from 2 to 3)" in messages["different_counts"]
         assert messages["different_counts_grads_none"] == "True"
         assert messages["auto_mode"] == "jacobian"
+        assert "are the losses computed from this model" in messages["other_model"]
+        assert "gradient reduction is turned off on module 'trunk.0'" in messages["no_sync"]
+        assert "aggregate=False" in messages["no_sync"]
+        assert messages["no_sync_grads_none"] == "True"
 
 
 def test_a_backward_pass_failing_on_every_rank_changes_nothing(rank_results):

@@ -32,7 +32,6 @@ from jdoptim._paths.base import (
     Update,
     all_finite,
     non_finite_reason,
-    not_connected,
 )
 from jdoptim._paths.scalarized import ScalarizedPath
 from jdoptim.aggregation import Aggregator, GramianWeightedAggregator
@@ -50,15 +49,15 @@ def make_sharded_path(
     shared_params: Sequence[Tensor] | None,
     modules: Sequence[nn.Module] = (),
 ) -> Path:
-    """The path for ``method`` on sharded parameters; ``modules`` are the model, whose FSDP
-    state is reset if a backward pass fails.
+    """The path for ``method`` on sharded parameters; ``modules`` are the model (whose FSDP
+    configuration is checked, and state reset if a backward pass fails).
 
     Raises:
         ValueError: If ``mode="gramian"``, or the aggregator needs the Jacobian itself.
     """
-    roots = fsdp_roots(modules)
+    model = FsdpModel(modules)
     if isinstance(method, Scalarizer):
-        return ShardedScalarizedPath(method, sharding, roots)
+        return ShardedScalarizedPath(method, sharding, model)
     if mode == "gramian":
         raise ValueError(
             "mode='gramian' is not available for models sharded with fully_shard: use "
@@ -73,46 +72,82 @@ def make_sharded_path(
             "Jacobian). Use a Gramian-based aggregator, whose weights need only the Gramian, "
             f"which the ranks sum from their shards: {', '.join(gramian_based)}."
         )
-    return ShardedJacobianPath(method, sharding, shared_params, roots)
+    return ShardedJacobianPath(method, sharding, shared_params, model)
 
 
-def fsdp_roots(modules: Sequence[nn.Module]) -> list[nn.Module]:
-    """The outermost modules sharded with ``fully_shard`` in ``modules`` (the roots, on which
-    FSDP's state is reset)."""
-    from torch.distributed.fsdp import FSDPModule
+class FsdpModel:
+    """The modules sharded with ``fully_shard`` in the model given as ``modules``.
 
-    roots: list[nn.Module] = []
+    Args:
+        modules: The model (or modules); may be empty, when the optimizer was not given it.
+    """
 
-    def visit(module: nn.Module) -> None:
-        if isinstance(module, FSDPModule):
-            roots.append(module)
-            return
-        for child in module.children():
-            visit(child)
+    def __init__(self, modules: Sequence[nn.Module]) -> None:
+        from torch.distributed.fsdp import FSDPModule
 
-    for module in modules:
-        visit(module)
-    return roots
+        self.roots: list[nn.Module] = []  # the outermost ones, on which FSDP's state is reset
+        self.members: list[tuple[str, nn.Module]] = []
+
+        def visit(module: nn.Module, name: str, inside: bool) -> None:
+            sharded = isinstance(module, FSDPModule)
+            if sharded:
+                self.members.append((name or type(module).__name__, module))
+                if not inside:
+                    self.roots.append(module)
+            for child_name, child in module.named_children():
+                visit(child, f"{name}.{child_name}" if name else child_name, inside or sharded)
+
+        for module in modules:
+            visit(module, "", False)
+
+    def check_reduction(self) -> None:
+        """Raise if FSDP's gradient reduction is turned off on some module: each backward pass
+        needs it to give every rank its shard of the gradient of the global batch.
+
+        FSDP has no public getter for it; where its state cannot be read, nothing is checked.
+        """
+        for name, module in self.members:
+            groups = getattr(module._get_fsdp_state(), "_fsdp_param_groups", ())  # type: ignore[operator]
+            for group in groups:
+                if not (
+                    getattr(group, "reduce_grads", True)
+                    and getattr(group, "all_reduce_grads", True)
+                ):
+                    raise ValueError(
+                        f"FSDP's gradient reduction is turned off on module {name!r} "
+                        "(set_requires_gradient_sync(False) or set_requires_all_reduce(False)), "
+                        "but JDOptimizer needs it in each of its backward passes to give every "
+                        "rank its shard of each loss's gradient. Turn it back on; to accumulate "
+                        "micro-batches, use optimizer.backward(losses, aggregate=False)."
+                    )
+
+    @contextmanager
+    def backward_passes(self, params: Sequence[Tensor]) -> Iterator[None]:
+        """Clear the ``.grad`` of ``params`` for the block's backward passes, then put it back.
+        If the block fails, reset the per-iteration state of FSDP's roots, as FSDP asks after a
+        failed backward pass, so that the next step runs normally."""
+        self.check_reduction()
+        saved = [p.grad for p in params]
+        try:
+            for p in params:
+                p.grad = None
+            yield
+        except BaseException:
+            for root in self.roots:
+                with suppress(RuntimeError):  # not the root of its FSDP tree: nothing to reset
+                    root.reset_iter_state()  # type: ignore[operator]
+            raise
+        finally:
+            for p, grad in zip(params, saved, strict=True):
+                p.grad = grad
 
 
-@contextmanager
-def _backward_passes(params: Sequence[Tensor], roots: Sequence[nn.Module]) -> Iterator[None]:
-    """Clear the ``.grad`` of ``params`` for the block's backward passes, then put it back. If
-    the block fails, reset the per-iteration state of FSDP's ``roots``, as FSDP asks after a
-    failed backward pass, so that the next step runs normally."""
-    saved = [p.grad for p in params]
-    try:
-        for p in params:
-            p.grad = None
-        yield
-    except BaseException:
-        for root in roots:
-            with suppress(RuntimeError):  # not the root of its FSDP tree: nothing to reset
-                root.reset_iter_state()  # type: ignore[operator]
-        raise
-    finally:
-        for p, grad in zip(params, saved, strict=True):
-            p.grad = grad
+def _not_reached(params: Sequence[Tensor]) -> ValueError:
+    return ValueError(
+        f"None of the {len(params)} parameters of the optimizer receives a gradient from the "
+        "losses through FSDP's backward passes; are the losses computed from this model, and is "
+        "FSDP's gradient reduction on for it?"
+    )
 
 
 def _local(param: Tensor) -> Tensor:
@@ -145,7 +180,7 @@ class ShardedJacobianPath(Path):
         sharding: How the parameters are sharded.
         shared_params: The parameters whose Jacobian is aggregated; ``None`` for all of them.
             The others get the gradient of the sum of the losses.
-        roots: The model's outermost FSDP modules, reset if a backward pass fails.
+        model: The FSDP modules of the model, if the optimizer was given it.
     """
 
     method_type = GramianWeightedAggregator
@@ -157,12 +192,12 @@ class ShardedJacobianPath(Path):
         method: GramianWeightedAggregator,
         sharding: Sharding,
         shared_params: Sequence[Tensor] | None = None,
-        roots: Sequence[nn.Module] = (),
+        model: FsdpModel | None = None,
     ) -> None:
         super().__init__(method)
         self.sharding = sharding
         self.shared_params = None if shared_params is None else list(shared_params)
-        self.roots = list(roots)
+        self.model = FsdpModel(()) if model is None else model
 
     def _passes(self, m: int, concat: bool) -> list[tuple[int, bool]]:
         """The backward passes: which loss, and whether this rank's loss counts (with
@@ -187,7 +222,7 @@ class ShardedJacobianPath(Path):
         columns = dict(zip(map(id, shared), torch.split(matrix, sizes, dim=1), strict=True))
         reached: set[int] = set()
         own: dict[Tensor, Tensor] = {}
-        with _backward_passes(params, self.roots):
+        with self.model.backward_passes(params):
             for row, (k, counts) in enumerate(passes):
                 keep = losses.retain_graph or row + 1 < len(passes)
                 loss = vector[k] if counts else vector[k] * 0.0
@@ -202,7 +237,7 @@ class ShardedJacobianPath(Path):
                     else:
                         own[p] = grad if p not in own else own[p] + grad
         if not reached:
-            raise not_connected(params)
+            raise _not_reached(params)
         if concat:
             # FSDP averages each row over the ranks, of which only the owner's counts.
             matrix.mul_(self.sharding.size)
@@ -248,17 +283,17 @@ class ShardedScalarizedPath(ScalarizedPath):
     Args:
         method: The scalarizer.
         sharding: How the parameters are sharded.
-        roots: The model's outermost FSDP modules, reset if the backward pass fails.
+        model: The FSDP modules of the model, if the optimizer was given it.
     """
 
     reduces = "itself"
 
     def __init__(
-        self, method: Scalarizer, sharding: Sharding, roots: Sequence[nn.Module] = ()
+        self, method: Scalarizer, sharding: Sharding, model: FsdpModel | None = None
     ) -> None:
         super().__init__(method)
         self.sharding = sharding
-        self.roots = list(roots)
+        self.model = FsdpModel(()) if model is None else model
 
     def pieces(self, losses: Losses) -> Pieces:
         vector, scale, params = losses.vector, losses.scale, losses.params
@@ -267,10 +302,10 @@ class ShardedScalarizedPath(ScalarizedPath):
         if not self.sharding.all_true(torch.isfinite(vector).all(), vector.device):
             return Pieces(finite=False, reason=non_finite_reason(vector, "the losses"))
         loss = self.method(vector / scale) * scale if scale != 1.0 else self.method(vector)
-        with _backward_passes(params, self.roots):
+        with self.model.backward_passes(params):
             torch.autograd.backward(loss, retain_graph=losses.retain_graph)
             own = {p: p.grad for p in params if p.grad is not None}
         if not own:
-            raise not_connected(params)
+            raise _not_reached(params)
         finite = self.sharding.all_true(all_finite(list(map(_local, own.values()))), vector.device)
         return Pieces(own=own, finite=finite, reason="" if finite else f"{self.what} is not finite")
