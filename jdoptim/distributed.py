@@ -151,6 +151,35 @@ class Sharding:
             dist.all_reduce(tensor, op=op, group=self.mesh.get_group(dim))
         return tensor
 
+    @property
+    def index(self) -> int:
+        """This rank's position in `ranks`."""
+        return self.ranks.index(dist.get_rank())
+
+    def all_gather(self, tensor: Tensor) -> Tensor:
+        """Every rank's ``tensor`` concatenated along the first dimension, in the order of
+        `ranks` (one collective per mesh dimension, after one that checks the shapes).
+
+        Raises:
+            ValueError: On every rank, if the ranks' tensors do not have the same shape.
+        """
+        shape = list(tensor.shape)
+        bounds = torch.tensor([*shape, *(-s for s in shape)], dtype=torch.float64)
+        bounds = self.all_reduce(bounds.to(tensor.device), dist.ReduceOp.MAX).tolist()
+        if bounds[: len(shape)] != [-b for b in bounds[len(shape) :]]:
+            raise ValueError(
+                f"The ranks' per-sample factors of a layer have different shapes (this rank's: "
+                f"{tuple(shape)}); every rank must compute its losses on batches of the same "
+                "shape (pad sequences to the same length on every rank)."
+            )
+        tensor = tensor.contiguous()
+        for dim in reversed(range(self.mesh.ndim)):
+            group = self.mesh.get_group(dim)
+            parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+            dist.all_gather(parts, tensor, group=group)
+            tensor = torch.cat(parts)
+        return tensor
+
     def all_true(self, flag: bool | Tensor, device: torch.device) -> bool:
         """Whether ``flag`` holds on every rank."""
         value = torch.as_tensor(flag, dtype=torch.float32, device=device).reshape(1)

@@ -24,22 +24,25 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from jdoptim._paths import (
+    FsdpModel,
     GramianPath,
     JacobianPath,
     Losses,
     Path,
     Pieces,
     ScalarizedPath,
+    ShardedGramianPath,
     ShardedJacobianPath,
+    ShardedScalarizedPath,
     Update,
     check_combinable,
     combine,
-    make_sharded_path,
 )
 from jdoptim._state import GlobalGenerators, MethodState, check_method_state, check_optimizer_state
 from jdoptim.aggregation import Aggregator, GramianWeightedAggregator
 from jdoptim.diagnostics import StepDiagnostics
 from jdoptim.distributed import (
+    Sharding,
     default_process_group,
     disable_ddp_sync,
     sharding_of,
@@ -296,17 +299,12 @@ class JDOptimizer(Optimizer):
 
     def _make_path(self, aggregator: Aggregator | Scalarizer) -> Path:
         """The path the losses take, from the options: a scalarizer's, the Gramian's (where
-        ``mode`` asks for it or ``"auto"`` finds it applies) or the Jacobian's."""
+        ``mode`` asks for it or ``"auto"`` finds it applies) or the Jacobian's; on a model
+        sharded with ``fully_shard``, their sharded versions."""
         sharding = sharding_of(self._parameters())
-        if sharding is not None:  # a model sharded with fully_shard
-            return make_sharded_path(
-                aggregator,
-                sharding,
-                mode=self.mode,
-                shared_params=self._shared_params,
-                modules=self.modules,
-            )
         if isinstance(aggregator, Scalarizer):
+            if sharding is not None:
+                return ShardedScalarizedPath(aggregator, sharding, FsdpModel(self.modules))
             return ScalarizedPath(aggregator)
         gramian_based = isinstance(aggregator, GramianWeightedAggregator)
         if self.mode == "gramian":
@@ -323,19 +321,36 @@ class JDOptimizer(Optimizer):
                     "cannot give task heads their own gradients: drop shared_params, or use "
                     "mode='jacobian'."
                 )
-            return GramianPath(aggregator, GramianEngine(self.modules, batch_dim=self.batch_dim))
+            return self._gramian_path(aggregator, sharding)  # type: ignore[arg-type]
         if (
             self.mode == "auto"
             and gramian_based
             and self.modules
             and self.shared_params is None
             and (
-                self.local_weighting or (default_process_group() is None and not self.process_group)
+                sharding is not None  # the exact global Gramian is available when sharded
+                or self.local_weighting
+                or (default_process_group() is None and not self.process_group)
             )
             and is_supported(self.modules, batch_dim=self.batch_dim)
         ):
-            return GramianPath(aggregator, GramianEngine(self.modules, batch_dim=self.batch_dim))
+            return self._gramian_path(aggregator, sharding)  # type: ignore[arg-type]
+        if sharding is not None:
+            return ShardedJacobianPath(
+                aggregator,  # type: ignore[arg-type]
+                sharding,
+                self._shared_params,
+                FsdpModel(self.modules),
+            )
         return JacobianPath(aggregator, self._shared_params, self._chunk_size)
+
+    def _gramian_path(
+        self, aggregator: GramianWeightedAggregator, sharding: Sharding | None
+    ) -> Path:
+        engine = GramianEngine(self.modules, batch_dim=self.batch_dim)
+        if sharding is None:
+            return GramianPath(aggregator, engine)
+        return ShardedGramianPath(aggregator, engine, sharding, FsdpModel(self.modules))
 
     @property
     def aggregator(self) -> Aggregator | Scalarizer:

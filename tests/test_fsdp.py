@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import torch
@@ -39,17 +40,41 @@ class _Net(nn.Module):
         return torch.cat([head(features) for head in self.heads], dim=1)
 
 
-def _shard(net: _Net, mesh: str = "fsdp", **options: Any) -> _Net:
-    """``fully_shard`` on every linear layer and on the model; ``"hsdp"`` also replicates (a
-    2 × 1 mesh: two replicas of one shard)."""
+class _ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3)
+        self.head = nn.Linear(27, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.conv(x)).flatten(1))
+
+
+class _SequenceNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(10, 6)
+        self.norm = nn.LayerNorm(6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.embedding(x)).mean(dim=1))
+
+
+NETS = {"mlp": _Net, "conv": _ConvNet, "sequence": _SequenceNet}
+
+
+def _shard(net: nn.Module, mesh: str = "fsdp", **options: Any) -> nn.Module:
+    """``fully_shard`` on every layer with parameters and on the model; ``"hsdp"`` also
+    replicates (a 2 × 1 mesh: two replicas of one shard)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     if mesh == "hsdp":
         options["mesh"] = init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=("replicate", "shard"))
-    for layer in [*net.trunk, *net.heads]:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer, **options)
+    for module in list(net.modules())[1:]:
+        if any(True for _ in module.parameters(recurse=False)):
+            fully_shard(module, **options)
     fully_shard(net, **options)
     return net
 
@@ -64,10 +89,14 @@ def _full(net: nn.Module) -> list[torch.Tensor]:
     return [_full_tensor(p) for p in net.parameters()]
 
 
-def _batch(step: int, rank: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(step: int, rank: int | None, net: str = "mlp") -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(100 + step)
-    x = torch.randn(WORLD * BATCH, 4, generator=generator)
-    y = torch.randn(WORLD * BATCH, 3, generator=generator)
+    size = WORLD * BATCH
+    if net == "sequence":
+        x = torch.randint(0, 10, (size, 4), generator=generator)
+    else:
+        x = torch.randn(size, *((1, 5, 5) if net == "conv" else (4,)), generator=generator)
+    y = torch.randn(size, 3, generator=generator)
     if rank is None:
         return x, y
     return x[rank * BATCH : (rank + 1) * BATCH], y[rank * BATCH : (rank + 1) * BATCH]
@@ -81,44 +110,83 @@ def _sample_losses(output, y):
     return ((output - y) ** 2).mean(dim=1)
 
 
+def _sample_task_losses(output, y):
+    return (output - y) ** 2
+
+
+class Case(NamedTuple):
+    losses: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    method: Callable[[], Any] = UPGrad
+    options: dict[str, Any] = {}  # noqa: RUF012 (never mutated)
+    shared: bool = False  # aggregate the trunk only (the heads get their own gradients)
+    mesh: str = "fsdp"
+    net: str = "mlp"
+    # float32 unless the objectives outnumber what float32 can separate: with 48 objectives,
+    # one process in gramian and in jacobian mode already differ by 1e-4 in float32.
+    dtype: torch.dtype = torch.float32
+
+
+GRAMIAN = {"mode": "gramian"}
+PER_SAMPLE = {"accumulation": "concat"}
+AUTO = {"mode": "auto"}
 CASES = {
-    # name: (losses, method, optimizer options, share only the trunk, mesh)
-    "tasks": (_task_losses, UPGrad, {}, False, "fsdp"),
-    "multi_task": (_task_losses, UPGrad, {}, True, "fsdp"),
-    "samples": (_sample_losses, UPGrad, {"accumulation": "concat"}, False, "fsdp"),
-    "samples_multi_task": (_sample_losses, UPGrad, {"accumulation": "concat"}, True, "fsdp"),
-    "hsdp_multi_task": (_task_losses, UPGrad, {}, True, "hsdp"),
-    "mgda": (_task_losses, jdoptim.MGDA, {}, False, "fsdp"),
-    "scalarized": (_task_losses, Sum, {}, False, "fsdp"),
+    "tasks": Case(_task_losses),
+    "multi_task": Case(_task_losses, shared=True),
+    "samples": Case(_sample_losses, options=PER_SAMPLE),
+    "samples_multi_task": Case(_sample_losses, options=PER_SAMPLE, shared=True),
+    "hsdp_multi_task": Case(_task_losses, shared=True, mesh="hsdp"),
+    "mgda": Case(_task_losses, jdoptim.MGDA),
+    "scalarized": Case(_task_losses, Sum),
+    # In gramian mode, per-sample losses are each rank's own objectives without being told.
+    "gramian_samples": Case(_sample_losses, options=GRAMIAN),
+    "gramian_sample_tasks": Case(_sample_task_losses, options=GRAMIAN, dtype=torch.float64),
+    "gramian_tasks": Case(_task_losses, options=GRAMIAN),
+    "gramian_hsdp": Case(_sample_losses, options=GRAMIAN, mesh="hsdp"),
+    "auto_conv": Case(_sample_losses, options=AUTO, net="conv"),
+    "auto_sequence": Case(_sample_losses, options=AUTO, net="sequence"),
 }
 
 
-def _train(case: str, rank: int | None) -> list[torch.Tensor]:
-    losses_fn, method, options, shared, mesh = CASES[case]
+def _train(name: str, rank: int | None) -> list[torch.Tensor]:
+    case = CASES[name]
     torch.manual_seed(0)
-    net = _Net()
+    net = NETS[case.net]().to(case.dtype)
     if rank is not None:
-        _shard(net, mesh)
-    extra = {"shared_params": net.trunk} if shared else {}
-    optimizer = JDOptimizer(
-        SGD(net.parameters(), lr=0.1), method(), modules=net, **options, **extra
-    )
+        _shard(net, case.mesh)
+    extra = {"shared_params": net.trunk} if case.shared else {}
+    sgd = SGD(net.parameters(), lr=0.1)
+    optimizer = JDOptimizer(sgd, case.method(), modules=net, **case.options, **extra)
+    assert optimizer.resolved_mode == ("gramian" if "mode" in case.options else "jacobian")
     for step in range(STEPS):
-        x, y = _batch(step, rank)
+        x, y = _batch(step, rank, case.net)
+        x = x if case.net == "sequence" else x.to(case.dtype)
         optimizer.zero_grad()
-        optimizer.step(losses_fn(net(x), y))
+        optimizer.step(case.losses(net(x), y.to(case.dtype)))
     return _full(net)
 
 
-def _diagnostics(rank: int | None, mesh: str = "fsdp") -> dict[str, torch.Tensor]:
-    """The weights and the gradients' norms of one step (from the summed Gramian)."""
+DIAGNOSED = {
+    # name: (mesh, optimizer options, losses)
+    "fsdp": ("fsdp", {}, _task_losses),
+    "hsdp": ("hsdp", {}, _task_losses),  # each shard's Gramian is counted once
+    "gramian": ("fsdp", GRAMIAN, _task_losses),  # the blocks averaged over the ranks
+    "gramian_samples": ("fsdp", GRAMIAN, _sample_losses),  # the blocks stacked
+    "gramian_hsdp": ("hsdp", GRAMIAN, _sample_losses),
+}
+
+
+def _diagnostics(rank: int | None, name: str) -> dict[str, torch.Tensor]:
+    """The weights and the gradients' norms of one step (from the Gramian, which they would
+    show if it were scaled, unlike the update of UPGrad)."""
+    mesh, options, losses = DIAGNOSED[name]
     torch.manual_seed(0)
     net = _Net()
     if rank is not None:
         _shard(net, mesh)
-    optimizer = JDOptimizer(SGD(net.parameters(), lr=0.1), UPGrad(), diagnostics=True)
+    sgd = SGD(net.parameters(), lr=0.1)
+    optimizer = JDOptimizer(sgd, UPGrad(), diagnostics=True, modules=net, **options)
     x, y = _batch(0, rank)
-    optimizer.step(_task_losses(net(x), y))
+    optimizer.step(losses(net(x), y))
     report = optimizer.last_diagnostics
     return {"weights": report.weights, "norms": report.gradient_norms}
 
@@ -151,59 +219,90 @@ def _accumulate_and_amp(rank: int | None) -> list[torch.Tensor]:
     return _full(net)
 
 
-def _mixed_precision(rank: int) -> dict[str, Any]:
-    """Parameters and Jacobians in bfloat16, gradients reduced in float32."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
+def _amp_gramian(rank: int | None) -> list[torch.Tensor]:
+    """Gramian mode with a GradScaler: the same as one process on the whole batch without."""
     torch.manual_seed(0)
-    net = _shard(
-        _Net(),
-        mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32),
-    )
-    optimizer = JDOptimizer(SGD(net.parameters(), lr=0.1), UPGrad(), shared_params=net.trunk)
-    dtypes = set()
+    net = _Net()
+    scaler = None
+    if rank is not None:
+        _shard(net)
+        scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    adam = torch.optim.Adam(net.parameters(), lr=0.01)
+    optimizer = JDOptimizer(adam, UPGrad(), mode="gramian", modules=net, scaler=scaler)
     for step in range(STEPS):
         x, y = _batch(step, rank)
+        losses = _sample_losses(net(x), y)
         optimizer.zero_grad()
-        optimizer.backward(_task_losses(net(x), y).float())
-        dtypes |= {p.grad.dtype for p in net.parameters()}
-        optimizer.step()
-    return {"params": _full(net), "grad_dtypes": sorted(map(str, dtypes))}
+        if scaler is None:
+            optimizer.step(losses)
+        else:
+            optimizer.backward(scaler.scale(losses))
+            scaler.step(optimizer)
+            scaler.update()
+    return _full(net)
+
+
+def _mixed_precision(rank: int) -> dict[str, Any]:
+    """Parameters and Jacobians in bfloat16, gradients reduced in float32, in both modes."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    results: dict[str, Any] = {}
+    for mode in ("jacobian", "gramian"):
+        torch.manual_seed(0)
+        net = _shard(
+            _Net(),
+            mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32),
+        )
+        sgd = SGD(net.parameters(), lr=0.1)
+        optimizer = JDOptimizer(sgd, UPGrad(), mode=mode, modules=net)
+        dtypes = set()
+        for step in range(STEPS):
+            x, y = _batch(step, rank)
+            optimizer.zero_grad()
+            optimizer.backward(_task_losses(net(x), y).float())
+            dtypes |= {p.grad.dtype for p in net.parameters()}
+            optimizer.step()
+        results[mode] = {"params": _full(net), "grad_dtypes": sorted(map(str, dtypes))}
+    return results
 
 
 def _non_finite(rank: int) -> dict[str, Any]:
     """A loss that is not finite on rank 1 only: skipped, refused or (with a GradScaler) an
-    overflow on every rank."""
+    overflow on every rank, in both modes."""
     results: dict[str, Any] = {}
     poison = torch.tensor([1.0, float("nan") if rank == 1 else 1.0, 1.0])
-    for policy in ("skip", "raise", "overflow"):
-        torch.manual_seed(0)
-        net = _shard(_Net())
-        scaler = torch.amp.GradScaler("cpu", init_scale=256.0) if policy == "overflow" else None
-        optimizer = JDOptimizer(
-            SGD(net.parameters(), lr=0.1),
-            UPGrad(),
-            nonfinite="skip" if policy == "skip" else "raise",
-            scaler=scaler,
-        )
-        x, y = _batch(0, rank)
-        losses = _task_losses(net(x), y) * poison
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                if scaler is None:
-                    optimizer.step(losses)
-                else:
-                    optimizer.backward(scaler.scale(losses))
-                    scaler.step(optimizer)
-                    scaler.update()
-            except NonFiniteError as error:
-                results[f"{policy}_error"] = str(error)
-        results[f"{policy}_warnings"] = [str(w.message) for w in caught]
-        results[f"{policy}_params"] = _full(net)
-        results[f"{policy}_grads_none"] = all(p.grad is None for p in net.parameters())
-        if scaler is not None:
-            results["overflow_scale"] = scaler.get_scale()
+    for mode in ("jacobian", "gramian"):
+        for policy in ("skip", "raise", "overflow"):
+            torch.manual_seed(0)
+            net = _shard(_Net())
+            scaler = torch.amp.GradScaler("cpu", init_scale=256.0) if policy == "overflow" else None
+            optimizer = JDOptimizer(
+                SGD(net.parameters(), lr=0.1),
+                UPGrad(),
+                mode=mode,
+                modules=net,
+                nonfinite="skip" if policy == "skip" else "raise",
+                scaler=scaler,
+            )
+            x, y = _batch(0, rank)
+            losses = _task_losses(net(x), y) * poison
+            key = f"{mode}_{policy}"
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    if scaler is None:
+                        optimizer.step(losses)
+                    else:
+                        optimizer.backward(scaler.scale(losses))
+                        scaler.step(optimizer)
+                        scaler.update()
+                except NonFiniteError as error:
+                    results[f"{key}_error"] = str(error)
+            results[f"{key}_warnings"] = [str(w.message) for w in caught]
+            results[f"{key}_params"] = _full(net)
+            results[f"{key}_grads_none"] = all(p.grad is None for p in net.parameters())
+            if scaler is not None:
+                results[f"{mode}_overflow_scale"] = scaler.get_scale()
     return results
 
 
@@ -268,10 +367,12 @@ def _checkpoint(rank: int, out: Path) -> dict[str, Any]:
     }
 
 
-class _FailOnce(torch.autograd.Function):
-    """The identity, whose backward pass raises the first time once armed."""
+class _Fail(torch.autograd.Function):
+    """The identity, whose backward pass raises ``error`` at its ``countdown``-th call from
+    now."""
 
-    armed = False
+    countdown = 0
+    error: type[BaseException] = KeyboardInterrupt
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
@@ -279,17 +380,17 @@ class _FailOnce(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        if _FailOnce.armed:
-            _FailOnce.armed = False
-            raise RuntimeError("interrupted")
+        _Fail.countdown -= 1
+        if _Fail.countdown == 0:
+            raise _Fail.error("interrupted")
         return grad
 
 
 class _FragileNet(_Net):
-    """Fails between the heads' backward pass and the trunk's, once armed."""
+    """Fails between the heads' backward pass and the trunk's, when told to."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = _FailOnce.apply(self.trunk(x))
+        features = _Fail.apply(self.trunk(x))
         return torch.cat([head(features) for head in self.heads], dim=1)
 
 
@@ -303,34 +404,50 @@ def _snapshot(net: nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.Te
     return [_full_tensor(t) for t in tensors]
 
 
+INTERRUPTIONS = {
+    # name: (mode, the backward pass that fails, with what)
+    "jacobian, second loss": ("jacobian", 2, KeyboardInterrupt),
+    "gramian, Gramian": ("gramian", 1, KeyboardInterrupt),
+    "gramian, weighted gradient": ("gramian", 2, KeyboardInterrupt),
+    # The engine takes an error of its batched backward pass for vmap's, resets FSDP and goes
+    # on with one backward pass per loss: the step happens.
+    "gramian, batched pass": ("gramian", 1, RuntimeError),
+}
+
+
 def _interrupted(rank: int) -> dict[str, Any]:
     """A backward pass that fails midway on every rank changes nothing, and the training goes
-    on as if it had not been tried."""
+    on as if the step had not been tried."""
     results: dict[str, Any] = {}
-    for interrupt in (False, True):
-        torch.manual_seed(0)
-        net = _shard(_FragileNet())
-        adam = torch.optim.Adam(net.parameters(), lr=0.01)
-        optimizer = JDOptimizer(adam, jdoptim.Random(seed=3), modules=net)
-        for step in range(3):
-            x, y = _batch(step, rank)
-            if step == 1:
-                optimizer.backward(_task_losses(net(x), y))  # a .grad that must survive
-            if step == 1 and interrupt:
-                before = _snapshot(net, adam)
-                _FailOnce.armed = True
-                try:
-                    optimizer.step(_task_losses(net(x), y))  # the second pass fails
-                except RuntimeError as error:
-                    results["error"] = str(error)
-                after = _snapshot(net, adam)
-                results["unchanged"] = all(
-                    torch.equal(a, b) for a, b in zip(before, after, strict=True)
-                )
-            if step != 1:
-                optimizer.zero_grad()
-            optimizer.step(_task_losses(net(x), y))
-        results["interrupted" if interrupt else "uninterrupted"] = _full(net)
+    for name, (mode, countdown, error) in INTERRUPTIONS.items():
+        for interrupt in (False, True):
+            torch.manual_seed(0)
+            net = _shard(_FragileNet())
+            adam = torch.optim.Adam(net.parameters(), lr=0.01)
+            optimizer = JDOptimizer(adam, jdoptim.Random(seed=3), modules=net, mode=mode)
+            for step in range(3):
+                x, y = _batch(step, rank)
+                if step == 1:
+                    optimizer.backward(_task_losses(net(x), y))  # a .grad that must survive
+                if step == 1 and interrupt:
+                    before = _snapshot(net, adam)
+                    _Fail.countdown, _Fail.error = countdown, error
+                    try:
+                        with warnings.catch_warnings(record=True) as caught:
+                            warnings.simplefilter("always")
+                            optimizer.step(_task_losses(net(x), y))
+                        results[f"{name} warnings"] = [str(w.message) for w in caught]
+                    except KeyboardInterrupt as stopped:
+                        results[f"{name} error"] = str(stopped)
+                    after = _snapshot(net, adam)
+                    results[f"{name} unchanged"] = all(
+                        torch.equal(a, b) for a, b in zip(before, after, strict=True)
+                    )
+                if step != 1:
+                    optimizer.zero_grad()
+                if not (step == 1 and f"{name} warnings" in results):  # unless it happened
+                    optimizer.step(_task_losses(net(x), y))
+            results[f"{name} {'interrupted' if interrupt else 'uninterrupted'}"] = _full(net)
     return results
 
 
@@ -352,7 +469,6 @@ def _errors(rank: int) -> dict[str, str]:
 
     net = _shard(_Net())
     messages["jacobian_aggregator"] = message(lambda: optimizer(net, TrimmedMean(trim_number=1)))
-    messages["gramian_mode"] = message(lambda: optimizer(net, mode="gramian", modules=net))
 
     from torch.distributed.fsdp import fully_shard
 
@@ -366,6 +482,9 @@ def _errors(rank: int) -> dict[str, str]:
     messages["different_counts"] = message(lambda: jd.step(losses[: 2 + rank]))
     messages["different_counts_grads_none"] = str(all(p.grad is None for p in net.parameters()))
     messages["auto_mode"] = optimizer(net, mode="auto", modules=net).resolved_mode
+    messages["auto_mode_shared"] = optimizer(
+        net, mode="auto", modules=net, shared_params=net.trunk
+    ).resolved_mode
 
     other = _shard(_Net())
     messages["other_model"] = message(lambda: jd.step(_task_losses(other(x), y)))
@@ -379,9 +498,10 @@ def _errors(rank: int) -> dict[str, str]:
 
 def _rank_work(rank: int, out: Path) -> dict[str, Any]:
     results: dict[str, Any] = {case: _train(case, rank) for case in CASES}
-    results["diagnostics"] = {mesh: _diagnostics(rank, mesh) for mesh in ("fsdp", "hsdp")}
+    results["diagnostics"] = {name: _diagnostics(rank, name) for name in DIAGNOSED}
     results["accumulate_and_amp"] = _accumulate_and_amp(rank)
     results["mixed_precision"] = _mixed_precision(rank)
+    results["amp_gramian"] = _amp_gramian(rank)
     results["non_finite"] = _non_finite(rank)
     results["checkpoint"] = _checkpoint(rank, out)
     results["errors"] = _errors(rank)
@@ -409,13 +529,13 @@ def test_sharded_ranks_equal_one_process_on_the_global_batch(rank_results, case)
     )
 
 
-def test_the_gramian_and_weights_are_those_of_one_process(rank_results):
-    expected = _diagnostics(rank=None)
+@pytest.mark.parametrize("name", list(DIAGNOSED))
+def test_the_gramian_and_weights_are_those_of_one_process(rank_results, name):
+    expected = _diagnostics(None, name)
     for rank in range(WORLD):
-        for mesh in ("fsdp", "hsdp"):  # with HSDP, each shard's Gramian is counted once
-            result = rank_results[rank]["diagnostics"][mesh]
-            for key in ("weights", "norms"):
-                torch.testing.assert_close(result[key], expected[key], rtol=0, atol=1e-6)
+        result = rank_results[rank]["diagnostics"][name]
+        for key in ("weights", "norms"):
+            torch.testing.assert_close(result[key], expected[key], rtol=0, atol=1e-6)
 
 
 def test_accumulation_grad_scaler_and_adam_under_sharding(rank_results):
@@ -424,36 +544,46 @@ def test_accumulation_grad_scaler_and_adam_under_sharding(rank_results):
         _assert_params(rank_results[rank]["accumulate_and_amp"], expected, atol=1e-6)
 
 
-def test_mixed_precision_reduces_in_float32_and_follows_the_float32_run(rank_results):
+def test_gramian_mode_with_a_grad_scaler(rank_results):
+    expected = _amp_gramian(rank=None)
+    for rank in range(WORLD):
+        _assert_params(rank_results[rank]["amp_gramian"], expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["jacobian", "gramian"])
+def test_mixed_precision_reduces_in_float32_and_follows_the_float32_run(rank_results, mode):
     torch.manual_seed(0)
     net = _Net()
-    optimizer = JDOptimizer(SGD(net.parameters(), lr=0.1), UPGrad(), shared_params=net.trunk)
+    optimizer = JDOptimizer(SGD(net.parameters(), lr=0.1), UPGrad())
     for step in range(STEPS):
         x, y = _batch(step, None)
         optimizer.zero_grad()
         optimizer.step(_task_losses(net(x), y))
+    torch.manual_seed(0)
     start = _full(_Net())
     for rank in range(WORLD):
-        result = rank_results[rank]["mixed_precision"]
+        result = rank_results[rank]["mixed_precision"][mode]
         assert result["grad_dtypes"] == ["torch.float32"]
         for param, reference, initial in zip(result["params"], _full(net), start, strict=True):
             # bfloat16 has 8 bits of mantissa: the steps agree to about 1% of their size.
             torch.testing.assert_close(param - initial, reference - initial, rtol=0, atol=2e-2)
 
 
-def test_a_non_finite_loss_on_one_rank_stops_the_step_on_every_rank(rank_results):
+@pytest.mark.parametrize("mode", ["jacobian", "gramian"])
+def test_a_non_finite_loss_on_one_rank_stops_the_step_on_every_rank(rank_results, mode):
     torch.manual_seed(0)
     initial = _full(_Net())
+    what = "Jacobian" if mode == "jacobian" else "Gramian"
     for rank in range(WORLD):
         result = rank_results[rank]["non_finite"]
         for policy in ("skip", "raise", "overflow"):
-            _assert_params(result[f"{policy}_params"], initial, atol=0)
-        assert result["skip_warnings"] == [
-            "Skipping the step: the losses or the Jacobian are not finite on some rank."
+            _assert_params(result[f"{mode}_{policy}_params"], initial, atol=0)
+        assert result[f"{mode}_skip_warnings"] == [
+            f"Skipping the step: the losses or the {what} are not finite on some rank."
         ]
-        assert result["skip_grads_none"] and result["raise_grads_none"]
-        assert "not finite on some rank. Nothing was changed." in result["raise_error"]
-        assert result["overflow_scale"] == 128.0  # the scaler saw the overflow and halved
+        assert result[f"{mode}_skip_grads_none"] and result[f"{mode}_raise_grads_none"]
+        assert "not finite on some rank. Nothing was changed." in result[f"{mode}_raise_error"]
+        assert result[f"{mode}_overflow_scale"] == 128.0  # the scaler saw it and halved
 
 
 def test_a_sharded_checkpoint_resumes_the_same_training(rank_results):
@@ -470,20 +600,24 @@ def test_what_sharding_refuses_is_said_on_every_rank(rank_results):
         assert "TrimmedMean" in messages["jacobian_aggregator"]
         assert "Use a Gramian-based aggregator" in messages["jacobian_aggregator"]
         assert "upgrad" in messages["jacobian_aggregator"]
-        assert "mode='gramian' is not available" in messages["gramian_mode"]
         assert "Apply fully_shard to the root module" in messages["partly_sharded"]
         assert "different numbers of losses (from 2 to 3)" in messages["different_counts"]
         assert messages["different_counts_grads_none"] == "True"
-        assert messages["auto_mode"] == "jacobian"
+        assert messages["auto_mode"] == "gramian"
+        assert messages["auto_mode_shared"] == "jacobian"
         assert "are the losses computed from this model" in messages["other_model"]
         assert "gradient reduction is turned off on module 'trunk.0'" in messages["no_sync"]
         assert "aggregate=False" in messages["no_sync"]
         assert messages["no_sync_grads_none"] == "True"
 
 
-def test_a_backward_pass_failing_on_every_rank_changes_nothing(rank_results):
+@pytest.mark.parametrize("name", list(INTERRUPTIONS))
+def test_a_backward_pass_failing_on_every_rank_changes_nothing(rank_results, name):
     for rank in range(WORLD):
         result = rank_results[rank]["interrupted"]
-        assert result["error"] == "interrupted"
-        assert result["unchanged"]
-        _assert_params(result["interrupted"], result["uninterrupted"], atol=0)
+        if INTERRUPTIONS[name][2] is RuntimeError:
+            assert "The batched backward pass failed (interrupted)" in result[f"{name} warnings"][0]
+        else:
+            assert result[f"{name} error"] == "interrupted"
+            assert result[f"{name} unchanged"]
+        _assert_params(result[f"{name} interrupted"], result[f"{name} uninterrupted"], atol=0)

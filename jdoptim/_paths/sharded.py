@@ -11,9 +11,11 @@ therefore run ordinary backward passes and read ``.grad``:
   The Gramian is the sum of the ranks' ``J_r J_rᵀ`` (one all-reduce of ``m × m``); every rank
   computes the same weights from it, and updates its own shard with ``J_rᵀ w``. Only
   Gramian-based aggregators can work this way, without gathering ``J``.
+- `ShardedGramianPath`: the Gramian from every rank's gathered layer factors (`GramianEngine`
+  with ``gather``), the weights, one backward pass of the weighted losses.
 - `ShardedScalarizedPath`: one backward pass of the scalarised loss.
 
-Both agree across ranks on everything that decides a step (the number of losses, finiteness),
+They agree across ranks on everything that decides a step (the number of losses, finiteness),
 so that every rank takes the same decisions and runs the same collectives.
 """
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -34,45 +37,12 @@ from jdoptim._paths.base import (
     non_finite_reason,
 )
 from jdoptim._paths.scalarized import ScalarizedPath
-from jdoptim.aggregation import Aggregator, GramianWeightedAggregator
+from jdoptim.aggregation import GramianWeightedAggregator
 from jdoptim.diagnostics import diagnose_gramian
 from jdoptim.distributed import DTensor, Sharding
+from jdoptim.gramian import GramianEngine
 from jdoptim.registry import get_spec, list_aggregators
 from jdoptim.scalarization import Scalarizer
-
-
-def make_sharded_path(
-    method: Aggregator | Scalarizer,
-    sharding: Sharding,
-    *,
-    mode: str,
-    shared_params: Sequence[Tensor] | None,
-    modules: Sequence[nn.Module] = (),
-) -> Path:
-    """The path for ``method`` on sharded parameters; ``modules`` are the model (whose FSDP
-    configuration is checked, and state reset if a backward pass fails).
-
-    Raises:
-        ValueError: If ``mode="gramian"``, or the aggregator needs the Jacobian itself.
-    """
-    model = FsdpModel(modules)
-    if isinstance(method, Scalarizer):
-        return ShardedScalarizedPath(method, sharding, model)
-    if mode == "gramian":
-        raise ValueError(
-            "mode='gramian' is not available for models sharded with fully_shard: use "
-            "mode='jacobian' (or 'auto'), which is exact and keeps the memory divided by the "
-            "ranks."
-        )
-    if not isinstance(method, GramianWeightedAggregator):
-        gramian_based = [name for name in list_aggregators() if get_spec(name).gramian_based]
-        raise ValueError(
-            f"{method!r} needs the whole Jacobian, which no rank holds when the model is sharded "
-            "with fully_shard (gathering it would cost every rank the memory of the unsharded "
-            "Jacobian). Use a Gramian-based aggregator, whose weights need only the Gramian, "
-            f"which the ranks sum from their shards: {', '.join(gramian_based)}."
-        )
-    return ShardedJacobianPath(method, sharding, shared_params, model)
 
 
 class FsdpModel:
@@ -121,22 +91,33 @@ class FsdpModel:
                         "micro-batches, use optimizer.backward(losses, aggregate=False)."
                     )
 
+    def reset(self) -> None:
+        """Reset the per-iteration state of FSDP's roots, as FSDP asks after a failed backward
+        pass, so that the next one runs normally."""
+        for root in self.roots:
+            with suppress(RuntimeError):  # not the root of its FSDP tree: nothing to reset
+                root.reset_iter_state()  # type: ignore[operator]
+
+    @contextmanager
+    def reset_on_failure(self) -> Iterator[None]:
+        """`reset` if the block (which runs backward passes through FSDP) fails."""
+        try:
+            yield
+        except BaseException:
+            self.reset()
+            raise
+
     @contextmanager
     def backward_passes(self, params: Sequence[Tensor]) -> Iterator[None]:
-        """Clear the ``.grad`` of ``params`` for the block's backward passes, then put it back.
-        If the block fails, reset the per-iteration state of FSDP's roots, as FSDP asks after a
-        failed backward pass, so that the next step runs normally."""
+        """Clear the ``.grad`` of ``params`` for the block's backward passes, then put it back,
+        and reset FSDP if the block fails."""
         self.check_reduction()
         saved = [p.grad for p in params]
         try:
             for p in params:
                 p.grad = None
-            yield
-        except BaseException:
-            for root in self.roots:
-                with suppress(RuntimeError):  # not the root of its FSDP tree: nothing to reset
-                    root.reset_iter_state()  # type: ignore[operator]
-            raise
+            with self.reset_on_failure():
+                yield
         finally:
             for p, grad in zip(params, saved, strict=True):
                 p.grad = grad
@@ -194,6 +175,15 @@ class ShardedJacobianPath(Path):
         shared_params: Sequence[Tensor] | None = None,
         model: FsdpModel | None = None,
     ) -> None:
+        if not isinstance(method, GramianWeightedAggregator):
+            gramian_based = [name for name in list_aggregators() if get_spec(name).gramian_based]
+            raise ValueError(
+                f"{method!r} needs the whole Jacobian, which no rank holds when the model is "
+                "sharded with fully_shard (gathering it would cost every rank the memory of the "
+                "unsharded Jacobian). Use a Gramian-based aggregator, whose weights need only "
+                "the Gramian, which the ranks sum from their shards: "
+                f"{', '.join(gramian_based)}."
+            )
         super().__init__(method)
         self.sharding = sharding
         self.shared_params = None if shared_params is None else list(shared_params)
@@ -275,6 +265,111 @@ class ShardedJacobianPath(Path):
             return diagnose_gramian(gramian, weights)
 
         return Update(grads, diagnose=diagnose_step if diagnostics else None)
+
+
+@dataclass
+class ShardedGramianPieces(Pieces):
+    """The pieces of the sharded Gramian path: the Gramian of the unscaled objectives of every
+    rank, this rank's losses and parameters, for the weighted backward pass."""
+
+    gramian: Tensor | None = None
+    losses: Losses | None = None
+
+
+class ShardedGramianPath(Path):
+    """Weight the objectives from the Gramian of every rank's gathered factors, then
+    backpropagate this rank's weighted losses through FSDP.
+
+    Each rank's `GramianEngine` records its layers' inputs and output gradients; they are
+    gathered from every rank (per layer, ``ranks × batch × (in + out)`` values for a linear
+    layer), so that every rank computes the same Gramian, with the inner products between
+    samples of different ranks, and the same weights. One backward pass of this rank's weighted
+    losses then gives, through FSDP's reduction, each rank its shard of the weighted gradient.
+
+    Per-sample losses are each rank's own objectives (the Gramian is ``[ranks·m, ranks·m]``);
+    other losses are the same objectives on every rank, averaged over the ranks as FSDP
+    averages gradients (the Gramian of their average is ``[m, m]``).
+
+    Args:
+        method: A Gramian-based aggregator.
+        engine: The engine hooked on the model before the forward pass.
+        sharding: How the parameters are sharded.
+        model: The FSDP modules of the model.
+    """
+
+    mode = "gramian"
+    what = "the Gramian"
+    queues = False
+    reduces = "itself"
+    method_type = GramianWeightedAggregator
+    method: GramianWeightedAggregator
+
+    def __init__(
+        self,
+        method: GramianWeightedAggregator,
+        engine: GramianEngine,
+        sharding: Sharding,
+        model: FsdpModel,
+    ) -> None:
+        super().__init__(method)
+        self.engine = engine
+        self.sharding = sharding
+        self.model = model
+
+    def pieces(self, losses: Losses) -> Pieces:
+        vector = losses.vector
+        self.sharding.check_same(vector.numel(), "numbers of losses", vector.device)
+        # Agreed before the engine's backward pass, which every rank runs, or none.
+        if not self.sharding.all_true(torch.isfinite(vector).all(), vector.device):
+            return Pieces(finite=False, reason=non_finite_reason(vector, self.what))
+        self.model.check_reduction()
+        with self.model.reset_on_failure():
+            gramian = self.engine.gramian(
+                losses.tensor,
+                retain_graph=True,
+                gather=self.sharding.all_gather,
+                reset=self.model.reset,
+            )
+        if losses.scale != 1.0:
+            gramian = gramian / losses.scale**2
+        # The same Gramian on every rank, so the same decision.
+        if not all_finite([gramian]):
+            self.engine.reset()
+            return Pieces(finite=False, reason=non_finite_reason(vector, self.what))
+        return ShardedGramianPieces(gramian=gramian, losses=losses)
+
+    def aggregate(self, pieces: Pieces, *, scale: float, diagnostics: bool) -> Update:
+        assert isinstance(pieces, ShardedGramianPieces) and pieces.losses is not None
+        gramian, losses = pieces.gramian, pieces.losses
+        self.engine.reset()  # what it keeps for its own weighted gradient is not used here
+        weights = self.method.weighting(gramian)
+        if not all_finite([weights]):  # the same weights on every rank
+            return Update(finite=False, reason=f"{self.method!r} returned non-finite weights")
+        vector = losses.vector
+        if weights.numel() == vector.numel() * self.sharding.size:
+            # This rank's objectives; FSDP averages the weighted gradients over the ranks.
+            own = weights.view(self.sharding.size, -1)[self.sharding.index] * self.sharding.size
+        else:
+            own = weights
+        weighted = (own.to(vector.dtype) * vector).sum()
+        with self.model.backward_passes(losses.params):
+            torch.autograd.backward(weighted, retain_graph=losses.retain_graph)
+            grads = {p: p.grad for p in losses.params if p.grad is not None}
+        if not grads:
+            raise _not_reached(losses.params)
+        finite = self.sharding.all_true(
+            all_finite([_local(g) for g in grads.values()]), vector.device
+        )
+        if not finite:
+            return Update(finite=False, reason=f"{self.method!r} gave a non-finite update")
+
+        def diagnose_step():
+            return diagnose_gramian(gramian, weights)
+
+        return Update(grads, diagnose=diagnose_step if diagnostics else None)
+
+    def discard(self) -> None:
+        self.engine.reset()
 
 
 class ShardedScalarizedPath(ScalarizedPath):
