@@ -1,21 +1,22 @@
 """Peak memory per rank of a Jacobian descent step on a model sharded with ``fully_shard``
 (FSDP2), against the same step on the unsharded model, with two gloo processes on the CPU.
 
-A multi-task model (a trunk of four ``WIDTH × WIDTH`` linear layers, one linear head per task)
-takes steps with UPGrad on the trunk (``shared_params``) and the task losses of a batch of
-``BATCH``. Each run starts in a fresh process:
+A multi-task model (a trunk of four ``WIDTH``-wide linear layers, one linear head per task)
+takes steps with UPGrad in two settings:
 
-- *unsharded*: one process, the whole model and batch, `JDOptimizer` in jacobian mode (its
-  default batched backward pass, and ``chunk_size=1``, one backward pass per loss);
-- *FSDP*: two ranks, ``fully_shard`` on every linear layer and on the model, half of the batch
-  each;
+- *task losses*: ``m`` tasks, jacobian mode on the trunk (``shared_params``), a batch of
+  ``BATCH``;
+- *one loss per sample*: ``m`` = the batch (``IWRM_BATCH``), gramian mode on the whole model.
 
-and each measures, around every step (after ``zero_grad()``, so that the gradients count), the
-peak of its resident memory above what it held before the step (Linux's ``VmHWM``, reset
-through ``/proc/self/clear_refs``, with glibc returning every freed block above 64 KiB to the
-system), and the step's process CPU time. A plain SGD step of the sum of the losses, in the
-same process, is the reference for both. The goal is a per-rank extra memory of the sharded JD
-step of at most ``1 / ranks`` of the unsharded one's, plus the ``m × m`` terms.
+Each run starts in a fresh process: *unsharded*, one process with the whole model and batch
+(jacobian mode also with ``chunk_size=1``, one backward pass per loss); *FSDP*, two ranks with
+``fully_shard`` on every linear layer and on the model, half of the batch each. Around every
+step (after ``zero_grad()``, so that the gradients count) each process measures the peak of its
+resident memory above what it held before the step (Linux's ``VmHWM``, reset through
+``/proc/self/clear_refs``, with glibc returning every freed block above 64 KiB to the system),
+and the step's process CPU time. A plain SGD step of the sum of the same losses, in the same
+process, is the reference. The goal: a per-rank extra memory of the sharded JD step of at most
+``1 / ranks`` of the unsharded one's, plus the ``m × m`` terms.
 
 Run: ``python tests/benchmarks/bench_fsdp.py`` (``--tasks 8 32`` by default).
 """
@@ -40,7 +41,8 @@ from torch import nn
 from jdoptim import JDOptimizer, UPGrad
 
 WIDTH = 1024
-BATCH = 32  # global
+BATCH = 32  # global, with task losses
+IWRM_BATCH = 128  # global, with one loss per sample
 STEPS = 5
 RANKS = 2
 MiB = 2**20
@@ -84,7 +86,7 @@ def _measure(zero, step, barrier) -> tuple[float, float]:
     return statistics.median(extras), statistics.median(times)
 
 
-def _run(rank: int, tasks: int, world: int, port: int, out: str) -> None:
+def _run(rank: int, setting: str, tasks: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     sharded = world > 1
     if sharded:
@@ -93,15 +95,26 @@ def _run(rank: int, tasks: int, world: int, port: int, out: str) -> None:
         barrier = dist.barrier
     else:
         barrier = lambda: None  # noqa: E731
+    per_sample = setting == "samples"
+    batch = IWRM_BATCH if per_sample else BATCH
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(BATCH, 64, generator=generator)
-    y = torch.randn(BATCH, tasks, generator=generator)
+    x = torch.randn(batch, 64, generator=generator)
+    y = torch.randn(batch, tasks, generator=generator)
     if sharded:
-        local = BATCH // world
+        local = batch // world
         x, y = x[rank * local : (rank + 1) * local], y[rank * local : (rank + 1) * local]
+
+    def losses(model: nn.Module) -> torch.Tensor:
+        return ((model(x) - y) ** 2).mean(dim=1 if per_sample else 0)
+
+    if per_sample:
+        variants = {"SGD": None, "JD": {"mode": "gramian"}}
+    else:
+        variants = {"SGD": None, "JD": {}} | (
+            {} if sharded else {"JD chunk_size=1": {"chunk_size": 1}}
+        )
     results = {}
-    variants = [("SGD", None), ("JD", None)] + ([] if sharded else [("JD", 1)])
-    for name, chunk_size in variants:
+    for name, options in variants.items():
         torch.manual_seed(0)
         model = _MultiTask(tasks)
         if sharded:
@@ -112,27 +125,24 @@ def _run(rank: int, tasks: int, world: int, port: int, out: str) -> None:
                     fully_shard(layer)
             fully_shard(model)
         sgd = torch.optim.SGD(model.parameters(), lr=1e-4)
-        if name == "SGD":
+        if options is None:
             zero = sgd.zero_grad
 
             def step(model=model, sgd=sgd):
-                ((model(x) - y) ** 2).mean(dim=0).sum().backward()
+                losses(model).sum().backward()
                 sgd.step()
 
         else:
-            optimizer = JDOptimizer(
-                sgd, UPGrad(), shared_params=model.trunk, modules=model, chunk_size=chunk_size
-            )
-
+            shared = {} if per_sample else {"shared_params": model.trunk}
+            optimizer = JDOptimizer(sgd, UPGrad(), modules=model, **shared, **options)
             zero = optimizer.zero_grad
 
             def step(model=model, optimizer=optimizer):
-                optimizer.step(((model(x) - y) ** 2).mean(dim=0))
+                optimizer.step(losses(model))
 
-        results[(name, chunk_size)] = _measure(zero, step, barrier)
+        results[name] = _measure(zero, step, barrier)
         del model, sgd, step, zero
-    trunk = sum(p.numel() for p in _MultiTask(tasks).trunk.parameters())
-    torch.save({"results": results, "trunk": trunk}, Path(out) / f"{world}-{rank}.pt")
+    torch.save(results, Path(out) / f"{world}-{rank}.pt")
     if sharded:
         dist.barrier()
         dist.destroy_process_group()
@@ -144,11 +154,34 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _launch(tasks: int, world: int, out: str) -> list[dict]:
+def _launch(setting: str, tasks: int, world: int, out: str) -> list[dict]:
     mp.start_processes(
-        _run, args=(tasks, world, _free_port(), out), nprocs=world, start_method="spawn"
+        _run,
+        args=(setting, tasks, world, _free_port(), out),
+        nprocs=world,
+        start_method="spawn",
     )
     return [torch.load(Path(out) / f"{world}-{rank}.pt") for rank in range(world)]
+
+
+def _table(setting: str, tasks: int) -> None:
+    with tempfile.TemporaryDirectory() as out:
+        (single,) = _launch(setting, tasks, 1, out)
+        ranks = _launch(setting, tasks, RANKS, out)
+    # The smallest unsharded JD step is the reference of the goal.
+    reference = min(extra for name, (extra, _) in single.items() if name != "SGD")
+    objectives = IWRM_BATCH if setting == "samples" else tasks
+    runs = [("unsharded", single)] + [(f"FSDP rank {r}", result) for r, result in enumerate(ranks)]
+    for where, results in runs:
+        plain_extra, plain_ms = results["SGD"]
+        for name, (extra, ms) in results.items():
+            ratio = ""
+            if name != "SGD":
+                ratio = f"{extra / (reference / (1 if where == 'unsharded' else RANKS)):.2f}"
+            print(
+                f"| {objectives} | {where}, {name} | {extra:.0f} | {extra - plain_extra:.0f} | "
+                f"{ratio} | {ms:.0f} | {ms / plain_ms:.1f} |"
+            )
 
 
 def main() -> None:
@@ -163,38 +196,19 @@ def main() -> None:
     if loopback:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback[0])
     print(f"torch {torch.__version__}, 1 thread per process, {RANKS} gloo ranks on the CPU")
-    print(f"trunk 64-{WIDTH}x4, batch {BATCH} (global), medians of {STEPS} steps per run")
-    print()
-    print(
-        "| m | run | per-rank extra peak (MiB) | J per rank (MiB) | "
-        "× unsharded JD / ranks | CPU ms per step | × plain step |"
+    print(f"trunk 64-{WIDTH}x4, medians of {STEPS} steps per run; extra: peak resident memory")
+    print("above the memory before the step; × unsharded / ranks: the per-rank extra over the")
+    print("smallest unsharded JD step's divided by the ranks (the goal is at most 1)")
+    header = (
+        "| m | run | extra MiB | above the plain step MiB | × unsharded / ranks | "
+        "CPU ms per step | × plain step |"
     )
-    print("|---|---|---|---|---|---|---|")
+    rule = "|---|---|---|---|---|---|---|"
+    print(f"\nTask losses, jacobian mode on the trunk, batch {BATCH}:\n\n{header}\n{rule}")
     for tasks in args.tasks:
-        with tempfile.TemporaryDirectory() as out:
-            (single,) = _launch(tasks, 1, out)
-            ranks = _launch(tasks, RANKS, out)
-        jacobian = tasks * single["trunk"] * 4 / MiB
-        plain_one = single["results"][("SGD", None)]
-        smallest = min(single["results"][("JD", None)][0], single["results"][("JD", 1)][0])
-        rows = [
-            ("unsharded, SGD", plain_one, None, plain_one),
-            ("unsharded, JD", single["results"][("JD", None)], jacobian, plain_one),
-            ("unsharded, JD chunk_size=1", single["results"][("JD", 1)], jacobian, plain_one),
-        ]
-        for rank, result in enumerate(ranks):
-            plain = result["results"][("SGD", None)]
-            rows.append((f"FSDP rank {rank}, SGD", plain, None, plain))
-            rows.append(
-                (f"FSDP rank {rank}, JD", result["results"][("JD", None)], jacobian / RANKS, plain)
-            )
-        for name, (extra, ms), j, (_, plain_ms) in rows:
-            ratio = f"{extra / (smallest / RANKS):.2f}" if "JD" in name else ""
-            shown_j = "" if j is None else f"{j:.0f}"
-            print(
-                f"| {tasks} | {name} | {extra:.0f} | {shown_j} | {ratio} | {ms:.0f} | "
-                f"{ms / plain_ms:.1f} |"
-            )
+        _table("tasks", tasks)
+    print(f"\nOne loss per sample, gramian mode, batch {IWRM_BATCH}, 8 heads:\n\n{header}\n{rule}")
+    _table("samples", 8)
 
 
 if __name__ == "__main__":
