@@ -150,7 +150,10 @@ class JDOptimizer(Optimizer):
             and is much cheaper for one loss per sample. ``"auto"``: ``"gramian"`` when the
             aggregator is Gramian-based, ``modules`` are given, every layer in them has a closed
             form, ``shared_params`` is not used, and there is no data parallelism (or
-            ``local_weighting=True``); else ``"jacobian"``. The mode chosen is `resolved_mode`.
+            ``local_weighting=True``, or the model is sharded); else ``"jacobian"``. The mode
+            chosen is `resolved_mode`. On a model sharded with ``fully_shard`` (FSDP2), every
+            rank applies its shard of the step of one process on the whole model: see the
+            guide "Sharded models (FSDP2)".
         shared_params: For multi-task learning: the parameters (or a module holding them)
             whose Jacobian is aggregated. Every other parameter receives the ordinary gradient
             of the sum of the losses that reach it (a task head gets its own task's gradient).
@@ -175,7 +178,8 @@ class JDOptimizer(Optimizer):
             whose parameters define the Gramian (a subset gives partial Jacobian descent: every
             parameter is still updated); build the optimizer before the forward pass, which
             they record. A ``DistributedDataParallel`` model among them has its own gradient
-            synchronisation turned off, since the optimizer reduces the Jacobian itself.
+            synchronisation turned off, since the optimizer reduces the Jacobian itself. A model
+            sharded with ``fully_shard`` has its FSDP state reset if a backward pass fails.
         batch_dim: Gramian mode: the batch dimension of the modules' inputs and outputs, or
             ``None`` when losses never decompose per sample.
         process_group: Under data parallelism, the ranks that step together; ``None`` uses the
