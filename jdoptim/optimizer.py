@@ -187,13 +187,14 @@ class JDOptimizer(Optimizer):
             aggregation then reduces the Jacobian across ranks (averaged with
             ``accumulation="sum"``, rows stacked in rank order with ``"concat"``) so that every
             rank applies the same update, equal to one process stepping on the global batch.
+            On a sharded model, the ranks are those of the parameters' device mesh instead.
         local_weighting: Gramian mode under data parallelism, where the global Gramian is not
             available: each rank weights its own losses from its local Gramian, and the
             weighted gradients are averaged across ranks, as ``DistributedDataParallel``
             averages gradients. Every rank applies the same update, but it is not Jacobian
             descent on the global batch: conflicts between samples of different ranks are not
             seen (with `Mean` the two coincide). Without it, gramian mode refuses to run under
-            data parallelism.
+            data parallelism. It has no effect on a sharded model, whose gramian mode is exact.
 
     Attributes:
         last_diagnostics: The `StepDiagnostics` of the latest aggregation, or ``None``.
