@@ -72,13 +72,14 @@ def synchronise(
 
     Args:
         matrix: The local Jacobian ``[m, n]`` of the aggregated parameters, if any.
-        others: The local gradients of the other parameters, averaged over ranks.
+        others: The local gradients of the other parameters: averaged over ranks, or summed
+            with ``stack_rows`` (the gradient of the sum of every rank's objectives).
         finite: Whether everything local is finite; the result is the AND over ranks.
         stack_rows: Stack the local rows in rank order instead of averaging the matrices.
         group: The process group.
 
     Returns:
-        The global matrix, the averaged gradients and the global finiteness flag.
+        The global matrix, the reduced gradients and the global finiteness flag.
 
     Raises:
         ValueError: On every rank, if the ranks' matrices do not have the same shape.
@@ -104,8 +105,14 @@ def synchronise(
     dist.all_reduce(buffer, group=group)
     pieces = torch.split(buffer, [t.numel() for t in averaged])
     global_finite = bool(pieces[0] == world)
+    # With stacked rows every rank's objectives are its own, and the other parameters get the
+    # gradient of their sum, as one process on the global batch would give them.
+    divisors = [world] * len(averaged)
+    if stack_rows:
+        divisors[1 : 1 + len(others)] = [1] * len(others)
     reduced = [
-        (piece / world).view_as(t).to(t.dtype) for piece, t in zip(pieces, averaged, strict=True)
+        (piece / divisor).view_as(t).to(t.dtype)
+        for piece, t, divisor in zip(pieces, averaged, divisors, strict=True)
     ]
     others = reduced[1 : 1 + len(others)]
     if matrix is not None and stack_rows:

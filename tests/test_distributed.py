@@ -52,6 +52,7 @@ CASES = {
     #        pass the model as modules=)
     "tasks": (_task_losses, {}, False, False, True),
     "samples": (_sample_losses, {"accumulation": "concat"}, False, False, True),
+    "samples_multi_task": (_sample_losses, {"accumulation": "concat"}, False, True, True),
     "ddp_multi_task": (_task_losses, {}, True, True, True),
     "ddp_without_modules": (_task_losses, {}, True, True, False),
 }
