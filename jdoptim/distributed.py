@@ -159,6 +159,11 @@ class Sharding:
         return tensor
 
     @property
+    def device(self) -> torch.device:
+        """The device of the mesh's collectives (the current one of its type)."""
+        return torch.device(self.mesh.device_type)
+
+    @property
     def index(self) -> int:
         """This rank's position in `ranks`."""
         return self.ranks.index(dist.get_rank())

@@ -259,10 +259,14 @@ def _mixed_precision(rank: int) -> dict[str, Any]:
         for step in range(STEPS):
             x, y = _batch(step, rank)
             optimizer.zero_grad()
-            optimizer.backward(_task_losses(net(x), y).float())
+            optimizer.backward(_task_losses(net(x), y.bfloat16()))  # bfloat16 losses
             dtypes |= {p.grad.dtype for p in net.parameters()}
             optimizer.step()
-        results[mode] = {"params": _full(net), "grad_dtypes": sorted(map(str, dtypes))}
+        results[mode] = {
+            "params": _full(net),
+            "grad_dtypes": sorted(map(str, dtypes)),
+            "losses_dtype": str(_task_losses(net(x), y.bfloat16()).dtype),
+        }
     return results
 
 
@@ -564,6 +568,7 @@ def test_mixed_precision_reduces_in_float32_and_follows_the_float32_run(rank_res
     for rank in range(WORLD):
         result = rank_results[rank]["mixed_precision"][mode]
         assert result["grad_dtypes"] == ["torch.float32"]
+        assert result["losses_dtype"] == "torch.bfloat16"
         for param, reference, initial in zip(result["params"], _full(net), start, strict=True):
             # bfloat16 has 8 bits of mantissa: the steps agree to about 1% of their size.
             torch.testing.assert_close(param - initial, reference - initial, rtol=0, atol=2e-2)

@@ -208,7 +208,9 @@ class ShardedJacobianPath(Path):
         for p in shared[1:]:
             dtype = torch.promote_types(dtype, p.dtype)
         sizes = [_local(p).numel() for p in shared]
-        matrix = torch.zeros(len(passes), sum(sizes), dtype=dtype, device=vector.device)
+        # On the shards' device, which FSDP may offload to the CPU.
+        device = _local(shared[0]).device if shared else vector.device
+        matrix = torch.zeros(len(passes), sum(sizes), dtype=dtype, device=device)
         columns = dict(zip(map(id, shared), torch.split(matrix, sizes, dim=1), strict=True))
         reached: set[int] = set()
         own: dict[Tensor, Tensor] = {}
@@ -235,7 +237,7 @@ class ShardedJacobianPath(Path):
         kept = [p for p in shared if id(p) in reached]
         if len(kept) < len(shared):
             matrix = torch.cat([columns[id(p)] for p in kept], dim=1)
-        local_finite = all_finite([vector, matrix, *map(_local, own.values())])
+        local_finite = all_finite([vector]) and all_finite([matrix, *map(_local, own.values())])
         finite = self.sharding.all_true(local_finite, vector.device)
         reason = "" if finite else non_finite_reason(vector, self.what)
         return Pieces(kept, matrix if kept else None, own, finite, reason)
@@ -249,10 +251,12 @@ class ShardedJacobianPath(Path):
         gramian = local @ local.T
         if self.sharding.replicas > 1:
             gramian /= self.sharding.replicas  # each shard is held by that many ranks
-        gramian = self.sharding.all_reduce(gramian)
+        gramian = self.sharding.all_reduce(gramian.to(self.sharding.device))
         weights = self.method.weighting(gramian)
-        update = weights.to(work) @ local
-        finite = self.sharding.all_true(all_finite([weights, update]), matrix.device)
+        update = weights.to(local.device, work) @ local
+        finite = self.sharding.all_true(
+            all_finite([weights]) and all_finite([update]), self.sharding.device
+        )
         if not finite:
             return Update(finite=False, reason=f"{self.method!r} returned a non-finite update")
         if scale != 1.0:
@@ -323,9 +327,11 @@ class ShardedGramianPath(Path):
         if not self.sharding.all_true(torch.isfinite(vector).all(), vector.device):
             return Pieces(finite=False, reason=non_finite_reason(vector, self.what))
         self.model.check_reduction()
+        # Half-precision losses (under FSDP's MixedPrecisionPolicy) give float32 factors.
+        tensor = losses.tensor.to(torch.promote_types(losses.tensor.dtype, torch.float32))
         with self.model.reset_on_failure():
             gramian = self.engine.gramian(
-                losses.tensor,
+                tensor,
                 retain_graph=True,
                 gather=self.sharding.all_gather,
                 reset=self.model.reset,
