@@ -17,6 +17,7 @@ ranks of the device mesh.
 from __future__ import annotations
 
 import io
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from math import prod
@@ -26,11 +27,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
-
-try:
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-except ImportError:  # a build of torch without torch.distributed
-    DTensor = Replicate = Shard = None  # type: ignore[assignment,misc]
 
 if TYPE_CHECKING:
     from torch.distributed.checkpoint.state_dict import StateDictOptions
@@ -208,6 +204,14 @@ class Sharding:
             )
 
 
+def dtensor_class() -> type | None:
+    """``DTensor``, or ``None`` while ``torch.distributed.tensor`` is not imported (no tensor can
+    be a ``DTensor`` before; importing it costs half a second, which jdoptim spares users that
+    do not shard)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
+
+
 def sharding_of(params: Sequence[Tensor]) -> Sharding | None:
     """How ``params`` are sharded, or ``None`` when none of them is a ``DTensor``.
 
@@ -221,13 +225,14 @@ def sharding_of(params: Sequence[Tensor]) -> Sharding | None:
         >>> sharding_of(list(torch.nn.Linear(2, 2).parameters())) is None  # not sharded
         True
     """
-    if DTensor is None:
-        return None
-    sharded = [p for p in params if isinstance(p, DTensor)]
+    dtensor = dtensor_class()
+    sharded = [] if dtensor is None else [p for p in params if isinstance(p, dtensor)]
     if not sharded:
         return None
+    from torch.distributed.tensor import Replicate, Shard
+
     if len(sharded) < len(params):
-        plain = next(p for p in params if not isinstance(p, DTensor))
+        plain = next(p for p in params if not isinstance(p, dtensor))
         raise ValueError(
             f"{len(sharded)} of the optimizer's {len(params)} parameters are sharded (DTensor), "
             f"but not all: a parameter of shape {tuple(plain.shape)} is a plain tensor. Apply "

@@ -39,7 +39,7 @@ from jdoptim._paths.base import (
 from jdoptim._paths.scalarized import ScalarizedPath
 from jdoptim.aggregation import GramianWeightedAggregator
 from jdoptim.diagnostics import diagnose_gramian
-from jdoptim.distributed import DTensor, Sharding
+from jdoptim.distributed import Sharding, dtensor_class
 from jdoptim.gramian import GramianEngine
 from jdoptim.registry import get_spec, list_aggregators
 from jdoptim.scalarization import Scalarizer
@@ -132,11 +132,14 @@ def _not_reached(params: Sequence[Tensor]) -> ValueError:
 
 
 def _local(param: Tensor) -> Tensor:
-    return param.to_local() if isinstance(param, DTensor) else param
+    dtensor = dtensor_class()
+    return param.to_local() if dtensor is not None and isinstance(param, dtensor) else param
 
 
 def _as_param(local: Tensor, param: Tensor) -> Tensor:
     """A local shard as a ``DTensor`` sharded like ``param``."""
+    from torch.distributed.tensor import DTensor
+
     return DTensor.from_local(
         local.view(_local(param).shape).to(param.dtype),
         param.device_mesh,
