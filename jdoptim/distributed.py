@@ -204,12 +204,25 @@ class Sharding:
             )
 
 
+# Where DTensor lives: public since torch 2.5, private before.
+_DTENSOR_MODULES = ("torch.distributed.tensor", "torch.distributed._tensor")
+
+
+def _dtensor_module() -> Any:
+    """The module of ``DTensor`` and its placements, or ``None`` while it is not imported (no
+    tensor can be a ``DTensor`` before; importing it costs half a second, which jdoptim spares
+    users who do not shard)."""
+    for name in _DTENSOR_MODULES:
+        module = sys.modules.get(name)
+        if getattr(module, "DTensor", None) is not None:
+            return module
+    return None
+
+
 def dtensor_class() -> type | None:
-    """``DTensor``, or ``None`` while ``torch.distributed.tensor`` is not imported (no tensor can
-    be a ``DTensor`` before; importing it costs half a second, which jdoptim spares users that
-    do not shard)."""
-    module = sys.modules.get("torch.distributed.tensor")
-    return getattr(module, "DTensor", None)
+    """``DTensor``, or ``None`` while its module is not imported."""
+    module = _dtensor_module()
+    return None if module is None else module.DTensor
 
 
 def sharding_of(params: Sequence[Tensor]) -> Sharding | None:
@@ -229,7 +242,7 @@ def sharding_of(params: Sequence[Tensor]) -> Sharding | None:
     sharded = [] if dtensor is None else [p for p in params if isinstance(p, dtensor)]
     if not sharded:
         return None
-    from torch.distributed.tensor import Replicate, Shard
+    Replicate, Shard = _dtensor_module().Replicate, _dtensor_module().Shard
 
     if len(sharded) < len(params):
         plain = next(p for p in params if not isinstance(p, dtensor))

@@ -53,7 +53,10 @@ class FsdpModel:
     """
 
     def __init__(self, modules: Sequence[nn.Module]) -> None:
-        from torch.distributed.fsdp import FSDPModule
+        try:
+            from torch.distributed.fsdp import FSDPModule
+        except ImportError:  # torch < 2.6
+            from torch.distributed._composable.fsdp import FSDPModule
 
         self.roots: list[nn.Module] = []  # the outermost ones, on which FSDP's state is reset
         self.members: list[tuple[str, nn.Module]] = []
@@ -95,8 +98,10 @@ class FsdpModel:
         """Reset the per-iteration state of FSDP's roots, as FSDP asks after a failed backward
         pass, so that the next one runs normally."""
         for root in self.roots:
-            with suppress(RuntimeError):  # not the root of its FSDP tree: nothing to reset
-                root.reset_iter_state()  # type: ignore[operator]
+            reset = getattr(root, "reset_iter_state", None)  # in recent versions of torch
+            if reset is not None:
+                with suppress(RuntimeError):  # not the root of its FSDP tree: nothing to reset
+                    reset()
 
     @contextmanager
     def reset_on_failure(self) -> Iterator[None]:
@@ -138,9 +143,7 @@ def _local(param: Tensor) -> Tensor:
 
 def _as_param(local: Tensor, param: Tensor) -> Tensor:
     """A local shard as a ``DTensor`` sharded like ``param``."""
-    from torch.distributed.tensor import DTensor
-
-    return DTensor.from_local(
+    return type(param).from_local(  # type: ignore[attr-defined]
         local.view(_local(param).shape).to(param.dtype),
         param.device_mesh,
         param.placements,
