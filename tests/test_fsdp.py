@@ -493,6 +493,13 @@ def _errors(rank: int) -> dict[str, str]:
     other = _shard(_Net())
     messages["other_model"] = message(lambda: jd.step(_task_losses(other(x), y)))
 
+    sequences = _shard(_SequenceNet())
+    gramian = optimizer(sequences, mode="gramian", modules=sequences)
+    tokens = torch.randint(0, 10, (BATCH, 4 + rank))  # sequences of another length on rank 1
+    messages["different_lengths"] = message(
+        lambda: gramian.step(_sample_losses(sequences(tokens), y))
+    )
+
     net.set_requires_gradient_sync(False)
     no_sync = optimizer(net, modules=net)
     messages["no_sync"] = message(lambda: no_sync.step(_task_losses(net(x), y)))
@@ -611,6 +618,8 @@ def test_what_sharding_refuses_is_said_on_every_rank(rank_results):
         assert messages["auto_mode"] == "gramian"
         assert messages["auto_mode_shared"] == "jacobian"
         assert "are the losses computed from this model" in messages["other_model"]
+        assert "factors of a layer have different shapes" in messages["different_lengths"]
+        assert "pad sequences to the same length" in messages["different_lengths"]
         assert "gradient reduction is turned off on module 'trunk.0'" in messages["no_sync"]
         assert "aggregate=False" in messages["no_sync"]
         assert messages["no_sync_grads_none"] == "True"
