@@ -24,12 +24,16 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from jdoptim._paths import (
+    FsdpModel,
     GramianPath,
     JacobianPath,
     Losses,
     Path,
     Pieces,
     ScalarizedPath,
+    ShardedGramianPath,
+    ShardedJacobianPath,
+    ShardedScalarizedPath,
     Update,
     check_combinable,
     combine,
@@ -38,7 +42,13 @@ from jdoptim._state import GlobalGenerators, MethodState, check_method_state, ch
 from jdoptim.aggregation import Aggregator, Columns, GramianWeightedAggregator
 from jdoptim.aggregation._columns import layer_names
 from jdoptim.diagnostics import StepDiagnostics
-from jdoptim.distributed import default_process_group, disable_ddp_sync, synchronise
+from jdoptim.distributed import (
+    Sharding,
+    default_process_group,
+    disable_ddp_sync,
+    sharding_of,
+    synchronise,
+)
 from jdoptim.functional import as_loss_vector, check_chunk_size
 from jdoptim.gramian import GramianEngine, is_supported
 from jdoptim.gramian._engine import _check_batch_dim
@@ -141,7 +151,10 @@ class JDOptimizer(Optimizer):
             and is much cheaper for one loss per sample. ``"auto"``: ``"gramian"`` when the
             aggregator is Gramian-based, ``modules`` are given, every layer in them has a closed
             form, ``shared_params`` is not used, and there is no data parallelism (or
-            ``local_weighting=True``); else ``"jacobian"``. The mode chosen is `resolved_mode`.
+            ``local_weighting=True``, or the model is sharded); else ``"jacobian"``. The mode
+            chosen is `resolved_mode`. On a model sharded with ``fully_shard`` (FSDP2), every
+            rank applies its shard of the step of one process on the whole model: see the
+            guide "Sharded models (FSDP2)".
         shared_params: For multi-task learning: the parameters (or a module holding them)
             whose Jacobian is aggregated. Every other parameter receives the ordinary gradient
             of the sum of the losses that reach it (a task head gets its own task's gradient).
@@ -166,7 +179,8 @@ class JDOptimizer(Optimizer):
             whose parameters define the Gramian (a subset gives partial Jacobian descent: every
             parameter is still updated); build the optimizer before the forward pass, which
             they record. A ``DistributedDataParallel`` model among them has its own gradient
-            synchronisation turned off, since the optimizer reduces the Jacobian itself.
+            synchronisation turned off, since the optimizer reduces the Jacobian itself. A model
+            sharded with ``fully_shard`` has its FSDP state reset if a backward pass fails.
         batch_dim: Gramian mode: the batch dimension of the modules' inputs and outputs, or
             ``None`` when losses never decompose per sample.
         process_group: Under data parallelism, the ranks that step together; ``None`` uses the
@@ -174,13 +188,14 @@ class JDOptimizer(Optimizer):
             aggregation then reduces the Jacobian across ranks (averaged with
             ``accumulation="sum"``, rows stacked in rank order with ``"concat"``) so that every
             rank applies the same update, equal to one process stepping on the global batch.
+            On a sharded model, the ranks are those of the parameters' device mesh instead.
         local_weighting: Gramian mode under data parallelism, where the global Gramian is not
             available: each rank weights its own losses from its local Gramian, and the
             weighted gradients are averaged across ranks, as ``DistributedDataParallel``
             averages gradients. Every rank applies the same update, but it is not Jacobian
             descent on the global batch: conflicts between samples of different ranks are not
             seen (with `Mean` the two coincide). Without it, gramian mode refuses to run under
-            data parallelism.
+            data parallelism. It has no effect on a sharded model, whose gramian mode is exact.
 
     Attributes:
         last_diagnostics: The `StepDiagnostics` of the latest aggregation, or ``None``.
@@ -292,8 +307,12 @@ class JDOptimizer(Optimizer):
 
     def _make_path(self, aggregator: Aggregator | Scalarizer) -> Path:
         """The path the losses take, from the options: a scalarizer's, the Gramian's (where
-        ``mode`` asks for it or ``"auto"`` finds it applies) or the Jacobian's."""
+        ``mode`` asks for it or ``"auto"`` finds it applies) or the Jacobian's; on a model
+        sharded with ``fully_shard``, their sharded versions."""
+        sharding = sharding_of(self._parameters())
         if isinstance(aggregator, Scalarizer):
+            if sharding is not None:
+                return ShardedScalarizedPath(aggregator, sharding, FsdpModel(self.modules))
             return ScalarizedPath(aggregator)
         gramian_based = isinstance(aggregator, GramianWeightedAggregator)
         if self.mode == "gramian":
@@ -310,7 +329,7 @@ class JDOptimizer(Optimizer):
                     "cannot give task heads their own gradients: drop shared_params, or use "
                     "mode='jacobian'."
                 )
-            return GramianPath(aggregator, GramianEngine(self.modules, batch_dim=self.batch_dim))
+            return self._gramian_path(aggregator, sharding)  # type: ignore[arg-type]
         if (
             self.mode == "auto"
             and gramian_based
@@ -318,11 +337,20 @@ class JDOptimizer(Optimizer):
             and self.modules
             and self.shared_params is None
             and (
-                self.local_weighting or (default_process_group() is None and not self.process_group)
+                sharding is not None  # the exact global Gramian is available when sharded
+                or self.local_weighting
+                or (default_process_group() is None and not self.process_group)
             )
             and is_supported(self.modules, batch_dim=self.batch_dim)
         ):
-            return GramianPath(aggregator, GramianEngine(self.modules, batch_dim=self.batch_dim))
+            return self._gramian_path(aggregator, sharding)  # type: ignore[arg-type]
+        if sharding is not None:
+            return ShardedJacobianPath(
+                aggregator,  # type: ignore[arg-type]
+                sharding,
+                self._shared_params,
+                FsdpModel(self.modules),
+            )
         return JacobianPath(aggregator, self._shared_params, self._chunk_size, self._columns)
 
     def _columns(self, shared: list[Tensor]) -> Columns:
@@ -341,6 +369,14 @@ class JDOptimizer(Optimizer):
             tuple(group_of[id(p)] for p in shared),
         )
 
+    def _gramian_path(
+        self, aggregator: GramianWeightedAggregator, sharding: Sharding | None
+    ) -> Path:
+        engine = GramianEngine(self.modules, batch_dim=self.batch_dim)
+        if sharding is None:
+            return GramianPath(aggregator, engine)
+        return ShardedGramianPath(aggregator, engine, sharding, FsdpModel(self.modules))
+
     @property
     def aggregator(self) -> Aggregator | Scalarizer:
         """The aggregator (or scalarizer). Another one of the same kind may be assigned: a
@@ -356,10 +392,11 @@ class JDOptimizer(Optimizer):
                 f"{kind.__name__}, got {aggregator!r}; build a new JDOptimizer to change the "
                 "kind of method."
             )
-        if self.resolved_mode == "gramian" and aggregator.needs_columns:
+        if getattr(aggregator, "needs_columns", False) and not isinstance(self._path, JacobianPath):
             raise TypeError(
-                f"{aggregator!r} needs the Jacobian's columns, which gramian mode does not form; "
-                "build a new JDOptimizer with mode='jacobian'."
+                f"{aggregator!r} needs the Jacobian's columns, which this optimizer's "
+                f"{self.resolved_mode} path does not form; build a new JDOptimizer with "
+                "mode='jacobian' on a model that is not sharded."
             )
         self._path.method = aggregator
 
@@ -385,7 +422,7 @@ class JDOptimizer(Optimizer):
         self._shared_params = self._check_shared(shared_params)
         self._shared_module = shared_params if isinstance(shared_params, nn.Module) else None
         self._layers = None
-        if isinstance(self._path, JacobianPath):
+        if isinstance(self._path, (JacobianPath, ShardedJacobianPath)):
             self._path.shared_params = self._shared_params
 
     @property
@@ -571,7 +608,14 @@ class JDOptimizer(Optimizer):
         tensor = losses if isinstance(losses, Tensor) else vector
         with self._transaction(runs_method=aggregate or path.method_in_pieces) as call:
             pieces = path.pieces(
-                Losses(tensor, vector, self._parameters(), retain_graph, self._scale())
+                Losses(
+                    tensor,
+                    vector,
+                    self._parameters(),
+                    retain_graph,
+                    self._scale(),
+                    self.accumulation,
+                )
             )
             if not pieces.finite and not self._scaling() and group is None:
                 return self._refuse(pieces.reason, policy, call)
@@ -675,7 +719,7 @@ class JDOptimizer(Optimizer):
     def _reduce_pieces(self, pieces: Pieces, group: ProcessGroup) -> Pieces:
         """The pieces of the global batch: Jacobians averaged (or rows stacked in rank order with
         ``accumulation="concat"``), own gradients averaged, finite on every rank."""
-        matrix, losses = pieces.matrix, pieces.losses
+        matrix, losses = pieces.matrix, pieces.loss_values
         with_losses = matrix is not None and losses is not None and self.aggregator.needs_losses
         if with_losses:
             # The losses travel as one more column, reduced as the rows are.
@@ -686,7 +730,7 @@ class JDOptimizer(Optimizer):
         if with_losses:
             matrix, losses = matrix[:, :-1], matrix[:, -1].to(losses.dtype)
         own = dict(zip(pieces.own, others, strict=True))
-        return Pieces(pieces.shared, matrix, own, finite, losses=losses)
+        return Pieces(pieces.shared, matrix, own, finite, loss_values=losses)
 
     def _reduce_update(self, update: Update, group: ProcessGroup) -> Update:
         """The ranks' updates averaged, for the parameters some rank's losses reach."""

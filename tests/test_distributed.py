@@ -3,29 +3,21 @@ stepping on the concatenated batch."""
 
 from __future__ import annotations
 
-import os
-import socket
-import sys
-import time
 import warnings
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.optim import SGD
 
 import jdoptim
 from jdoptim import JDOptimizer, UPGrad
+from tests.ranks import WORLD, load_results, run_ranks
 
-WORLD = 2
 BATCH = 8  # per rank
 STEPS = 3
-TIMEOUT_S = 300  # for the two ranks' whole work; it takes a few seconds
-READY_S = 60  # for both ranks to have their process group
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is missing")
 
@@ -60,6 +52,7 @@ CASES = {
     #        pass the model as modules=)
     "tasks": (_task_losses, {}, False, False, True),
     "samples": (_sample_losses, {"accumulation": "concat"}, False, False, True),
+    "samples_multi_task": (_sample_losses, {"accumulation": "concat"}, False, True, True),
     "ddp_multi_task": (_task_losses, {}, True, True, True),
     "ddp_without_modules": (_task_losses, {}, True, True, False),
     # Methods that take the values of the losses: those of the global batch reach them.
@@ -225,114 +218,26 @@ def _skip_consistently(rank: int) -> list[torch.Tensor]:
     return [p.detach().clone() for p in net.parameters()]
 
 
-def _loopback_interface() -> str | None:
-    """The loopback interface's name, so that gloo does not pick its address from the
-    host name, which may resolve to an interface a sandbox filters."""
-    try:
-        names = [name for _, name in socket.if_nameindex()]
-    except OSError:
-        return None
-    return next((name for name in names if name.startswith("lo")), None)
-
-
-def _worker(rank: int, port: int, out: str) -> None:
-    # What a rank prints goes to its own file, which the parent shows if the rank dies.
-    log = open(Path(out) / f"rank{rank}.log", "w")  # noqa: SIM115 (closed by os._exit)
-    os.dup2(log.fileno(), 1)
-    os.dup2(log.fileno(), 2)
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    interface = _loopback_interface()
-    if interface is not None:
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=TIMEOUT_S)
-    )
-    (Path(out) / f"rank{rank}.ready").touch()
+def _rank_work(rank: int, out: Path) -> dict:
     results = {case: _train(case, rank) for case in CASES}
     results["skip"] = _skip_consistently(rank)
     results["local_weighting"] = _local_weighting(rank)
     results["accumulate_and_amp"] = _accumulate_and_amp(rank)
-    results["checkpointed"] = _checkpointed(rank, out)
+    results["checkpointed"] = _checkpointed(rank, str(out))
     results["broadcast"] = _ddp_broadcasts_rank_0s_model(rank)
     results["auto_modes"] = _auto_modes()
     results["ddp_reductions"] = dict(DDP_REDUCTIONS)
-    torch.save(results, Path(out) / f"rank{rank}.partial")
-    os.replace(Path(out) / f"rank{rank}.partial", Path(out) / f"rank{rank}.pt")
-    dist.barrier()  # no rank tears its connections down while a peer still uses them
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Leave without the interpreter's teardown: gloo's background threads racing the
-    # destructors at exit can abort a process whose work is already saved.
-    os._exit(0)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _logs(out: Path) -> str:
-    parts = []
-    for rank in range(WORLD):
-        path = out / f"rank{rank}.log"
-        text = path.read_text(errors="replace").strip() if path.exists() else ""
-        parts.append(f"--- rank {rank} ---\n{text[-1500:] or '(nothing printed)'}")
-    return "\n".join(parts)
-
-
-def _run_ranks(out: Path) -> None:
-    """Run the workers: a Python error in a rank raises at once, and so does a rank killed by a
-    signal; ranks without a process group after READY_S seconds, or unfinished after
-    TIMEOUT_S, are killed and raise TimeoutError."""
-    context = mp.start_processes(
-        _worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False, start_method="spawn"
-    )
-    start = time.monotonic()
-    try:
-        while not context.join(timeout=0.5):
-            elapsed = time.monotonic() - start
-            ready = all((out / f"rank{rank}.ready").exists() for rank in range(WORLD))
-            if elapsed > TIMEOUT_S or (elapsed > READY_S and not ready):
-                raise TimeoutError(f"the {WORLD} ranks were stopped after {elapsed:.0f} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-                process.join()
+    return results
 
 
 @pytest.fixture(scope="module")
 def ranks_dir(tmp_path_factory) -> Path:
-    """The ranks' results. A Python error in a rank fails at once. A rank killed by a signal, or
-    ranks past the deadline, are started again once; then:
-
-    - if every rank had saved its results, the accident was in the teardown and they are used;
-    - if some rank never got its process group, the machine cannot run gloo and the tests
-      that need the ranks are skipped, with what the ranks printed;
-    - otherwise the ranks failed during the training steps, and the tests fail.
-    """
-    for attempt in (1, 2):
-        out = tmp_path_factory.mktemp(f"ranks{attempt}")
-        try:
-            _run_ranks(out)
-            return out
-        except (mp.ProcessExitedException, TimeoutError) as error:
-            if all((out / f"rank{rank}.pt").exists() for rank in range(WORLD)):
-                return out
-            failure = f"{error}\n{_logs(out)}"
-            started = all((out / f"rank{rank}.ready").exists() for rank in range(WORLD))
-    if not started:
-        pytest.skip(f"no gloo process group on this machine: {failure}")
-    pytest.fail(f"the ranks died during the training steps: {failure}")
+    return run_ranks(tmp_path_factory, _rank_work)
 
 
 @pytest.fixture(scope="module")
 def rank_results(ranks_dir) -> list[dict[str, list[torch.Tensor]]]:
-    return [torch.load(ranks_dir / f"rank{rank}.pt") for rank in range(WORLD)]
+    return load_results(ranks_dir)
 
 
 @pytest.mark.parametrize("case", list(CASES))

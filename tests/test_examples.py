@@ -196,6 +196,62 @@ def test_distributed_two_processes(tmp_path: Path) -> None:
     assert (tmp_path / "two.pt").exists()
 
 
+def test_fsdp_single_process_resumes_from_its_checkpoint(tmp_path: Path) -> None:
+    args = ["--epochs", "2", "--samples", "512"]
+    whole = run_example("fsdp.py", *args, "--checkpoint", str(tmp_path / "a"))
+    assert "1 process on cpu, global batch 64, 8 steps per epoch." in whole, whole
+    epochs = re.findall(r"^\s+(\d)  (\d\.\d{4})  (\d\.\d{4})  (\d\.\d{4})$", whole, re.M)
+    assert [epoch for epoch, *_ in epochs] == ["1", "2"], whole
+    # Stopped after one epoch and resumed from the sharded checkpoint: the same parameters.
+    part = tmp_path / "b"
+    run_example("fsdp.py", *args[2:], "--epochs", "1", "--checkpoint", str(part))
+    resumed = run_example("fsdp.py", *args, "--checkpoint", str(part), "--resume")
+    assert re.findall(r"^\s+(\d)  ", resumed, re.M) == ["2"], resumed
+    assert _checksum(resumed) == _checksum(whole), (whole, resumed)
+
+
+def test_fsdp_bfloat16(tmp_path: Path) -> None:
+    output = run_example("fsdp.py", "--epochs", "2", "--samples", "512", "--bf16",
+                         "--checkpoint", str(tmp_path / "c"))  # fmt: skip
+    losses = re.findall(r"^\s+\d  (\d\.\d{4})  (\d\.\d{4})  (\d\.\d{4})$", output, re.M)
+    assert len(losses) == 2, output
+    # bfloat16 compute trains: every task's loss falls in the second epoch.
+    assert all(float(b) < float(a) for a, b in zip(*losses, strict=True)), output
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes(tmp_path: Path) -> None:
+    """torchrun with two gloo ranks, each holding half of every parameter: they end where one
+    process does, up to rounding. A failed start is tried again once, and skipped as the
+    machine's if the ranks never completed an epoch, as for examples/distributed.py."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    loopback = [name for _, name in socket.if_nameindex() if name.startswith("lo")]
+    if loopback:
+        env.setdefault("GLOO_SOCKET_IFNAME", loopback[0])
+    args = ["--epochs", "2", "--samples", "512"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    for _attempt in range(2):
+        result = subprocess.run(
+            [*command, str(EXAMPLES / "fsdp.py"), *args, "--checkpoint", str(tmp_path / "two")],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
+        if result.returncode == 0:
+            break
+    finished = "Parameter checksum" in result.stdout
+    if result.returncode != 0 and not finished and "    1  " not in result.stdout:
+        pytest.skip(f"torchrun could not start two gloo ranks here: {result.stderr[-2000:]}")
+    assert finished, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "2 ranks on cpu, global batch 64, 8 steps per epoch." in result.stdout
+    assert "Rank 0 holds 36411 of the model's 72771 parameters." in result.stdout
+    one = run_example("fsdp.py", *args, "--checkpoint", str(tmp_path / "one"))
+    assert abs(_checksum(result.stdout) - _checksum(one)) < 1e-4, (result.stdout, one)
+    assert (tmp_path / "two" / "epoch-2").is_dir()
+
+
 def test_iwmtl() -> None:
     output = run_example("iwmtl.py", "--epochs", "2", "--samples", "512")
     assert "losses of shape [32, 3]: 96 objectives per step, in gramian mode" in output, output

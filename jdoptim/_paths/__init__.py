@@ -8,7 +8,9 @@ non-finite policy and writes the update. The paths:
 - `JacobianPath`: the Jacobian of the losses (with respect to the shared parameters in
   multi-task learning, the others getting their ordinary gradient), then the aggregator;
 - `GramianPath`: the Gramian from the model's layers, the weighting, the weighted gradient;
-- `ScalarizedPath`: one ordinary backward pass of a scalarised loss.
+- `ScalarizedPath`: one ordinary backward pass of a scalarised loss;
+- `ShardedJacobianPath`, `ShardedGramianPath` and `ShardedScalarizedPath`: the same for a model
+  sharded with ``fully_shard``, each rank updating its shards of the parameters.
 
 A new way (for example the Gramian of a multi-task model's shared parameters, with the heads'
 own gradients in `Pieces.own`) is one more subclass of `Path`: it declares what the optimizer
@@ -24,14 +26,24 @@ from jdoptim._paths.base import Losses, Path, Pieces, Update, check_combinable, 
 from jdoptim._paths.gramian import GramianPath
 from jdoptim._paths.jacobian import JacobianPath
 from jdoptim._paths.scalarized import ScalarizedPath
+from jdoptim._paths.sharded import (
+    FsdpModel,
+    ShardedGramianPath,
+    ShardedJacobianPath,
+    ShardedScalarizedPath,
+)
 
 __all__ = [
+    "FsdpModel",
     "GramianPath",
     "JacobianPath",
     "Losses",
     "Path",
     "Pieces",
     "ScalarizedPath",
+    "ShardedGramianPath",
+    "ShardedJacobianPath",
+    "ShardedScalarizedPath",
     "Update",
     "check_combinable",
     "combine",

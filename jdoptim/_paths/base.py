@@ -29,6 +29,8 @@ class Losses:
         params: The parameters that may receive a gradient (the optimizer's, requiring grad).
         retain_graph: Keep the autograd graph after the backward pass.
         scale: The ``GradScaler``'s scale of the losses (``1.0`` without scaling).
+        accumulation: How these losses' pieces combine with other calls' and other ranks':
+            ``"sum"`` (the same objectives) or ``"concat"`` (objectives of their own).
     """
 
     tensor: Tensor
@@ -36,6 +38,7 @@ class Losses:
     params: list[Tensor]
     retain_graph: bool = False
     scale: float = 1.0
+    accumulation: Literal["sum", "concat"] = "sum"
 
 
 @dataclass
@@ -50,8 +53,8 @@ class Pieces:
             ``shared``: task heads, or every parameter of a scalarised loss).
         finite: Whether every value computed is finite.
         reason: What is not finite, when ``finite`` is ``False``, for the user.
-        losses: The values of the losses ``[m]`` (detached, as scaled as the losses), for
-            methods that need them, or ``None``.
+        loss_values: The values of the losses ``[m]`` (detached, as scaled as the losses),
+            for methods that need them, or ``None``.
     """
 
     shared: list[Tensor] = field(default_factory=list)
@@ -59,7 +62,7 @@ class Pieces:
     own: dict[Tensor, Tensor] = field(default_factory=dict)
     finite: bool = True
     reason: str = ""
-    losses: Tensor | None = None
+    loss_values: Tensor | None = None
 
 
 @dataclass
@@ -94,9 +97,10 @@ class Path(ABC):
     """What the path aggregates, as named in messages about non-finite values."""
     queues: ClassVar[bool] = True
     """Whether the pieces of several calls can wait for one aggregation (``aggregate=False``)."""
-    reduces: ClassVar[Literal["pieces", "update"]] = "pieces"
+    reduces: ClassVar[Literal["pieces", "update", "itself"]] = "pieces"
     """What the optimizer averages across ranks under data parallelism: the pieces (the exact
-    global Jacobian), or only the update (each rank aggregates its own losses)."""
+    global Jacobian), or only the update (each rank aggregates its own losses); or nothing,
+    for a path that reduces across ranks itself (on sharded parameters)."""
     method_in_pieces: ClassVar[bool] = False
     """Whether `pieces` already runs the method (whose state may then change before the
     aggregation)."""
@@ -172,10 +176,10 @@ def combine(queued: Sequence[Pieces], accumulation: Literal["sum", "concat"]) ->
         for p, g in pieces.own.items():
             own[p] = g if p not in own else own[p] + g
     matrix = _combined([pieces.matrix for pieces in queued], accumulation)
-    losses = _combined([pieces.losses for pieces in queued], accumulation)
+    loss_values = _combined([pieces.loss_values for pieces in queued], accumulation)
     finite = all(pieces.finite for pieces in queued)
     reason = next((pieces.reason for pieces in queued if not pieces.finite), "")
-    return Pieces(first.shared, matrix, own, finite, reason, losses)
+    return Pieces(first.shared, matrix, own, finite, reason, loss_values)
 
 
 def _combined(

@@ -53,7 +53,7 @@ class GramianPath(Path):
             return GramianPieces(finite=False, reason=non_finite_reason(losses.vector, self.what))
         values = losses.vector.detach()
         return GramianPieces(
-            losses=values if losses.scale == 1.0 else values / losses.scale,
+            loss_values=values if losses.scale == 1.0 else values / losses.scale,
             gramian=gramian,
             params=losses.params,
         )
@@ -62,7 +62,7 @@ class GramianPath(Path):
         assert isinstance(pieces, GramianPieces) and pieces.gramian is not None
         gramian, params = pieces.gramian, pieces.params
         weighting = self.method.weighting
-        context = {"losses": pieces.losses} if weighting.needs_losses else {}
+        context = {"losses": pieces.loss_values} if weighting.needs_losses else {}
         weights = weighting(gramian, **context)
         if not all_finite([weights]):
             return Update(finite=False, reason=f"{self.method!r} returned non-finite weights")

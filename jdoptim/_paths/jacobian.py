@@ -118,8 +118,9 @@ class JacobianPath(Path):
                 lambda module, args, output: weights.append(output)
             )
         context: dict = {}
-        if self.method.needs_losses and pieces.losses is not None:
-            context["losses"] = pieces.losses if scale == 1.0 else pieces.losses / scale
+        values = pieces.loss_values
+        if self.method.needs_losses and values is not None:
+            context["losses"] = values if scale == 1.0 else values / scale
         if self.method.needs_columns:
             shared = list(pieces.shared)
             context["columns"] = (

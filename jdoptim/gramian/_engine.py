@@ -16,7 +16,7 @@ from torch.autograd.graph import GradientEdge
 from torch.utils.hooks import RemovableHandle
 
 from jdoptim.gramian._modules import Call, Handler, Layout, make_handler, module_problem
-from jdoptim.gramian._terms import Term, combine
+from jdoptim.gramian._terms import Gather, Term, combine
 
 _KEYS = itertools.count()
 _ACCUMULATE_GRAD = type(torch.zeros(1, requires_grad=True).expand(1).grad_fn.next_functions[0][0])
@@ -350,7 +350,12 @@ class GramianEngine:
         return Layout(True, self.batch_dim, B, m // B, losses.dtype)
 
     def _output_grads(
-        self, losses: Tensor, edges: list[GradientEdge], layout: Layout, keep: bool
+        self,
+        losses: Tensor,
+        edges: list[GradientEdge],
+        layout: Layout,
+        keep: bool,
+        reset: Callable[[], None] | None,
     ) -> Sequence[Tensor | None]:
         if layout.per_sample and layout.T == 1:
             return torch.autograd.grad(
@@ -380,6 +385,8 @@ class GramianEngine:
                     stacklevel=3,
                 )
                 self._batched_backward = False
+                if reset is not None:
+                    reset()
         per_row = [
             torch.autograd.grad(
                 losses, edges, row, retain_graph=keep or i + 1 < n, allow_unused=True
@@ -392,7 +399,13 @@ class GramianEngine:
         ]
 
     def gramian(
-        self, losses: Tensor, *, batched: bool | None = None, retain_graph: bool = False
+        self,
+        losses: Tensor,
+        *,
+        batched: bool | None = None,
+        retain_graph: bool = False,
+        gather: Gather | None = None,
+        reset: Callable[[], None] | None = None,
     ) -> Tensor:
         r"""Compute the Gramian $G_{kl} = \langle\nabla L_k, \nabla L_l\rangle$ of the losses
         with respect to the hooked modules' parameters.
@@ -411,9 +424,22 @@ class GramianEngine:
             retain_graph: Keep the autograd graph of the losses after `backward` (as
                 ``Tensor.backward(retain_graph=True)`` does). Otherwise its buffers are freed
                 as soon as they are no longer needed.
+            gather: For a model sharded over ranks, each with the losses of its own data:
+                concatenates every rank's tensor along the first dimension, in rank order (a
+                collective). Each layer's factors (inputs and output gradients of every
+                sample) are gathered before inner products are taken. Per-sample losses are
+                each rank's own objectives: the result is the Gramian of the losses of every
+                rank, rank ``r``'s ``m`` losses being rows ``r·m`` to ``(r+1)·m``. Other
+                losses are the same objectives on every rank, averaged over the ranks (as data
+                parallelism averages gradients): the result is the ``[m, m]`` Gramian of their
+                average. `backward` still weights this rank's losses only.
+            reset: Called when the batched backward pass fails midway, before the engine goes
+                on with one backward pass per loss: for a model whose hooks keep state across
+                a backward pass (FSDP's), which must be reset after a failed one.
 
         Returns:
-            The ``[m, m]`` Gramian, in the losses' dtype and on their device.
+            The ``[m, m]`` Gramian (``[ranks·m, ranks·m]`` with ``gather`` and per-sample
+            losses), in the losses' dtype and on their device.
 
         Raises:
             ValueError: If the losses reach no hooked module, a module's batch size differs
@@ -440,7 +466,8 @@ class GramianEngine:
             call.check_unmodified()
         layout = self._layout(losses, slots, batched)
         keep = retain_graph or bool(leaves)  # `backward` needs the graph for the leaves
-        grads = list(self._output_grads(losses, [edge for _, _, edge in slots], layout, keep))
+        edges = [edge for _, _, edge in slots]
+        grads = list(self._output_grads(losses, edges, layout, keep, reset))
         cotangents: dict[int, list[Tensor | None]] = {
             id(call): [None] * len(call.out_nrs) for call in calls
         }
@@ -454,20 +481,24 @@ class GramianEngine:
         self._recording = False
         try:
             with torch.no_grad():
-                G = torch.zeros(m, m, dtype=losses.dtype, device=losses.device)
+                size = m if gather is None else gather(losses.new_zeros(m)).numel()
+                G = torch.zeros(size, size, dtype=losses.dtype, device=losses.device)
                 for call in calls:
                     outputs = cotangents.pop(id(call))
                     if all(g is None for g in outputs):
                         continue
                     for term in call.handler.terms(call, outputs, layout):
                         if all(owners[id(p)] == 1 for p in term.params):
-                            term.add_gramian(G)
+                            (term if gather is None else term.gathered(gather)).add_gramian(G)
                             terms.append(term)
                         else:
                             shared.append(term)
                 for term in combine(shared):
-                    term.add_gramian(G)
+                    (term if gather is None else term.gathered(gather)).add_gramian(G)
                     terms.append(term)
+                if size != m and not layout.per_sample:  # the Gramian of the ranks' average
+                    ranks = size // m
+                    G = G.view(ranks, m, ranks, m).sum(dim=(0, 2)) / ranks**2
         finally:
             self._recording = True
         self._pending = _Pending(losses, terms, leaves, losses.dtype, retain_graph)
