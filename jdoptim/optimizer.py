@@ -30,6 +30,7 @@ from jdoptim._paths import (
     Losses,
     Path,
     Pieces,
+    RepresentationPath,
     ScalarizedPath,
     ShardedGramianPath,
     ShardedJacobianPath,
@@ -38,6 +39,7 @@ from jdoptim._paths import (
     check_combinable,
     combine,
 )
+from jdoptim._paths.representation import check_method as check_representation_method
 from jdoptim._state import GlobalGenerators, MethodState, check_method_state, check_optimizer_state
 from jdoptim.aggregation import Aggregator, Columns, GramianWeightedAggregator
 from jdoptim.aggregation._columns import layer_names
@@ -64,7 +66,15 @@ ACCUMULATIONS: tuple[str, ...] = ("sum", "concat")
 LossesT = Tensor | Sequence[Tensor]
 DiagnosticsHook = Callable[["JDOptimizer", StepDiagnostics], None]
 _STATE_KEY = "jdoptim"
-_CONFIG_OPTIONS = ("mode", "batch_dim", "chunk_size", "nonfinite", "accumulation", "diagnostics")
+_CONFIG_OPTIONS = (
+    "mode",
+    "batch_dim",
+    "chunk_size",
+    "nonfinite",
+    "accumulation",
+    "diagnostics",
+    "rep_grad",
+)
 
 
 class NonFiniteError(ValueError):
@@ -196,6 +206,15 @@ class JDOptimizer(Optimizer):
             descent on the global batch: conflicts between samples of different ranks are not
             seen (with `Mean` the two coincide). Without it, gramian mode refuses to run under
             data parallelism. It has no effect on a sharded model, whose gramian mode is exact.
+        rep_grad: Aggregate the Jacobian with respect to the *shared representation*, the output
+            of the ``shared_params`` module, instead of its parameters, then send the aggregated
+            representation gradient through that module once (MGDA-UB's approximation, see the
+            multi-task guide). It needs ``shared_params`` to be the module whose output every
+            task reads; the update is that of Jacobian descent with weights computed from the
+            representation's Jacobian, which the guarantees of the methods (no conflict, for
+            example) cover for the representation, not for the parameters. Build the optimizer
+            before the forward pass, which the module records. Not with data parallelism or a
+            sharded model; every backward pass is aggregated (no ``aggregate=False``).
 
     Attributes:
         last_diagnostics: The `StepDiagnostics` of the latest aggregation, or ``None``.
@@ -232,6 +251,7 @@ class JDOptimizer(Optimizer):
         batch_dim: int | None = 0,
         process_group: ProcessGroup | None = None,
         local_weighting: bool = False,
+        rep_grad: bool = False,
     ) -> None:
         if not isinstance(optimizer, Optimizer) or isinstance(optimizer, JDOptimizer):
             raise TypeError(
@@ -263,6 +283,7 @@ class JDOptimizer(Optimizer):
             )
         _check_flag(diagnostics, "diagnostics")
         _check_flag(local_weighting, "local_weighting")
+        _check_flag(rep_grad, "rep_grad")
         _check_batch_dim(batch_dim)
         self.optimizer = optimizer
         self.mode = mode
@@ -278,6 +299,7 @@ class JDOptimizer(Optimizer):
         self.batch_dim = batch_dim
         self.process_group = process_group
         self.local_weighting = local_weighting
+        self.rep_grad = rep_grad
         self._path = self._make_path(aggregator)
         for module in self.modules:
             disable_ddp_sync(module)
@@ -310,6 +332,8 @@ class JDOptimizer(Optimizer):
         ``mode`` asks for it or ``"auto"`` finds it applies) or the Jacobian's; on a model
         sharded with ``fully_shard``, their sharded versions."""
         sharding = sharding_of(self._parameters())
+        if self.rep_grad:
+            return self._representation_path(aggregator, sharding)
         if isinstance(aggregator, Scalarizer):
             if sharding is not None:
                 return ShardedScalarizedPath(aggregator, sharding, FsdpModel(self.modules))
@@ -369,6 +393,33 @@ class JDOptimizer(Optimizer):
             tuple(group_of[id(p)] for p in shared),
         )
 
+    def _representation_path(
+        self, aggregator: Aggregator | Scalarizer, sharding: Sharding | None
+    ) -> RepresentationPath:
+        """The path of ``rep_grad=True``, after checking that it applies."""
+        if isinstance(aggregator, Scalarizer):
+            raise ValueError(
+                "rep_grad=True aggregates a Jacobian, but a scalarizer has none; drop rep_grad."
+            )
+        if self._shared_module is None:
+            raise ValueError(
+                "rep_grad=True needs shared_params to be the module (the encoder) whose output "
+                "is the representation every task reads, got "
+                f"{'no shared_params' if self.shared_params is None else 'a list of parameters'}."
+            )
+        if sharding is not None or self.process_group is not None or default_process_group():
+            raise ValueError(
+                "rep_grad=True does not run under data parallelism or on a sharded model yet: "
+                "the ranks' representations are different samples; use rep_grad=False."
+            )
+        if self.mode == "gramian" and not isinstance(aggregator, GramianWeightedAggregator):
+            raise ValueError(
+                f"mode='gramian' needs a Gramian-based aggregator (such as UPGrad), but "
+                f"{aggregator!r} needs the Jacobian; use mode='jacobian'."
+            )
+        mode = "gramian" if self.mode == "gramian" else "jacobian"
+        return RepresentationPath(aggregator, self._shared_module, mode, self._chunk_size)
+
     def _gramian_path(
         self, aggregator: GramianWeightedAggregator, sharding: Sharding | None
     ) -> Path:
@@ -392,7 +443,11 @@ class JDOptimizer(Optimizer):
                 f"{kind.__name__}, got {aggregator!r}; build a new JDOptimizer to change the "
                 "kind of method."
             )
-        if getattr(aggregator, "needs_columns", False) and not isinstance(self._path, JacobianPath):
+        if isinstance(self._path, RepresentationPath):
+            check_representation_method(aggregator)  # type: ignore[arg-type]
+        elif getattr(aggregator, "needs_columns", False) and not isinstance(
+            self._path, JacobianPath
+        ):
             raise TypeError(
                 f"{aggregator!r} needs the Jacobian's columns, which this optimizer's "
                 f"{self.resolved_mode} path does not form; build a new JDOptimizer with "
@@ -419,6 +474,11 @@ class JDOptimizer(Optimizer):
 
     @shared_params.setter
     def shared_params(self, shared_params: Iterable[Tensor] | nn.Module | None) -> None:
+        if isinstance(self._path, RepresentationPath):
+            raise AttributeError(
+                "With rep_grad=True the shared module records the representation; build a new "
+                "JDOptimizer to share another one."
+            )
         self._shared_params = self._check_shared(shared_params)
         self._shared_module = shared_params if isinstance(shared_params, nn.Module) else None
         self._layers = None
@@ -578,11 +638,21 @@ class JDOptimizer(Optimizer):
         """`backward` as one transaction; returns why the step is skipped, if it is."""
         path = self._path
         if not aggregate and not path.queues:
+            if isinstance(path, RepresentationPath):
+                raise ValueError(
+                    "rep_grad=True aggregates every backward pass (the representation's graph "
+                    "is needed until then); accumulate micro-batches with rep_grad=False."
+                )
             raise ValueError(
                 f"{path.mode.capitalize()} mode aggregates every backward pass; accumulate "
                 "micro-batches with mode='jacobian'."
             )
         group = self._group()
+        if group is not None and isinstance(path, RepresentationPath):
+            raise ValueError(
+                "rep_grad=True does not run under data parallelism yet: the ranks' "
+                "representations are different samples; use rep_grad=False."
+            )
         if group is not None and path.reduces == "update" and not self.local_weighting:
             raise ValueError(
                 "Gramian mode cannot build the global Gramian across ranks: use mode='jacobian' "

@@ -9,6 +9,8 @@ non-finite policy and writes the update. The paths:
   multi-task learning, the others getting their ordinary gradient), then the aggregator;
 - `GramianPath`: the Gramian from the model's layers, the weighting, the weighted gradient;
 - `ScalarizedPath`: one ordinary backward pass of a scalarised loss;
+- `RepresentationPath` (``rep_grad=True``): the Jacobian with respect to the shared
+  representation, aggregated, then sent through the encoder once;
 - `ShardedJacobianPath`, `ShardedGramianPath` and `ShardedScalarizedPath`: the same for a model
   sharded with ``fully_shard``, each rank updating its shards of the parameters.
 
@@ -25,6 +27,7 @@ The package is private: its interface may change between releases.
 from jdoptim._paths.base import Losses, Path, Pieces, Update, check_combinable, combine
 from jdoptim._paths.gramian import GramianPath
 from jdoptim._paths.jacobian import JacobianPath
+from jdoptim._paths.representation import RepresentationPath
 from jdoptim._paths.scalarized import ScalarizedPath
 from jdoptim._paths.sharded import (
     FsdpModel,
@@ -40,6 +43,7 @@ __all__ = [
     "Losses",
     "Path",
     "Pieces",
+    "RepresentationPath",
     "ScalarizedPath",
     "ShardedGramianPath",
     "ShardedJacobianPath",

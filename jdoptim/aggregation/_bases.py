@@ -229,6 +229,9 @@ class Weighting(Configurable):
     needs_losses: ClassVar[bool] = False
     """``True`` when the weights depend on the values of the losses too, passed as
     ``weighting(matrix, losses=losses)`` (`jdoptim.JDOptimizer` passes them)."""
+    column_state: ClassVar[bool] = False
+    """``True`` when the weighting keeps state per column of ``J`` (see
+    `Aggregator.column_state`)."""
 
     def forward(self, matrix: Tensor, losses: Tensor | None = None) -> Tensor:
         """Compute the weights.
@@ -313,6 +316,10 @@ class Aggregator(Configurable):
     needs_columns: ClassVar[bool] = False
     """``True`` when the method treats blocks of ``J``'s columns (layers, parameters)
     separately, so it needs their layout; such a method cannot run from a Gramian."""
+    column_state: ClassVar[bool] = False
+    """``True`` when the method keeps state per column of ``J`` (moving averages of the
+    gradients): such state means nothing where the columns change meaning between calls, as
+    those of the representation with ``rep_grad=True`` do."""
     loss_dependent_head_weights: ClassVar[bool] = False
     """``True`` when `head_weights` depends on the values of the losses, so that the heads'
     gradients of micro-batches summed with ``accumulation="sum"`` would not be those of the
@@ -466,6 +473,11 @@ class WeightedAggregator(Aggregator):
     def needs_losses(self) -> bool:  # type: ignore[override]
         """Whether the weighting needs the values of the losses."""
         return self.weighting.needs_losses
+
+    @property  # type: ignore[override]
+    def column_state(self) -> bool:  # type: ignore[override]
+        """Whether the weighting keeps state per column of ``J``."""
+        return self.weighting.column_state
 
     def head_weights(self, losses: Tensor) -> Tensor | None:
         return self.weighting.head_weights(losses)

@@ -120,6 +120,11 @@ class CRMOGMWeighting(Weighting):
         """Whether the wrapped weighting needs the values of the losses."""
         return self.weighting.needs_losses
 
+    @property  # type: ignore[override]
+    def column_state(self) -> bool:  # type: ignore[override]
+        """Whether the wrapped weighting keeps state per column of ``J``."""
+        return self.weighting.column_state
+
     def head_weights(self, losses: Tensor) -> Tensor | None:
         return self.weighting.head_weights(losses)
 

@@ -80,6 +80,7 @@ class DBMTL(Aggregator):
     """
 
     needs_losses = True
+    column_state = True
     loss_dependent_head_weights = True
     beta = Argument(check_fraction)
     beta_sigma = Argument(check_non_negative)

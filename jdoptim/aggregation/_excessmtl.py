@@ -33,6 +33,7 @@ class ExcessMTLWeighting(Weighting):
     """
 
     needs_jacobian = True
+    column_state = True
     robust_step_size = Argument(check_positive)
     n_warmup_steps = Argument(check_non_negative_int)
 

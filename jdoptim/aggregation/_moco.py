@@ -85,6 +85,7 @@ class MoCo(Aggregator):
         tensor([0.5750, 0.4250], dtype=torch.float64)
     """
 
+    column_state = True
     beta = Argument(check_fraction)
     beta_sigma = Argument(check_non_negative)
     gamma = Argument(check_non_negative)
