@@ -604,6 +604,9 @@ CHECKPOINTED = {
     "famo": jdoptim.scalarization.FAMO,
     "dwa": jdoptim.scalarization.DWA,
     "uw": lambda: jdoptim.scalarization.UW(m=M),
+    "gradnorm": lambda: jdoptim.GradNorm(lr=0.1, n_warmup_steps=1),
+    "moco": jdoptim.MoCo,
+    "imtl": jdoptim.IMTL,
 }
 
 
