@@ -139,3 +139,19 @@ def test_a_method_that_needs_the_columns_is_refused_in_gramian_mode_even_by_assi
             modules=model,
         )
     optimizer.aggregator = GradNorm(lr=0.1)  # norms over every parameter: from the Gramian
+
+
+@pytest.mark.parametrize("make", list(METHODS.values()), ids=list(METHODS))
+def test_a_non_finite_loss_is_skipped_under_the_skip_policy(make):
+    model = _Net()
+    optimizer = JDOptimizer(
+        SGD(model.parameters(), lr=0.05), make(), shared_params=model.trunk, nonfinite="skip"
+    )
+    optimizer.step(_losses(model, *_data(0)))
+    state = repr(optimizer.aggregator.state_dict())
+    params = [p.detach().clone() for p in model.parameters()]
+    losses = _losses(model, *_data(1)) * torch.tensor([1.0, float("nan"), 1.0])
+    with pytest.warns(UserWarning, match="Skipping the step: losses at indices \\[1\\]"):
+        optimizer.step(losses)
+    assert repr(optimizer.aggregator.state_dict()) == state
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters(), strict=True))

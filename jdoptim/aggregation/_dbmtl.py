@@ -105,7 +105,9 @@ class DBMTL(Aggregator):
         return self._average
 
     def head_weights(self, losses: Tensor) -> Tensor | None:
-        return 1.0 / self._shifted(losses)
+        # Unchecked: non-finite losses give non-finite heads' gradients, which the optimizer's
+        # non-finite policy handles; a negative loss is refused by the aggregation.
+        return 1.0 / (losses + self.eps)
 
     def report(self) -> dict[str, Tensor]:
         return {} if self._scales is None else {"scales": self._scales}

@@ -163,10 +163,11 @@ class GradVac(GramianWeightedAggregator):
     ``eps = 0``, a target of exactly 1 cannot be reached by a finite step and no correction is
     applied.
 
-    **Granularity.** The paper also applies the method per layer of a Transformer (its
-    Section 4): with ``granularity="layer"``, each layer's block of columns $J_k$ gets its own
-    corrections and targets $\hat\phi^{(k)}$, computed from its own cosines, and the update on
-    those columns is $\sum_i g_{i,k}^{\mathrm{PC}}$; ``"parameter"`` does the same per
+    **Granularity.** The paper also applies the method to parts of the parameters separately
+    (the whole model, each layer, each parameter matrix): with ``granularity="layer"``, the
+    block of columns $J_k$ of each layer gets its own corrections and targets
+    $\hat\phi^{(k)}$, computed from its own cosines, and the update on those columns is
+    $\sum_i g_{i,k}^{\mathrm{PC}}$; ``"parameter"`` does the same per
     parameter tensor and ``"group"`` per parameter group of the optimizer (LibMTL's
     ``GradVac_group_type`` 1 is ``"layer"``, 2 is ``"parameter"``). As in LibMTL, one random
     order of the other tasks per task serves every block. A layer is the module that registers

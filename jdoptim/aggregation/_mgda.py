@@ -9,6 +9,7 @@ from jdoptim.aggregation._bases import (
     Argument,
     GramianWeightedAggregator,
     Weighting,
+    all_finite,
     check_non_negative,
     check_positive_int,
     one_of,
@@ -132,7 +133,10 @@ class MGDA(GramianWeightedAggregator):
     losses, which can conflict). A zero row stays zero (and makes the update zero, as without
     normalisation). ``"loss"`` and ``"loss+"`` need the values of the losses
     (`jdoptim.JDOptimizer` passes them; a direct call is ``MGDA(...)(J, losses=losses)``),
-    which must be positive.
+    which must be positive. The normalisers add the spread of the losses to that of the rows'
+    norms: where the normalised rows' norms span more than about $10^{20}$, the min-norm point
+    is found only to the solver's precision, and where the losses are extreme the update
+    itself can fall outside the range of the Jacobian's dtype (it is divided by them).
 
     Args:
         solver: ``"active_set"`` (exact) or ``"frank_wolfe"`` (TorchJD's iteration).
@@ -160,3 +164,26 @@ class MGDA(GramianWeightedAggregator):
         normalization: Normalization = "none",
     ) -> None:
         super().__init__(MGDAWeighting(solver, epsilon, max_iters, normalization))
+
+    weighting: MGDAWeighting
+
+    def _aggregate(self, matrix: Tensor, losses: Tensor | None = None) -> Tensor:
+        context = {"losses": losses} if self.weighting.needs_losses else {}
+        gramian = self._weighting_input(matrix)
+        weights = self.weighting(gramian, **context)
+        if self.weighting.normalization == "none" or not _imprecise(weights, matrix.dtype):
+            return weights @ matrix
+        # The weights v_i / ν_i of normalised rows can fall outside the range of the input's
+        # dtype (ν_i = L_i ‖g_i‖ spans its square): the update is then formed in float64.
+        if not (bool(all_finite(gramian)) and (losses is None or bool(all_finite(losses)))):
+            return weights @ matrix
+        precise = self.weighting._weights(gramian, losses)
+        return (precise @ matrix.to(torch.float64)).to(matrix.dtype)
+
+
+def _imprecise(weights: Tensor, dtype: torch.dtype) -> bool:
+    """Whether some weights lost their precision in ``dtype``: subnormal, or overflowed."""
+    if dtype == torch.float64:
+        return False
+    subnormal = (weights != 0) & (weights.abs() < torch.finfo(dtype).tiny)
+    return bool((subnormal | ~torch.isfinite(weights)).any())

@@ -8,11 +8,13 @@ import pytest
 import quadprog
 import torch
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import Tensor
 
 from jdoptim import MGDA
 from jdoptim.aggregation import MGDAWeighting
 from jdoptim.linalg import min_norm_weights
+from tests.properties import CONFLICT_TOL, faithful_gramian
 from tests.strategies import degenerate_jacobians
 
 
@@ -199,3 +201,27 @@ def test_loss_normalisation_needs_positive_losses():
     with pytest.raises(ValueError, match="losses must be positive"):
         MGDA(normalization="loss+")(J, losses=torch.tensor([1.0, -1.0]))
     torch.testing.assert_close(MGDA(normalization="l2")(J), MGDA()(J))  # needs no losses
+
+
+@pytest.mark.parametrize("normalization", ["l2", "loss", "loss+"])
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_normalised_updates_never_conflict_on_degenerate_input(normalization: str, data):
+    J = data.draw(degenerate_jacobians(dtypes=(torch.float64, torch.float32)))
+    # Losses from 1e-6 to 1e6: wider, the normalised rows' norms can span more than the
+    # min-norm solver separates (see MGDA's docstring).
+    exponents = data.draw(st.lists(st.floats(-6.0, 6.0), min_size=J.shape[0], max_size=J.shape[0]))
+    losses = (10.0 ** torch.tensor(exponents, dtype=torch.float64)).to(J.dtype)
+    aggregator = MGDA(normalization=normalization)
+    update = aggregator(J, losses=losses)
+    if not faithful_gramian(aggregator, J):
+        return  # the Gramian formed in J's dtype overflowed or underflowed: it is not J's
+    assert torch.isfinite(update).all()
+    # Relative to S = Σ_j |w_j| |g_j| (the size of the terms of the update), as in
+    # tests/properties.py: rounding the update costs about eps times that.
+    weights = MGDAWeighting(normalization=normalization)(J @ J.T, losses=losses).double()
+    J64, d = J.double(), update.double()
+    norms = J64.norm(dim=1)
+    scale = (weights.abs() * norms).sum()
+    worst = ((J64 @ d) / (norms * scale).clamp(min=torch.finfo(torch.float64).tiny)).min()
+    assert worst >= -CONFLICT_TOL * J.shape[0] * torch.finfo(J.dtype).eps
