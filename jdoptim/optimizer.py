@@ -25,11 +25,13 @@ from jdoptim._paths import (
     GramianPath,
     JacobianPath,
     Losses,
+    MultiTaskGramianPath,
     Path,
     Pieces,
     ScalarizedPath,
     Update,
     combine,
+    shared_modules,
 )
 from jdoptim.aggregation import Aggregator, GramianWeightedAggregator
 from jdoptim.diagnostics import StepDiagnostics
@@ -75,15 +77,20 @@ class JDOptimizer(Optimizer):
             vector-Jacobian product over all losses, then the aggregator. ``"gramian"``: the
             ``m × m`` Gramian from one backward pass through ``modules`` without the Jacobian
             (see `jdoptim.gramian.GramianEngine`), the aggregator's weighting, then the weighted
-            gradient; it needs a Gramian-based aggregator (such as `UPGrad`) and ``modules``,
-            and is much cheaper for one loss per sample. ``"auto"``: ``"gramian"`` when the
-            aggregator is Gramian-based, ``modules`` are given, every layer in them has a closed
-            form, ``shared_params`` is not used, and there is no data parallelism (or
-            ``local_weighting=True``); else ``"jacobian"``. The mode chosen is `resolved_mode`.
+            gradient; it needs a Gramian-based aggregator (such as `UPGrad`) and the model
+            (``modules``, or ``shared_params`` given as a module), and is much cheaper for one
+            loss per sample or for many tasks. ``"auto"``: ``"gramian"`` when the aggregator is
+            Gramian-based, the model is given, every layer holding aggregated parameters has a
+            closed form (with ``shared_params``: the modules hold every shared parameter), and
+            there is no data parallelism (or ``local_weighting=True``); else ``"jacobian"``. The
+            mode chosen is `resolved_mode`.
         shared_params: For multi-task learning: the parameters (or a module holding them)
             whose Jacobian is aggregated. Every other parameter receives the ordinary gradient
             of the sum of the losses that reach it (a task head gets its own task's gradient).
-            ``None`` aggregates over all parameters.
+            The part of the graph outside the shared parameters (the heads) is differentiated
+            once; only the shared part is batched over the losses. In gramian mode the Gramian
+            is that of the shared parameters in ``modules`` (by default, the shared module), and
+            they receive the weighted gradient. ``None`` aggregates over all parameters.
         chunk_size: Losses per batched backward pass (bounds memory); ``None`` for all at
             once, ``1`` for one backward pass per loss (no vmap).
         nonfinite: What to do with non-finite losses, Jacobian or update: ``"raise"`` a
@@ -185,6 +192,7 @@ class JDOptimizer(Optimizer):
         self.optimizer = optimizer
         self.mode = mode
         self.shared_params = self._check_shared(shared_params)
+        self._shared_module = [shared_params] if isinstance(shared_params, nn.Module) else []
         self.chunk_size = chunk_size
         self.nonfinite = nonfinite
         self.scaler = scaler
@@ -229,27 +237,46 @@ class JDOptimizer(Optimizer):
                     f"mode='gramian' needs a Gramian-based aggregator (such as UPGrad), but "
                     f"{aggregator!r} needs the Jacobian; use mode='jacobian'."
                 )
-            if not self.modules:
+            if not (self.modules or self._shared_module):
                 raise ValueError("mode='gramian' needs the model: pass modules=model.")
-            if self.shared_params is not None:
-                raise ValueError(
-                    "mode='gramian' updates every parameter with the weighted gradient, so it "
-                    "cannot give task heads their own gradients: drop shared_params, or use "
-                    "mode='jacobian'."
-                )
-            return GramianPath(aggregator, GramianEngine(self.modules, batch_dim=self.batch_dim))
+            return self._gramian_path(aggregator, self._gramian_modules()[0])
         if (
             self.mode == "auto"
             and gramian_based
-            and self.modules
-            and self.shared_params is None
+            and (self.modules or self._shared_module)
             and (
                 self.local_weighting or (default_process_group() is None and not self.process_group)
             )
-            and is_supported(self.modules, batch_dim=self.batch_dim)
         ):
-            return GramianPath(aggregator, GramianEngine(self.modules, batch_dim=self.batch_dim))
+            try:
+                modules, complete = self._gramian_modules()
+            except ValueError:  # modules that gramian mode cannot hook
+                modules, complete = [], False
+            if complete and modules and is_supported(modules, batch_dim=self.batch_dim):
+                return self._gramian_path(aggregator, modules)
         return JacobianPath(aggregator, self.shared_params, self.chunk_size)
+
+    def _gramian_modules(self) -> tuple[list[nn.Module], bool]:
+        """The modules gramian mode hooks and whether they hold every aggregated parameter:
+        with ``shared_params``, the largest submodules of ``modules`` (or of the shared module)
+        whose parameters are all shared."""
+        if self.shared_params is None:
+            return self.modules, True
+        modules, complete = shared_modules(self.modules or self._shared_module, self.shared_params)
+        if not modules:
+            raise ValueError(
+                "mode='gramian' builds the Gramian of the shared parameters, but no module among "
+                "modules holds only shared parameters; pass modules= the shared modules."
+            )
+        return modules, complete
+
+    def _gramian_path(
+        self, aggregator: GramianWeightedAggregator, modules: list[nn.Module]
+    ) -> Path:
+        engine = GramianEngine(modules, batch_dim=self.batch_dim)
+        if self.shared_params is None:
+            return GramianPath(aggregator, engine)
+        return MultiTaskGramianPath(aggregator, engine, self.shared_params)
 
     @property
     def aggregator(self) -> Aggregator | Scalarizer:
@@ -262,6 +289,7 @@ class JDOptimizer(Optimizer):
         kind = {
             JacobianPath: Aggregator,
             GramianPath: GramianWeightedAggregator,
+            MultiTaskGramianPath: GramianWeightedAggregator,
             ScalarizedPath: Scalarizer,
         }[type(self._path)]
         if not isinstance(aggregator, kind):

@@ -2,15 +2,19 @@
 
 One batched backward pass (``jdoptim.functional.jacobian``) gives the Jacobian of the losses with
 respect to the parameters. With ``shared_params`` (multi-task learning), only the shared
-parameters' columns are aggregated; every other parameter gets the sum of its rows, the ordinary
-gradient of the sum of the losses (a task head gets its own task's gradient).
+parameters' Jacobian is computed and aggregated: the graph is cut where it enters the shared part
+(``jdoptim._split``), each task's own part (its head) is differentiated once by an ordinary
+backward pass of the sum of the losses, which gives every other parameter its ordinary gradient
+(a task head, its own task's gradient), and only the shared part is batched over the losses.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
+import torch
 from torch import Tensor
 
 from jdoptim._paths.base import (
@@ -22,6 +26,7 @@ from jdoptim._paths.base import (
     non_finite_reason,
     not_connected,
 )
+from jdoptim._split import split, through_shared
 from jdoptim.aggregation import Aggregator, WeightedAggregator
 from jdoptim.diagnostics import diagnose
 from jdoptim.functional import jacobian, split_update, stack_jacobians
@@ -33,6 +38,7 @@ class JacobianPath(Path):
     Args:
         method: The aggregator, mapping the Jacobian ``[m, n]`` to an update ``[n]``.
         shared_params: The parameters whose Jacobian is aggregated; ``None`` for all of them.
+            The others receive the ordinary gradient of the sum of the losses that reach them.
         chunk_size: Losses per batched backward pass; ``None`` for all at once, ``1`` for one
             backward pass per loss.
     """
@@ -52,44 +58,69 @@ class JacobianPath(Path):
         self.batched: bool | None = None if chunk_size != 1 else False
 
     def pieces(self, losses: Losses) -> Pieces:
-        params = losses.params
-        jacobians = self._jacobians(losses.vector, params, losses.retain_graph)
-        reached = [(p, jac) for p, jac in zip(params, jacobians, strict=True) if jac is not None]
-        if not reached:
-            raise not_connected(params)
         if self.shared_params is None:
-            shared, own = reached, {}
+            reached, own = self._all(losses), {}
         else:
-            shared_ids = {id(p) for p in self.shared_params}
-            shared = [(p, j) for p, j in reached if id(p) in shared_ids]
-            own = {p: j.sum(dim=0) for p, j in reached if id(p) not in shared_ids}
-        matrix = stack_jacobians([j for _, j in shared]) if shared else None
+            reached, own = self._split(losses)
+        if not reached and not own:
+            raise not_connected(losses.params)
+        matrix = stack_jacobians([j for _, j in reached]) if reached else None
         finite = all_finite([losses.vector, *own.values(), *([] if matrix is None else [matrix])])
         reason = "" if finite else non_finite_reason(losses.vector, self.what)
-        return Pieces([p for p, _ in shared], matrix, own, finite, reason)
+        return Pieces([p for p, _ in reached], matrix, own, finite, reason)
 
-    def _jacobians(self, vector: Tensor, params: list[Tensor], retain_graph: bool) -> list:
+    def _all(self, losses: Losses) -> list[tuple[Tensor, Tensor]]:
+        """The Jacobian of every parameter, from one batched backward pass."""
+        params = losses.params
+
+        def compute(batched: bool, retain_graph: bool) -> list:
+            return jacobian(
+                losses.vector,
+                params,
+                chunk_size=self.chunk_size,
+                retain_graph=retain_graph,
+                batched=batched,
+            )
+
+        jacobians = self._batched_or_not(compute, losses.retain_graph)
+        return [(p, j) for p, j in zip(params, jacobians, strict=True) if j is not None]
+
+    def _split(self, losses: Losses) -> tuple[list[tuple[Tensor, Tensor]], dict[Tensor, Tensor]]:
+        """The Jacobian of the shared parameters and the others' ordinary gradients: each
+        task's own part is differentiated once, only the shared part is batched over the losses
+        (see `jdoptim._split`)."""
+        shared_ids = {id(p) for p in self.shared_params}  # type: ignore[union-attr]
+        shared = [p for p in losses.params if id(p) in shared_ids]
+        others = [p for p in losses.params if id(p) not in shared_ids]
+        vector = losses.vector
+        rows = torch.eye(vector.shape[0], dtype=vector.dtype, device=vector.device)
+
+        def compute(batched: bool, retain_graph: bool) -> tuple[list, dict[Tensor, Tensor]]:
+            options = {"batched": batched, "chunk_size": self.chunk_size}
+            cut = split(vector, rows, shared, others, retain_graph=retain_graph, **options)
+            return through_shared(cut, shared, retain_graph=retain_graph, **options), cut.own
+
+        jacobians, own = self._batched_or_not(compute, losses.retain_graph)
+        return [(p, j) for p, j in zip(shared, jacobians, strict=True) if j is not None], own
+
+    def _batched_or_not(self, compute: Callable[[bool, bool], Any], retain_graph: bool) -> Any:
+        """Run ``compute(batched, retain_graph)``, batched unless vmap is known to fail on this
+        graph; the first batched run keeps the graph, to be replayed one loss at a time if it
+        fails."""
         if self.batched is None:
             try:
-                # The graph is kept in case vmap fails midway and the losses must be replayed.
-                jacobians = jacobian(vector, params, chunk_size=self.chunk_size, retain_graph=True)
+                result = compute(True, True)
             except RuntimeError as error:
                 warnings.warn(
                     f"The batched backward pass failed ({error}); computing one backward pass "
                     "per loss from now on. Pass chunk_size=1 to choose this explicitly.",
-                    stacklevel=4,
+                    stacklevel=5,
                 )
                 self.batched = False
             else:
                 self.batched = True
-                return jacobians
-        return jacobian(
-            vector,
-            params,
-            chunk_size=self.chunk_size,
-            retain_graph=retain_graph,
-            batched=self.batched,
-        )
+                return result
+        return compute(self.batched, retain_graph)
 
     def aggregate(self, pieces: Pieces, *, scale: float, diagnostics: bool) -> Update:
         if pieces.matrix is None:

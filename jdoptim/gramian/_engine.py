@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 from torch.utils.hooks import RemovableHandle
 
+from jdoptim._split import split, through_shared
 from jdoptim.gramian._modules import Call, Handler, Layout, make_handler, module_problem
 from jdoptim.gramian._terms import Term, combine
 
@@ -420,6 +421,43 @@ class GramianEngine:
                 from the losses', an input of a hooked module was modified in place, or a
                 hooked parameter is also used outside its module.
         """
+        return self.task_gramian(losses, batched=batched, retain_graph=retain_graph)[0]
+
+    def task_gramian(
+        self,
+        losses: Tensor,
+        *,
+        shared: Sequence[Tensor] | None = None,
+        others: Sequence[Tensor] = (),
+        batched: bool | None = None,
+        retain_graph: bool = False,
+    ) -> tuple[Tensor, dict[Tensor, Tensor]]:
+        r"""The Gramian of the losses with respect to the hooked parameters in ``shared``, and
+        the ordinary gradients of the ``others`` (multi-task learning).
+
+        With ``shared``, the graph of the losses is cut where it enters the part that leads only
+        to shared parameters (the trunk's output, for a model with task heads): each task's own
+        part (its head) is differentiated once, by one ordinary backward pass of the sum of the
+        losses, which gives every parameter in ``others`` its gradient; only the shared part is
+        batched over the tasks. `backward` then writes $\sum_k w_k \nabla L_k$ into the shared
+        parameters (pass them as its ``params``). Without ``shared``, this is `gramian`.
+
+        Args:
+            losses: As in `gramian`.
+            shared: The parameters shared by the losses (the trunk's); the hooked modules
+                should hold no other trainable parameter.
+            others: The parameters outside ``shared`` that receive the ordinary gradient of the
+                sum of the losses that reach them (the task heads').
+            batched: As in `gramian`.
+            retain_graph: As in `gramian`.
+
+        Returns:
+            The ``[m, m]`` Gramian and, for each parameter of ``others`` that the losses reach,
+            its gradient.
+
+        Raises:
+            ValueError: As `gramian`.
+        """
         if not isinstance(losses, Tensor):
             raise TypeError(f"losses must be a tensor, got {type(losses).__name__}.")
         if losses.ndim == 0 or losses.numel() == 0:
@@ -439,8 +477,16 @@ class GramianEngine:
         for call in calls:
             call.check_unmodified()
         layout = self._layout(losses, slots, batched)
-        keep = retain_graph or bool(leaves)  # `backward` needs the graph for the leaves
-        grads = list(self._output_grads(losses, [edge for _, _, edge in slots], layout, keep))
+        edges = [edge for _, _, edge in slots]
+        own: dict[Tensor, Tensor] = {}
+        if shared is None:
+            keep = retain_graph or bool(leaves)  # `backward` needs the graph for the leaves
+            grads = list(self._output_grads(losses, edges, layout, keep))
+        else:
+            shared_ids = {id(p) for p in shared}
+            leaves = [leaf for leaf in leaves if id(leaf) in shared_ids]
+            keep = retain_graph or bool(leaves)
+            grads, own = self._task_output_grads(losses, edges, layout, keep, shared, others)
         cotangents: dict[int, list[Tensor | None]] = {
             id(call): [None] * len(call.out_nrs) for call in calls
         }
@@ -450,7 +496,7 @@ class GramianEngine:
         owners = Counter(id(p) for call in calls for p in call.params if p is not None)
         m = losses.numel()
         terms: list[Term] = []
-        shared: list[Term] = []
+        shared_terms: list[Term] = []
         self._recording = False
         try:
             with torch.no_grad():
@@ -464,14 +510,65 @@ class GramianEngine:
                             term.add_gramian(G)
                             terms.append(term)
                         else:
-                            shared.append(term)
-                for term in combine(shared):
+                            shared_terms.append(term)
+                for term in combine(shared_terms):
                     term.add_gramian(G)
                     terms.append(term)
         finally:
             self._recording = True
         self._pending = _Pending(losses, terms, leaves, losses.dtype, retain_graph)
-        return G
+        return G, own
+
+    def _rows(self, losses: Tensor, layout: Layout) -> Tensor:
+        """The cotangents of the losses, one row per objective (or per task, per sample)."""
+        if layout.per_sample and layout.T == 1:
+            return torch.ones_like(losses).unsqueeze(0)
+        n = layout.T if layout.per_sample else layout.S * layout.T
+        eye = torch.eye(n, dtype=losses.dtype, device=losses.device)
+        if layout.per_sample:
+            return eye.view(n, 1, *losses.shape[1:]).expand(n, *losses.shape)
+        return eye.view(n, *losses.shape)
+
+    def _task_output_grads(
+        self,
+        losses: Tensor,
+        edges: list[GradientEdge],
+        layout: Layout,
+        keep: bool,
+        shared: Sequence[Tensor],
+        others: Sequence[Tensor],
+    ) -> tuple[list[Tensor | None], dict[Tensor, Tensor]]:
+        """The gradients at the hooked calls' outputs, with the graph cut at the shared part
+        (see `jdoptim._split`), and the others' ordinary gradients."""
+        rows = self._rows(losses, layout)
+        batched = self._batched_backward
+        # A batched pass keeps the graph in case it fails midway and is replayed.
+        retain = keep or batched
+        try:
+            cut = split(
+                losses, rows, shared, others, capture=edges, retain_graph=retain, batched=batched
+            )
+            inside = [edge for edge in edges if cut.is_shared(edge)]
+            found = through_shared(cut, inside, retain_graph=retain, batched=batched)
+        except RuntimeError as error:
+            if not batched:
+                raise
+            warnings.warn(
+                f"The batched backward pass failed ({error}); the engine computes one "
+                "backward pass per task from now on.",
+                stacklevel=4,
+            )
+            self._batched_backward = False
+            return self._task_output_grads(losses, edges, layout, keep, shared, others)
+        by_edge = dict(zip(((e.node, e.output_nr) for e in inside), found, strict=True))
+        grads: list[Tensor | None] = []
+        for edge in edges:
+            key = (edge.node, edge.output_nr)
+            grad = by_edge[key] if cut.is_shared(edge) else cut.captured.get(key)
+            if grad is not None and layout.per_sample and layout.T == 1:
+                grad = grad[0]
+            grads.append(grad)
+        return grads, cut.own
 
     def backward(
         self,

@@ -1,0 +1,356 @@
+"""Multi-task losses cut at the shared representation: each task's own part is differentiated
+once, only the shared part is batched over the tasks.
+
+With ``m`` losses, a batched backward pass (one vector-Jacobian product per loss, vectorised)
+runs every node of the graph ``m`` times. For a multi-task model whose heads all read the same
+features, that is ``m × m`` head passes, almost all of them on zero gradients. `split` instead
+finds where the graph enters the shared part and runs, in this order:
+
+1. one batched pass from the losses to the *consumers* of the shared part (the nodes that read
+   it, such as each head's first layer), which costs ``m`` times what lies above the consumers
+   (usually the loss functions alone);
+2. each consumer's own backward function, called once, on the rows (losses) whose gradient
+   reaches it; for a head, one row;
+3. one ordinary backward pass of the sum of the losses to the parameters outside the shared
+   part (the heads), which receive that ordinary gradient.
+
+The gradients at the *boundary* (the outputs of the shared part) then feed `through_shared`:
+one batched pass through the shared part alone.
+
+A node belongs to the shared part when it leads to a shared parameter and to no other parameter
+that needs a gradient; every path from the losses to a shared parameter enters the shared part
+through exactly one edge of the boundary, so the gradients there, summed over the consumers,
+determine every gradient below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.autograd.graph import GradientEdge
+
+Target = Tensor | GradientEdge
+"""What a batched backward pass differentiates with respect to: a tensor, or an edge of the
+graph (the gradient flowing into one output of a node)."""
+
+_ACCUMULATE_GRAD = type(torch.zeros(1, requires_grad=True).expand(1).grad_fn.next_functions[0][0])
+
+
+def vjp_rows(
+    outputs: Sequence[Target],
+    inputs: Sequence[Target],
+    rows: Sequence[Tensor],
+    *,
+    retain_graph: bool,
+    batched: bool = True,
+    chunk_size: int | None = None,
+) -> list[Tensor | None]:
+    """Vector-Jacobian products for several rows of cotangents at once.
+
+    Args:
+        outputs: What is differentiated (tensors or graph edges).
+        inputs: What it is differentiated with respect to.
+        rows: For each output, its cotangents ``[r, *shape]``, one per row.
+        retain_graph: Keep the graph after the last pass.
+        batched: Vectorise the rows (``is_grads_batched``); otherwise one pass per row.
+        chunk_size: Rows per batched pass; ``None`` for all at once.
+
+    Returns:
+        For each input, its gradients ``[r, *shape]``, or ``None`` if no output reaches it.
+    """
+    r = rows[0].shape[0]
+    step = 1 if not batched else r if chunk_size is None else chunk_size
+    chunks: list[Sequence[Tensor | None]] = []
+    for start in range(0, r, step):
+        keep = retain_graph or start + step < r
+        if step == 1:
+            grads = torch.autograd.grad(
+                list(outputs),
+                list(inputs),
+                [row[start] for row in rows],
+                retain_graph=keep,
+                allow_unused=True,
+            )
+            grads = tuple(None if g is None else g.unsqueeze(0) for g in grads)
+        else:
+            grads = torch.autograd.grad(
+                list(outputs),
+                list(inputs),
+                [row[start : start + step] for row in rows],
+                retain_graph=keep,
+                allow_unused=True,
+                is_grads_batched=True,
+            )
+        chunks.append(grads)
+    return [
+        None if parts[0] is None else parts[0] if len(parts) == 1 else torch.cat(parts)  # type: ignore[arg-type]
+        for parts in zip(*chunks, strict=True)
+    ]
+
+
+@dataclass
+class Split:
+    """The losses' graph cut at the boundary of the shared part.
+
+    Attributes:
+        boundary: The edges through which the graph enters the shared part.
+        cotangents: For each boundary edge, the gradients of the rows ``[r, *shape]``.
+        own: The ordinary gradient of the sum of the losses (as weighted by ``grad_outputs``)
+            for each parameter outside the shared part that the losses reach.
+        captured: Gradients ``[r, *shape]`` at requested edges that lie outside the shared part.
+        shared_nodes: The nodes of the shared part.
+    """
+
+    boundary: list[GradientEdge] = field(default_factory=list)
+    cotangents: list[Tensor] = field(default_factory=list)
+    own: dict[Tensor, Tensor] = field(default_factory=dict)
+    captured: dict[tuple[Any, int], Tensor] = field(default_factory=dict)
+    shared_nodes: set[Any] = field(default_factory=set)
+
+    def is_shared(self, edge: GradientEdge) -> bool:
+        """Whether ``edge`` lies in the shared part (below the boundary)."""
+        return edge.node in self.shared_nodes
+
+
+class _Graph:
+    """The nodes the losses reach, which of them lead to shared and to other parameters, and
+    which outputs of each node are used."""
+
+    def __init__(self, root: Any, root_nr: int, shared: set[int], others: set[int]) -> None:
+        self.children: dict[Any, list[tuple[Any, int]]] = {}
+        self.used: dict[Any, set[int]] = {root: {root_nr}}
+        self.leaves: dict[Any, Tensor] = {}
+        order: list[Any] = []
+        stack = [(root, False)]
+        while stack:
+            node, expanded = stack.pop()
+            if expanded:
+                order.append(node)
+                continue
+            if node in self.children:
+                continue
+            nexts = [(n, nr) for n, nr in node.next_functions if n is not None]
+            self.children[node] = nexts
+            stack.append((node, True))
+            for child, nr in nexts:
+                self.used.setdefault(child, set()).add(nr)
+                if child not in self.children:
+                    stack.append((child, False))
+        self.to_shared: dict[Any, bool] = {}
+        self.to_others: dict[Any, bool] = {}
+        for node in order:  # children before parents
+            if type(node) is _ACCUMULATE_GRAD:
+                var = node.variable
+                self.leaves[node] = var
+                self.to_shared[node] = id(var) in shared
+                self.to_others[node] = id(var) in others
+                continue
+            kids = self.children[node]
+            self.to_shared[node] = any(self.to_shared[child] for child, _ in kids)
+            self.to_others[node] = any(self.to_others[child] for child, _ in kids)
+
+    def shared_part(self) -> set[Any]:
+        return {n for n, s in self.to_shared.items() if s and not self.to_others[n]}
+
+
+def _outputs(node: Any) -> int:
+    return len(node._input_metadata)
+
+
+def _call(node: Any, grads: Sequence[Tensor | None]) -> tuple[Tensor | None, ...]:
+    """Run a node's backward function on the gradients of its outputs."""
+    apply = node if callable(node) else node.apply
+    result = apply(*grads)
+    return result if isinstance(result, tuple) else (result,)
+
+
+def _consumer_grads(
+    node: Any, cotangents: list[Tensor | None], picks: list[int], rows: int
+) -> list[Tensor | None]:
+    """The gradients a consumer sends along its next edges ``picks``, for ``rows`` rows of
+    cotangents ``[rows, *shape]`` (vectorised when ``rows > 1``, one row at a time if that
+    fails)."""
+    if rows == 1:
+        out = _call(node, [None if c is None else c[0] for c in cotangents])
+        return [None if out[i] is None else out[i].unsqueeze(0) for i in picks]
+    present: list[bool] = []
+
+    def selected(*grads: Tensor | None) -> tuple[Tensor, ...]:
+        out = _call(node, grads)
+        present[:] = [out[i] is not None for i in picks]
+        return tuple(out[i] for i in picks if out[i] is not None)
+
+    in_dims = tuple(None if c is None else 0 for c in cotangents)
+    try:
+        values = iter(torch.func.vmap(selected, in_dims=in_dims)(*cotangents))
+        return [next(values) if here else None for here in present]
+    except RuntimeError:
+        per_row = [
+            _consumer_grads(node, [c if c is None else c[k : k + 1] for c in cotangents], picks, 1)
+            for k in range(rows)
+        ]
+        return [
+            None if parts[0] is None else torch.cat(parts)  # type: ignore[arg-type]
+            for parts in zip(*per_row, strict=True)
+        ]
+
+
+def split(
+    losses: Tensor,
+    rows: Tensor,
+    shared: Sequence[Tensor],
+    others: Sequence[Tensor],
+    *,
+    capture: Sequence[GradientEdge] = (),
+    retain_graph: bool = True,
+    batched: bool = True,
+    chunk_size: int | None = None,
+) -> Split:
+    """Cut the graph of ``losses`` at the shared part and compute the gradients at its boundary.
+
+    Args:
+        losses: The losses (any shape), attached to the graph.
+        rows: The cotangents of the losses, ``[r, *losses.shape]``: the identity for one row per
+            loss, or one row per task for per-sample losses.
+        shared: The shared parameters.
+        others: The parameters outside the shared part that receive their ordinary gradient.
+        capture: Edges whose gradients ``[r, *shape]`` are wanted; those outside the shared
+            part are captured here (``Split.captured``), the others are left to `through_shared`.
+        retain_graph: Keep the graph of the part outside the shared one after its last pass (the
+            shared part is always kept for `through_shared`).
+        batched: Vectorise the rows; otherwise one backward pass per row.
+        chunk_size: Rows per batched pass; ``None`` for all at once.
+    """
+    root = losses.grad_fn
+    graph = _Graph(root, losses.output_nr, {id(p) for p in shared}, {id(p) for p in others})
+    part = graph.shared_part()
+    result = Split(shared_nodes=part)
+    if not graph.to_shared.get(root, False):
+        result.own = _own(losses, graph, retain_graph)
+        return result
+    if root in part:  # no other parameter: the losses are the boundary
+        result.boundary = [GradientEdge(root, losses.output_nr)]
+        result.cotangents = [rows]
+        return result
+    consumers = [
+        node
+        for node, kids in graph.children.items()
+        if node not in part and graph.to_shared[node] and any(child in part for child, _ in kids)
+    ]
+    wanted: dict[tuple[Any, int], GradientEdge] = {}
+    for node in consumers:
+        for nr in sorted(graph.used[node]):
+            wanted[(node, nr)] = GradientEdge(node, nr)
+    for edge in capture:
+        if edge.node not in part:
+            wanted[(edge.node, edge.output_nr)] = edge
+    keys = list(wanted)
+    grads = vjp_rows(
+        [losses],
+        [wanted[key] for key in keys],
+        [rows],
+        retain_graph=True,
+        batched=batched,
+        chunk_size=chunk_size,
+    )
+    at = dict(zip(keys, grads, strict=True))
+    result.captured = {key: at[key] for key in keys if at[key] is not None}
+    r = rows.shape[0]
+    inflow = _boundary_inflow(consumers, graph, part, at, r)
+    result.boundary = [GradientEdge(node, nr) for node, nr in inflow]
+    result.cotangents = list(inflow.values())
+    result.own = _own(losses, graph, retain_graph)
+    return result
+
+
+def _boundary_inflow(
+    consumers: list[Any],
+    graph: _Graph,
+    part: set[Any],
+    at: dict[tuple[Any, int], Tensor | None],
+    r: int,
+) -> dict[tuple[Any, int], Tensor]:
+    """Run each consumer's backward function on the rows that reach it and sum what it sends
+    into each boundary edge: ``[r, *shape]`` per edge."""
+    cotangents = {node: [at.get((node, nr)) for nr in range(_outputs(node))] for node in consumers}
+    flags = [
+        torch.stack([c.reshape(r, -1).ne(0).any(dim=1) for c in cots if c is not None]).any(dim=0)
+        if any(c is not None for c in cots)
+        else None
+        for cots in cotangents.values()
+    ]
+    reached = [f for f in flags if f is not None]
+    masks = torch.stack(reached).tolist() if reached else []  # one synchronisation
+    inflow: dict[tuple[Any, int], Tensor] = {}
+    mask_iter = iter(masks)
+    for node, flag in zip(consumers, flags, strict=True):
+        if flag is None:
+            continue
+        live = [k for k, on in enumerate(next(mask_iter)) if on]
+        if not live:
+            continue
+        cots = cotangents[node]
+        index = None
+        if len(live) < r:
+            index = torch.tensor(live, device=next(c for c in cots if c is not None).device)
+            cots = [None if c is None else c.index_select(0, index) for c in cots]
+        picks = [i for i, (child, _) in enumerate(node.next_functions) if child in part]
+        with torch.no_grad():
+            sent = _consumer_grads(node, cots, picks, len(live))
+        for i, grad in zip(picks, sent, strict=True):
+            if grad is None:
+                continue
+            child, nr = node.next_functions[i]
+            key = (child, nr)
+            if key not in inflow:
+                inflow[key] = grad.new_zeros((r, *grad.shape[1:]))
+            if index is None:
+                inflow[key].add_(grad)
+            else:
+                inflow[key].index_add_(0, index, grad)
+    return inflow
+
+
+def _own(losses: Tensor, graph: _Graph, retain_graph: bool) -> dict[Tensor, Tensor]:
+    """The ordinary gradient of the sum of the losses for the other parameters they reach."""
+    params = [var for node, var in graph.leaves.items() if graph.to_others[node]]
+    if not params:
+        return {}
+    grads = torch.autograd.grad(
+        losses, params, torch.ones_like(losses), retain_graph=retain_graph, allow_unused=True
+    )
+    return {p: g for p, g in zip(params, grads, strict=True) if g is not None}
+
+
+def through_shared(
+    cut: Split,
+    inputs: Sequence[Target],
+    *,
+    retain_graph: bool,
+    batched: bool = True,
+    chunk_size: int | None = None,
+) -> list[Tensor | None]:
+    """The gradients ``[r, *shape]`` of the rows at ``inputs`` inside the shared part: one
+    batched backward pass from the boundary.
+
+    Args:
+        cut: The result of `split`.
+        inputs: Tensors or edges in the shared part.
+        retain_graph: Keep the graph after the pass.
+        batched: Vectorise the rows; otherwise one backward pass per row.
+        chunk_size: Rows per batched pass; ``None`` for all at once.
+    """
+    if not cut.boundary or not inputs:
+        return [None] * len(inputs)
+    return vjp_rows(
+        cut.boundary,
+        inputs,
+        cut.cotangents,
+        retain_graph=retain_graph,
+        batched=batched,
+        chunk_size=chunk_size,
+    )
