@@ -25,7 +25,7 @@ determine every gradient below.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +38,45 @@ Target = Tensor | GradientEdge
 graph (the gradient flowing into one output of a node)."""
 
 _ACCUMULATE_GRAD = type(torch.zeros(1, requires_grad=True).expand(1).grad_fn.next_functions[0][0])
+CONVOLUTION_NODES = frozenset({"ConvolutionBackward0", "ConvolutionBackward1"})
+"""The autograd nodes of convolutions, whose vectorised backward pass torch runs one row at a
+time, with copies: through them, a loop of ordinary backward passes over the rows is faster."""
+
+
+def _chunks(
+    outputs: Sequence[Target],
+    inputs: Sequence[Target],
+    rows: Sequence[Tensor],
+    retain_graph: bool,
+    batched: bool,
+    chunk_size: int | None,
+) -> Iterator[tuple[int, int, Sequence[Tensor | None]]]:
+    """The vector-Jacobian products of ``rows`` in chunks: ``(start, stop, grads)``, with
+    ``grads[i]`` of shape ``[stop - start, *inputs[i].shape]`` or ``None``."""
+    r = rows[0].shape[0]
+    step = 1 if not batched else r if chunk_size is None else chunk_size
+    for start in range(0, r, step):
+        stop = min(start + step, r)
+        keep = retain_graph or stop < r
+        if step == 1:
+            grads = torch.autograd.grad(
+                list(outputs),
+                list(inputs),
+                [row[start] for row in rows],
+                retain_graph=keep,
+                allow_unused=True,
+            )
+            grads = tuple(None if g is None else g.unsqueeze(0) for g in grads)
+        else:
+            grads = torch.autograd.grad(
+                list(outputs),
+                list(inputs),
+                [row[start:stop] for row in rows],
+                retain_graph=keep,
+                allow_unused=True,
+                is_grads_batched=True,
+            )
+        yield start, stop, grads
 
 
 def vjp_rows(
@@ -62,34 +101,64 @@ def vjp_rows(
     Returns:
         For each input, its gradients ``[r, *shape]``, or ``None`` if no output reaches it.
     """
-    r = rows[0].shape[0]
-    step = 1 if not batched else r if chunk_size is None else chunk_size
-    chunks: list[Sequence[Tensor | None]] = []
-    for start in range(0, r, step):
-        keep = retain_graph or start + step < r
-        if step == 1:
-            grads = torch.autograd.grad(
-                list(outputs),
-                list(inputs),
-                [row[start] for row in rows],
-                retain_graph=keep,
-                allow_unused=True,
-            )
-            grads = tuple(None if g is None else g.unsqueeze(0) for g in grads)
-        else:
-            grads = torch.autograd.grad(
-                list(outputs),
-                list(inputs),
-                [row[start : start + step] for row in rows],
-                retain_graph=keep,
-                allow_unused=True,
-                is_grads_batched=True,
-            )
-        chunks.append(grads)
+    chunks = [
+        grads for _, _, grads in _chunks(outputs, inputs, rows, retain_graph, batched, chunk_size)
+    ]
     return [
         None if parts[0] is None else parts[0] if len(parts) == 1 else torch.cat(parts)  # type: ignore[arg-type]
         for parts in zip(*chunks, strict=True)
     ]
+
+
+LEAN_CHUNKS = 16
+"""`jacobian_matrix` computes the rows in this many passes by default (one row per pass below
+that many rows), so that what a pass holds besides the matrix is about a sixteenth of it. On
+CPUs this is also faster than one vectorised pass, whose weight gradients torch computes one row
+at a time and then stacks."""
+
+
+def jacobian_matrix(
+    outputs: Sequence[Target],
+    inputs: Sequence[Tensor],
+    rows: Sequence[Tensor],
+    *,
+    retain_graph: bool,
+    batched: bool = True,
+    chunk_size: int | None = None,
+) -> tuple[Tensor | None, list[bool]]:
+    """The Jacobian ``[r, n]`` of ``outputs`` (as weighted by ``rows``) with respect to the
+    ``inputs`` they reach, side by side, written chunk by chunk into one matrix.
+
+    Concatenating per-input Jacobians would hold the Jacobian twice; here a pass holds its own
+    rows only, ``chunk_size`` of them (by default an `LEAN_CHUNKS`-th of all).
+
+    Returns:
+        The matrix (``None`` if no input is reached), and whether each input is reached.
+    """
+    r = rows[0].shape[0]
+    if batched and chunk_size is None:
+        chunk_size = -(-r // LEAN_CHUNKS)
+    matrix: Tensor | None = None
+    reached: list[bool] = []
+    for start, stop, grads in _chunks(outputs, inputs, rows, retain_graph, batched, chunk_size):
+        if matrix is None:
+            reached = [g is not None for g in grads]
+            present = [g for g in grads if g is not None]
+            if not present:
+                return None, reached
+            dtype = present[0].dtype
+            for g in present[1:]:
+                dtype = torch.promote_types(dtype, g.dtype)
+            n = sum(g[0].numel() for g in present)
+            matrix = present[0].new_empty((r, n), dtype=dtype)
+        offset = 0
+        for g in grads:
+            if g is not None:
+                size = g[0].numel()
+                matrix[start:stop, offset : offset + size].copy_(g.reshape(stop - start, size))
+                offset += size
+        del grads
+    return matrix, reached
 
 
 @dataclass
@@ -102,18 +171,25 @@ class Split:
         own: The ordinary gradient of the sum of the losses (as weighted by ``grad_outputs``)
             for each parameter outside the shared part that the losses reach.
         captured: Gradients ``[r, *shape]`` at requested edges that lie outside the shared part.
-        shared_nodes: The nodes of the shared part.
+        shared_nodes: The nodes of the shared part (``None``: the whole graph).
+        convolutions: Whether the shared part holds convolutions (see `CONVOLUTION_NODES`).
     """
 
-    boundary: list[GradientEdge] = field(default_factory=list)
+    boundary: list[Target] = field(default_factory=list)
     cotangents: list[Tensor] = field(default_factory=list)
     own: dict[Tensor, Tensor] = field(default_factory=dict)
     captured: dict[tuple[Any, int], Tensor] = field(default_factory=dict)
-    shared_nodes: set[Any] = field(default_factory=set)
+    shared_nodes: set[Any] | None = field(default_factory=set)
+    convolutions: bool = False
+
+    @classmethod
+    def at(cls, losses: Tensor, rows: Tensor) -> Split:
+        """The cut of losses whose whole graph is shared: at the losses themselves."""
+        return cls(boundary=[losses], cotangents=[rows], shared_nodes=None)
 
     def is_shared(self, edge: GradientEdge) -> bool:
         """Whether ``edge`` lies in the shared part (below the boundary)."""
-        return edge.node in self.shared_nodes
+        return self.shared_nodes is None or edge.node in self.shared_nodes
 
 
 class _Graph:
@@ -122,6 +198,7 @@ class _Graph:
 
     def __init__(self, root: Any, root_nr: int, shared: set[int], others: set[int]) -> None:
         self.children: dict[Any, list[tuple[Any, int]]] = {}
+        self.parents: dict[Any, list[Any]] = {root: []}
         self.used: dict[Any, set[int]] = {root: {root_nr}}
         self.leaves: dict[Any, Tensor] = {}
         order: list[Any] = []
@@ -138,6 +215,7 @@ class _Graph:
             stack.append((node, True))
             for child, nr in nexts:
                 self.used.setdefault(child, set()).add(nr)
+                self.parents.setdefault(child, []).append(node)
                 if child not in self.children:
                     stack.append((child, False))
         self.to_shared: dict[Any, bool] = {}
@@ -169,11 +247,11 @@ def _call(node: Any, grads: Sequence[Tensor | None]) -> tuple[Tensor | None, ...
 
 
 def _consumer_grads(
-    node: Any, cotangents: list[Tensor | None], picks: list[int], rows: int
+    node: Any, cotangents: list[Tensor | None], picks: list[int], rows: int, vectorize: bool = True
 ) -> list[Tensor | None]:
-    """The gradients a consumer sends along its next edges ``picks``, for ``rows`` rows of
-    cotangents ``[rows, *shape]`` (vectorised when ``rows > 1``, one row at a time if that
-    fails)."""
+    """The gradients a node sends along its next edges ``picks``, for ``rows`` rows of
+    cotangents ``[rows, *shape]`` (vectorised unless ``vectorize`` is false or that fails, then
+    one row at a time)."""
     if rows == 1:
         out = _call(node, [None if c is None else c[0] for c in cotangents])
         return [None if out[i] is None else out[i].unsqueeze(0) for i in picks]
@@ -186,6 +264,8 @@ def _consumer_grads(
 
     in_dims = tuple(None if c is None else 0 for c in cotangents)
     try:
+        if not vectorize:
+            raise RuntimeError("one row at a time")
         values = iter(torch.func.vmap(selected, in_dims=in_dims)(*cotangents))
         return [next(values) if here else None for here in present]
     except RuntimeError:
@@ -228,7 +308,9 @@ def split(
     root = losses.grad_fn
     graph = _Graph(root, losses.output_nr, {id(p) for p in shared}, {id(p) for p in others})
     part = graph.shared_part()
-    result = Split(shared_nodes=part)
+    result = Split(
+        shared_nodes=part, convolutions=any(type(n).__name__ in CONVOLUTION_NODES for n in part)
+    )
     if not graph.to_shared.get(root, False):
         result.own = _own(losses, graph, retain_graph)
         return result
@@ -261,6 +343,9 @@ def split(
     result.captured = {key: at[key] for key in keys if at[key] is not None}
     r = rows.shape[0]
     inflow = _boundary_inflow(consumers, graph, part, at, r)
+    if capture:
+        stop = {(edge.node, edge.output_nr) for edge in capture}
+        _advance(inflow, graph, part, stop, r, batched and not result.convolutions)
     result.boundary = [GradientEdge(node, nr) for node, nr in inflow]
     result.cotangents = list(inflow.values())
     result.own = _own(losses, graph, retain_graph)
@@ -277,42 +362,81 @@ def _boundary_inflow(
     """Run each consumer's backward function on the rows that reach it and sum what it sends
     into each boundary edge: ``[r, *shape]`` per edge."""
     cotangents = {node: [at.get((node, nr)) for nr in range(_outputs(node))] for node in consumers}
-    flags = [
-        torch.stack([c.reshape(r, -1).ne(0).any(dim=1) for c in cots if c is not None]).any(dim=0)
-        if any(c is not None for c in cots)
-        else None
-        for cots in cotangents.values()
-    ]
-    reached = [f for f in flags if f is not None]
-    masks = torch.stack(reached).tolist() if reached else []  # one synchronisation
+    present = [c for cots in cotangents.values() for c in cots if c is not None]
+    if not present:
+        return {}
+    flags = iter(torch.stack([c.reshape(r, -1).any(dim=1) for c in present]).tolist())
     inflow: dict[tuple[Any, int], Tensor] = {}
-    mask_iter = iter(masks)
-    for node, flag in zip(consumers, flags, strict=True):
-        if flag is None:
-            continue
-        live = [k for k, on in enumerate(next(mask_iter)) if on]
+    for node, cots in cotangents.items():  # rows reaching each consumer: one synchronisation
+        per_cot = [next(flags) for c in cots if c is not None]
+        live = [k for k in range(r) if any(f[k] for f in per_cot)]
         if not live:
             continue
-        cots = cotangents[node]
-        index = None
-        if len(live) < r:
-            index = torch.tensor(live, device=next(c for c in cots if c is not None).device)
-            cots = [None if c is None else c.index_select(0, index) for c in cots]
         picks = [i for i, (child, _) in enumerate(node.next_functions) if child in part]
         with torch.no_grad():
-            sent = _consumer_grads(node, cots, picks, len(live))
-        for i, grad in zip(picks, sent, strict=True):
+            if len(live) == 1:  # one task reaches the consumer, as a head
+                (row,) = live
+                out = _call(node, [None if c is None else c[row] for c in cots])
+                sent = [(i, out[i]) for i in picks]
+            else:
+                index = None if len(live) == r else torch.tensor(live, device=present[0].device)
+                rows = cots if index is None else [c if c is None else c[index] for c in cots]
+                sent = list(zip(picks, _consumer_grads(node, rows, picks, len(live)), strict=True))
+        for i, grad in sent:
             if grad is None:
                 continue
-            child, nr = node.next_functions[i]
-            key = (child, nr)
+            key = node.next_functions[i]
             if key not in inflow:
-                inflow[key] = grad.new_zeros((r, *grad.shape[1:]))
-            if index is None:
+                shape = grad.shape if len(live) == 1 else grad.shape[1:]
+                inflow[key] = grad.new_zeros((r, *shape))
+            if len(live) == 1:
+                inflow[key][live[0]].add_(grad)
+            elif index is None:
                 inflow[key].add_(grad)
             else:
                 inflow[key].index_add_(0, index, grad)
     return inflow
+
+
+def _advance(
+    inflow: dict[tuple[Any, int], Tensor],
+    graph: _Graph,
+    part: set[Any],
+    stop: set[tuple[Any, int]],
+    r: int,
+    vectorize: bool,
+) -> None:
+    """Move the boundary down through the shared nodes whose gradient is already complete
+    (every node that uses their output lies outside the shared part, or was moved through)
+    until the ``stop`` edges, running their backward functions on the gradients in ``inflow``.
+
+    The gradients at the boundary are then released before the batched pass through the
+    shared part, which starts from the ``stop`` edges (the hooked layers' outputs) instead of
+    holding one more set of per-row gradients.
+    """
+    done: set[Any] = set()
+    queue = list(inflow)
+    while queue:
+        key = queue.pop()
+        node, _ = key
+        if (
+            key in stop
+            or key not in inflow
+            or type(node) is _ACCUMULATE_GRAD
+            or _outputs(node) != 1
+            or any(parent in part and parent not in done for parent in graph.parents[node])
+        ):
+            continue
+        picks = [i for i, (child, _) in enumerate(node.next_functions) if child in part]
+        with torch.no_grad():
+            sent = _consumer_grads(node, [inflow.pop(key)], picks, r, vectorize)
+        done.add(node)
+        for i, grad in zip(picks, sent, strict=True):
+            if grad is None:
+                continue
+            child_key = node.next_functions[i]
+            inflow[child_key] = inflow[child_key] + grad if child_key in inflow else grad
+            queue.append(child_key)
 
 
 def _own(losses: Tensor, graph: _Graph, retain_graph: bool) -> dict[Tensor, Tensor]:

@@ -91,8 +91,9 @@ class JDOptimizer(Optimizer):
             once; only the shared part is batched over the losses. In gramian mode the Gramian
             is that of the shared parameters in ``modules`` (by default, the shared module), and
             they receive the weighted gradient. ``None`` aggregates over all parameters.
-        chunk_size: Losses per batched backward pass (bounds memory); ``None`` for all at
-            once, ``1`` for one backward pass per loss (no vmap).
+        chunk_size: Jacobian mode: losses per batched backward pass; ``1`` for one backward
+            pass per loss (no vmap). ``None`` (default): a sixteenth of the losses per pass, so
+            that the Jacobian is held about once rather than twice.
         nonfinite: What to do with non-finite losses, Jacobian or update: ``"raise"`` a
             `NonFiniteError`, or ``"skip"`` the step with a warning, leaving everything
             unchanged.

@@ -26,10 +26,10 @@ from jdoptim._paths.base import (
     non_finite_reason,
     not_connected,
 )
-from jdoptim._split import split, through_shared
+from jdoptim._split import jacobian_matrix, split
 from jdoptim.aggregation import Aggregator, WeightedAggregator
 from jdoptim.diagnostics import diagnose
-from jdoptim.functional import jacobian, split_update, stack_jacobians
+from jdoptim.functional import split_update
 
 
 class JacobianPath(Path):
@@ -59,33 +59,28 @@ class JacobianPath(Path):
 
     def pieces(self, losses: Losses) -> Pieces:
         if self.shared_params is None:
-            reached, own = self._all(losses), {}
+            shared, matrix, own = self._all(losses)
         else:
-            reached, own = self._split(losses)
-        if not reached and not own:
+            shared, matrix, own = self._split(losses)
+        if matrix is None and not own:
             raise not_connected(losses.params)
-        matrix = stack_jacobians([j for _, j in reached]) if reached else None
         finite = all_finite([losses.vector, *own.values(), *([] if matrix is None else [matrix])])
         reason = "" if finite else non_finite_reason(losses.vector, self.what)
-        return Pieces([p for p, _ in reached], matrix, own, finite, reason)
+        return Pieces(shared, matrix, own, finite, reason)
 
-    def _all(self, losses: Losses) -> list[tuple[Tensor, Tensor]]:
-        """The Jacobian of every parameter, from one batched backward pass."""
-        params = losses.params
+    def _all(self, losses: Losses) -> tuple[list[Tensor], Tensor | None, dict[Tensor, Tensor]]:
+        """The Jacobian of every parameter the losses reach, from batched backward passes."""
+        params, vector = losses.params, losses.vector
+        rows = torch.eye(vector.shape[0], dtype=vector.dtype, device=vector.device)
 
-        def compute(batched: bool, retain_graph: bool) -> list:
-            return jacobian(
-                losses.vector,
-                params,
-                chunk_size=self.chunk_size,
-                retain_graph=retain_graph,
-                batched=batched,
-            )
+        def compute(batched: bool, retain_graph: bool) -> tuple[Tensor | None, list[bool]]:
+            options = {"batched": batched, "chunk_size": self.chunk_size}
+            return jacobian_matrix([vector], params, [rows], retain_graph=retain_graph, **options)
 
-        jacobians = self._batched_or_not(compute, losses.retain_graph)
-        return [(p, j) for p, j in zip(params, jacobians, strict=True) if j is not None]
+        matrix, reached = self._batched_or_not(compute, losses.retain_graph)
+        return [p for p, hit in zip(params, reached, strict=False) if hit], matrix, {}
 
-    def _split(self, losses: Losses) -> tuple[list[tuple[Tensor, Tensor]], dict[Tensor, Tensor]]:
+    def _split(self, losses: Losses) -> tuple[list[Tensor], Tensor | None, dict[Tensor, Tensor]]:
         """The Jacobian of the shared parameters and the others' ordinary gradients: each
         task's own part is differentiated once, only the shared part is batched over the losses
         (see `jdoptim._split`)."""
@@ -95,13 +90,20 @@ class JacobianPath(Path):
         vector = losses.vector
         rows = torch.eye(vector.shape[0], dtype=vector.dtype, device=vector.device)
 
-        def compute(batched: bool, retain_graph: bool) -> tuple[list, dict[Tensor, Tensor]]:
+        def compute(batched: bool, retain_graph: bool) -> tuple[Tensor | None, list[bool], dict]:
             options = {"batched": batched, "chunk_size": self.chunk_size}
             cut = split(vector, rows, shared, others, retain_graph=retain_graph, **options)
-            return through_shared(cut, shared, retain_graph=retain_graph, **options), cut.own
+            if not cut.boundary:  # the losses reach no shared parameter
+                return None, [], cut.own
+            # Through convolutions, one backward pass per loss is faster (see `jdoptim._split`).
+            options["batched"] = batched and not cut.convolutions
+            matrix, reached = jacobian_matrix(
+                cut.boundary, shared, cut.cotangents, retain_graph=retain_graph, **options
+            )
+            return matrix, reached, cut.own
 
-        jacobians, own = self._batched_or_not(compute, losses.retain_graph)
-        return [(p, j) for p, j in zip(shared, jacobians, strict=True) if j is not None], own
+        matrix, reached, own = self._batched_or_not(compute, losses.retain_graph)
+        return [p for p, hit in zip(shared, reached, strict=False) if hit], matrix, own
 
     def _batched_or_not(self, compute: Callable[[bool, bool], Any], retain_graph: bool) -> Any:
         """Run ``compute(batched, retain_graph)``, batched unless vmap is known to fail on this

@@ -15,9 +15,9 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 from torch.utils.hooks import RemovableHandle
 
-from jdoptim._split import split, through_shared
+from jdoptim._split import CONVOLUTION_NODES, Split, split, through_shared
 from jdoptim.gramian._modules import Call, Handler, Layout, make_handler, module_problem
-from jdoptim.gramian._terms import Term, combine
+from jdoptim.gramian._terms import DenseTerm, Term, combine
 
 _KEYS = itertools.count()
 _ACCUMULATE_GRAD = type(torch.zeros(1, requires_grad=True).expand(1).grad_fn.next_functions[0][0])
@@ -278,21 +278,24 @@ class GramianEngine:
             out.grad_fn.metadata.setdefault(self._key, []).append((call, j))
         call.outputs = None
 
-    def _walk(self, losses: Tensor) -> tuple[list[Call], list[_Slot], list[Tensor]]:
+    def _walk(self, losses: Tensor) -> tuple[list[Call], list[_Slot], list[Tensor], bool]:
         """Find the recorded calls that the losses reach (in forward order), the graph edges of
-        their outputs, and the leaves the losses reach outside hooked modules."""
+        their outputs, the leaves the losses reach outside hooked modules, and whether the
+        graph holds convolutions."""
         key = self._key
         calls: dict[int, Call] = {}
         slots: list[_Slot] = []
         leaves: dict[int, Tensor] = {}
         unseen: list[Tensor] = []
         seen: set[Any] = set()
+        convolutions = False
         stack = [losses.grad_fn]
         while stack:
             node = stack.pop()
             if node in seen:
                 continue
             seen.add(node)
+            convolutions = convolutions or type(node).__name__ in CONVOLUTION_NODES
             entries = node.metadata.get(key)
             if entries:
                 jump = False
@@ -328,7 +331,7 @@ class GramianEngine:
             )
         ordered = sorted(calls.values(), key=lambda call: call.index)
         slots.sort(key=lambda slot: (slot[0].index, slot[1]))
-        return ordered, slots, list(leaves.values())
+        return ordered, slots, list(leaves.values()), convolutions
 
     def _layout(self, losses: Tensor, slots: list[_Slot], batched: bool | None) -> Layout:
         m = losses.numel()
@@ -349,48 +352,6 @@ class GramianEngine:
         if off:
             return Layout(False, self.batch_dim, 1, m, losses.dtype)
         return Layout(True, self.batch_dim, B, m // B, losses.dtype)
-
-    def _output_grads(
-        self, losses: Tensor, edges: list[GradientEdge], layout: Layout, keep: bool
-    ) -> Sequence[Tensor | None]:
-        if layout.per_sample and layout.T == 1:
-            return torch.autograd.grad(
-                losses, edges, torch.ones_like(losses), retain_graph=keep, allow_unused=True
-            )
-        n = layout.T if layout.per_sample else layout.S * layout.T
-        eye = torch.eye(n, dtype=losses.dtype, device=losses.device)
-        if layout.per_sample:
-            rows = eye.view(n, 1, *losses.shape[1:]).expand(n, *losses.shape)
-        else:
-            rows = eye.view(n, *losses.shape)
-        if self._batched_backward:
-            try:
-                # The graph is kept in case the batched pass fails midway and is replayed.
-                return torch.autograd.grad(
-                    losses,
-                    edges,
-                    rows,
-                    retain_graph=True,
-                    allow_unused=True,
-                    is_grads_batched=True,
-                )
-            except RuntimeError as error:
-                warnings.warn(
-                    f"The batched backward pass failed ({error}); the engine computes one "
-                    "backward pass per loss from now on.",
-                    stacklevel=3,
-                )
-                self._batched_backward = False
-        per_row = [
-            torch.autograd.grad(
-                losses, edges, row, retain_graph=keep or i + 1 < n, allow_unused=True
-            )
-            for i, row in enumerate(rows)
-        ]
-        return [
-            None if parts[0] is None else torch.stack(parts)  # type: ignore[arg-type]
-            for parts in zip(*per_row, strict=True)
-        ]
 
     def gramian(
         self, losses: Tensor, *, batched: bool | None = None, retain_graph: bool = False
@@ -473,27 +434,25 @@ class GramianEngine:
                 "compute them from the model's outputs with grad enabled."
             )
         self._pending = None
-        calls, slots, leaves = self._walk(losses)
+        calls, slots, leaves, convolutions = self._walk(losses)
         for call in calls:
             call.check_unmodified()
         layout = self._layout(losses, slots, batched)
-        edges = [edge for _, _, edge in slots]
-        own: dict[Tensor, Tensor] = {}
-        if shared is None:
-            keep = retain_graph or bool(leaves)  # `backward` needs the graph for the leaves
-            grads = list(self._output_grads(losses, edges, layout, keep))
-        else:
+        if shared is not None:
             shared_ids = {id(p) for p in shared}
             leaves = [leaf for leaf in leaves if id(leaf) in shared_ids]
-            keep = retain_graph or bool(leaves)
-            grads, own = self._task_output_grads(losses, edges, layout, keep, shared, others)
+        keep = retain_graph or bool(leaves)  # `backward` needs the graph for the leaves
+        owners = Counter(id(p) for call in calls for p in call.params if p is not None)
+        looped = convolutions or not self._batched_backward
+        grads, direct, own = self._cotangents(
+            losses, calls, slots, layout, keep, owners, shared, others, looped
+        )
         cotangents: dict[int, list[Tensor | None]] = {
             id(call): [None] * len(call.out_nrs) for call in calls
         }
         for (call, j, _), grad in zip(slots, grads, strict=True):
             cotangents[id(call)][j] = grad
         del slots, grads  # each call's output gradients are released once it is processed
-        owners = Counter(id(p) for call in calls for p in call.params if p is not None)
         m = losses.numel()
         terms: list[Term] = []
         shared_terms: list[Term] = []
@@ -503,9 +462,13 @@ class GramianEngine:
                 G = torch.zeros(m, m, dtype=losses.dtype, device=losses.device)
                 for call in calls:
                     outputs = cotangents.pop(id(call))
-                    if all(g is None for g in outputs):
+                    if id(call) in direct:
+                        call_terms = direct.pop(id(call))
+                    elif all(g is None for g in outputs):
                         continue
-                    for term in call.handler.terms(call, outputs, layout):
+                    else:
+                        call_terms = call.handler.terms(call, outputs, layout)
+                    for term in call_terms:
                         if all(owners[id(p)] == 1 for p in term.params):
                             term.add_gramian(G)
                             terms.append(term)
@@ -529,46 +492,91 @@ class GramianEngine:
             return eye.view(n, 1, *losses.shape[1:]).expand(n, *losses.shape)
         return eye.view(n, *losses.shape)
 
-    def _task_output_grads(
+    def _cotangents(
         self,
         losses: Tensor,
-        edges: list[GradientEdge],
+        calls: list[Call],
+        slots: list[_Slot],
         layout: Layout,
         keep: bool,
-        shared: Sequence[Tensor],
+        owners: Counter,
+        shared: Sequence[Tensor] | None,
         others: Sequence[Tensor],
-    ) -> tuple[list[Tensor | None], dict[Tensor, Tensor]]:
-        """The gradients at the hooked calls' outputs, with the graph cut at the shared part
-        (see `jdoptim._split`), and the others' ordinary gradients."""
+        looped: bool,
+    ) -> tuple[list[Tensor | None], dict[int, list[Term]], dict[Tensor, Tensor]]:
+        """The gradients of the rows at the hooked calls' outputs (one per slot), the terms of
+        the calls whose parameters' gradients are taken directly from the backward pass, and
+        the others' ordinary gradients (with ``shared``, the graph is cut at the shared part:
+        see `jdoptim._split`).
+
+        The rows are vectorised, except through convolutions, whose vectorised backward pass
+        torch runs one row at a time with copies: a loop over the rows is then faster, and gives
+        each objective's parameter gradients at the cost of an ordinary backward pass.
+        """
         rows = self._rows(losses, layout)
+        edges = [edge for _, _, edge in slots]
         batched = self._batched_backward
-        # A batched pass keeps the graph in case it fails midway and is replayed.
-        retain = keep or batched
+        # A vectorised pass keeps the graph in case it fails midway and is replayed.
+        retain = keep or (not looped and rows.shape[0] > 1)
         try:
-            cut = split(
-                losses, rows, shared, others, capture=edges, retain_graph=retain, batched=batched
-            )
-            inside = [edge for edge in edges if cut.is_shared(edge)]
-            found = through_shared(cut, inside, retain_graph=retain, batched=batched)
+            if shared is None:
+                cut = Split.at(losses, rows)
+            else:
+                cut = split(
+                    losses,
+                    rows,
+                    shared,
+                    others,
+                    capture=edges,
+                    retain_graph=retain,
+                    batched=batched,
+                )
+            m = losses.numel()
+            direct = [
+                call
+                for call in calls
+                if not layout.per_sample
+                and all(owners[id(p)] == 1 for p in call.params if p is not None)
+                and all(cut.is_shared(edge) for c, _, edge in slots if c is call)
+                and call.handler.prefers_direct(call, m, looped)
+            ]
+            skipped = {id(call) for call in direct}
+            params = [p for call in direct for p in call.params if p is not None]
+            inside = [
+                edge for call, _, edge in slots if id(call) not in skipped and cut.is_shared(edge)
+            ]
+            found = through_shared(cut, [*inside, *params], retain_graph=retain, batched=not looped)
         except RuntimeError as error:
-            if not batched:
+            if looped:
                 raise
             warnings.warn(
                 f"The batched backward pass failed ({error}); the engine computes one "
-                "backward pass per task from now on.",
+                "backward pass per loss from now on.",
                 stacklevel=4,
             )
             self._batched_backward = False
-            return self._task_output_grads(losses, edges, layout, keep, shared, others)
-        by_edge = dict(zip(((e.node, e.output_nr) for e in inside), found, strict=True))
+            return self._cotangents(
+                losses, calls, slots, layout, keep, owners, shared, others, True
+            )
+        by_edge = {
+            (e.node, e.output_nr): g for e, g in zip(inside, found[: len(inside)], strict=True)
+        }
+        by_param = dict(zip(map(id, params), found[len(inside) :], strict=True))
         grads: list[Tensor | None] = []
-        for edge in edges:
+        for _, _, edge in slots:
             key = (edge.node, edge.output_nr)
-            grad = by_edge[key] if cut.is_shared(edge) else cut.captured.get(key)
+            grad = by_edge.get(key) if cut.is_shared(edge) else cut.captured.get(key)
             if grad is not None and layout.per_sample and layout.T == 1:
                 grad = grad[0]
             grads.append(grad)
-        return grads, cut.own
+        terms = {}
+        for call in direct:
+            reached = [(p, by_param[id(p)]) for p in call.params if p is not None]
+            reached = [(p, g) for p, g in reached if g is not None]
+            if reached:
+                values = [g.reshape(m, -1).to(layout.dtype) for _, g in reached]
+                terms[id(call)] = [DenseTerm([p for p, _ in reached], values)]
+        return grads, terms, cut.own
 
     def backward(
         self,
