@@ -240,10 +240,22 @@ def _outputs(node: Any) -> int:
 
 
 def _call(node: Any, grads: Sequence[Tensor | None]) -> tuple[Tensor | None, ...]:
-    """Run a node's backward function on the gradients of its outputs."""
+    """Run a node's backward function on the gradients of its outputs, and bring what it sends
+    along each next edge to the shape and dtype that edge expects (summing broadcast
+    dimensions), as the autograd engine does."""
     apply = node if callable(node) else node.apply
     result = apply(*grads)
-    return result if isinstance(result, tuple) else (result,)
+    result = result if isinstance(result, tuple) else (result,)
+    fitted: list[Tensor | None] = []
+    for grad, (child, nr) in zip(result, node.next_functions, strict=False):
+        if grad is not None and child is not None:
+            expected = child._input_metadata[nr]
+            if grad.shape != expected.shape:
+                grad = grad.sum_to_size(expected.shape)
+            if grad.dtype != expected.dtype:
+                grad = grad.to(expected.dtype)
+        fitted.append(grad)
+    return tuple(fitted)
 
 
 def _consumer_grads(
