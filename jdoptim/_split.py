@@ -110,9 +110,9 @@ def vjp_rows(
     ]
 
 
-LEAN_CHUNKS = 16
+LEAN_CHUNKS = 32
 """`jacobian_matrix` computes the rows in this many passes by default (one row per pass below
-that many rows), so that what a pass holds besides the matrix is about a sixteenth of it. On
+that many rows), so that what a pass holds besides the matrix is about a 32nd of it. On
 CPUs this is also faster than one vectorised pass, whose weight gradients torch computes one row
 at a time and then stacks."""
 
@@ -378,7 +378,7 @@ def _boundary_inflow(
     if not present:
         return {}
     flags = iter(torch.stack([c.reshape(r, -1).any(dim=1) for c in present]).tolist())
-    inflow: dict[tuple[Any, int], Tensor] = {}
+    sent: dict[tuple[Any, int], list[tuple[list[int], Tensor]]] = {}
     for node, cots in cotangents.items():  # rows reaching each consumer: one synchronisation
         per_cot = [next(flags) for c in cots if c is not None]
         live = [k for k in range(r) if any(f[k] for f in per_cot)]
@@ -387,27 +387,33 @@ def _boundary_inflow(
         picks = [i for i, (child, _) in enumerate(node.next_functions) if child in part]
         with torch.no_grad():
             if len(live) == 1:  # one task reaches the consumer, as a head
-                (row,) = live
-                out = _call(node, [None if c is None else c[row] for c in cots])
-                sent = [(i, out[i]) for i in picks]
+                out = _call(node, [None if c is None else c[live[0]] for c in cots])
+                grads = [None if out[i] is None else out[i].unsqueeze(0) for i in picks]
             else:
-                index = None if len(live) == r else torch.tensor(live, device=present[0].device)
-                rows = cots if index is None else [c if c is None else c[index] for c in cots]
-                sent = list(zip(picks, _consumer_grads(node, rows, picks, len(live)), strict=True))
-        for i, grad in sent:
-            if grad is None:
-                continue
-            key = node.next_functions[i]
-            if key not in inflow:
-                shape = grad.shape if len(live) == 1 else grad.shape[1:]
-                inflow[key] = grad.new_zeros((r, *shape))
-            if len(live) == 1:
-                inflow[key][live[0]].add_(grad)
-            elif index is None:
-                inflow[key].add_(grad)
-            else:
-                inflow[key].index_add_(0, index, grad)
-    return inflow
+                index = torch.tensor(live, device=present[0].device)
+                rows = cots if len(live) == r else [c if c is None else c[index] for c in cots]
+                grads = _consumer_grads(node, rows, picks, len(live))
+        for i, grad in zip(picks, grads, strict=True):
+            if grad is not None:
+                sent.setdefault(node.next_functions[i], []).append((live, grad))
+    return {key: _gather(parts, r) for key, parts in sent.items()}
+
+
+def _gather(parts: list[tuple[list[int], Tensor]], r: int) -> Tensor:
+    """Sum the gradients ``[len(rows), *shape]`` sent to the given rows into ``[r, *shape]``."""
+    rows = [k for live, _ in parts for k in live]
+    if len(set(rows)) == len(rows):  # each row from one consumer, as for heads: no sums
+        first = parts[0][1]
+        zero = first.new_zeros(first.shape[1:])
+        by_row = {k: grad[j] for live, grad in parts for j, k in enumerate(live)}
+        return torch.stack([by_row.get(k, zero) for k in range(r)])
+    total = parts[0][1].new_zeros((r, *parts[0][1].shape[1:]))
+    for live, grad in parts:
+        if len(live) == r:
+            total.add_(grad)
+        else:
+            total.index_add_(0, torch.tensor(live, device=grad.device), grad)
+    return total
 
 
 def _advance(

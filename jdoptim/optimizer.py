@@ -92,7 +92,7 @@ class JDOptimizer(Optimizer):
             is that of the shared parameters in ``modules`` (by default, the shared module), and
             they receive the weighted gradient. ``None`` aggregates over all parameters.
         chunk_size: Jacobian mode: losses per batched backward pass; ``1`` for one backward
-            pass per loss (no vmap). ``None`` (default): a sixteenth of the losses per pass, so
+            pass per loss (no vmap). ``None`` (default): a 32nd of the losses per pass, so
             that the Jacobian is held about once rather than twice.
         nonfinite: What to do with non-finite losses, Jacobian or update: ``"raise"`` a
             `NonFiniteError`, or ``"skip"`` the step with a warning, leaving everything

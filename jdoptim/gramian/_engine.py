@@ -418,6 +418,25 @@ class GramianEngine:
 
         Raises:
             ValueError: As `gramian`.
+
+        Examples:
+            >>> import torch
+            >>> from torch import nn
+            >>> from jdoptim import UPGradWeighting
+            >>> from jdoptim.gramian import GramianEngine
+            >>> _ = torch.manual_seed(0)
+            >>> trunk, heads = nn.Linear(3, 4), nn.ModuleList(nn.Linear(4, 1) for _ in range(2))
+            >>> engine = GramianEngine(trunk)
+            >>> features = trunk(torch.randn(5, 3))
+            >>> losses = torch.stack([head(features).pow(2).mean() for head in heads])  # [2]
+            >>> G, own = engine.task_gramian(
+            ...     losses, shared=list(trunk.parameters()), others=list(heads.parameters())
+            ... )
+            >>> G.shape, len(own)  # the trunk's Gramian; the heads' ordinary gradients
+            (torch.Size([2, 2]), 4)
+            >>> engine.backward(UPGradWeighting()(G), params=trunk.parameters())
+            >>> trunk.weight.grad.shape
+            torch.Size([4, 3])
         """
         if not isinstance(losses, Tensor):
             raise TypeError(f"losses must be a tensor, got {type(losses).__name__}.")

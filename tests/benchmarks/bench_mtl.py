@@ -22,12 +22,13 @@ Variants, interleaved in the same rounds of one process:
   their task's gradient times its weight).
 
 Times are medians of the process CPU time of a step (torch runs on one thread, printed), as
-ratios to ``sgd`` in the same rounds. Memory: each variant runs alone in a fresh process, where
-the growth of the peak resident set size over a few steps after a warm-up (Linux ``VmHWM``,
-reset through ``/proc/self/clear_refs``) is compared with SGD's; the table also gives the size
-of one set of per-task activation gradients (``m`` times the trunk's layer outputs) and of the
-``m × n`` Jacobian of the trunk, for reference. The growth of the cost with ``m`` is fitted as
-``m^k`` over the task counts measured.
+ratios to ``sgd`` in the same rounds. Memory: each variant runs alone in a fresh process whose
+allocator returns freed blocks of 64 KiB or more to the system, and the largest growth of the
+resident set during a step above its level at the step's start (Linux ``VmHWM``, reset through
+``/proc/self/clear_refs``), over three steps after a warm-up, is compared with SGD's; the table
+also gives the size of one set of per-task activation gradients (``m`` times the trunk's layer
+outputs) and of the ``m × n`` Jacobian of the trunk, for reference. The growth of the cost
+with ``m`` is fitted as ``m^k`` over the task counts measured.
 
 Run: ``python tests/benchmarks/bench_mtl.py [--rounds 7] [--plot docs/images/bench_mtl.svg]``.
 """
@@ -38,6 +39,7 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -177,8 +179,14 @@ def available(variant: str) -> bool:
 
 
 def run_alone(workload: Workload, variant: str, steps: int) -> float:
-    """Run one variant alone in a fresh process; return how far ``steps`` steps after a warm-up
-    raise the peak resident memory above the resident memory just before them, in MiB."""
+    """Run one variant alone in a fresh process; return the largest growth of the resident
+    memory during a step above the resident memory at its start, over ``steps`` steps after a
+    warm-up, in MiB.
+
+    The process's allocator returns every block of 64 KiB or more to the system when it is
+    freed (``MALLOC_MMAP_THRESHOLD_``), so that the resident memory follows what the step
+    holds instead of what earlier steps left in the allocator's free lists.
+    """
     code = f"""
 import sys, torch
 sys.path.insert(0, "tests/benchmarks")
@@ -191,14 +199,19 @@ workload = b.Workload({workload.kind!r}, {workload.width}, {workload.tasks})
 setup = b.Setup(workload, {variant!r})
 x, y = b.make_data(workload)
 setup.step(x, y)
-with open("/proc/self/clear_refs", "w") as refs:
-    refs.write("5")  # resets the peak (VmHWM) to the current resident size
-base = rss("VmRSS:")
+growth = []
 for _ in range({steps}):
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # resets the peak (VmHWM) to the current resident size
+    base = rss("VmRSS:")
     setup.step(x, y)
-print(rss("VmHWM:") - base)
+    growth.append(rss("VmHWM:") - base)
+print(max(growth))
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
     return int(out.stdout.strip()) / 1024
 
 
@@ -343,7 +356,7 @@ def main() -> None:
                 f"{row['ms']:.1f}",
                 f"{row['ratio']:.2f}",
                 f"{row['rss']:.0f}",
-                f"{row['rss'] / sgd_rss:.1f}" if sgd_rss else "–",
+                f"{row['rss'] / sgd_rss:.1f}" if sgd_rss and sgd_rss >= 1 else "–",
                 f"{extra / acts:.2f}" if variant != "sgd" else "–",
                 f"{acts:.0f}",
                 f"{jac:.0f}",
