@@ -168,8 +168,8 @@ class Split:
     Attributes:
         boundary: The edges through which the graph enters the shared part.
         cotangents: For each boundary edge, the gradients of the rows ``[r, *shape]``.
-        own: The ordinary gradient of the sum of the losses (as weighted by ``grad_outputs``)
-            for each parameter outside the shared part that the losses reach.
+        own: The ordinary gradient of the sum of the losses for each of the other parameters
+            (outside the shared part) that the losses reach.
         captured: Gradients ``[r, *shape]`` at requested edges that lie outside the shared part.
         shared_nodes: The nodes of the shared part (``None``: the whole graph).
         convolutions: Whether the shared part holds convolutions (see `CONVOLUTION_NODES`).
@@ -339,9 +339,8 @@ def split(
     for node in consumers:
         for nr in sorted(graph.used[node]):
             wanted[(node, nr)] = GradientEdge(node, nr)
-    for edge in capture:
-        if edge.node not in part:
-            wanted[(edge.node, edge.output_nr)] = edge
+    captures = [(edge.node, edge.output_nr) for edge in capture if edge.node not in part]
+    wanted.update({key: GradientEdge(*key) for key in captures})
     keys = list(wanted)
     grads = vjp_rows(
         [losses],
@@ -352,7 +351,7 @@ def split(
         chunk_size=chunk_size,
     )
     at = dict(zip(keys, grads, strict=True))
-    result.captured = {key: at[key] for key in keys if at[key] is not None}
+    result.captured = {key: at[key] for key in captures if at[key] is not None}
     r = rows.shape[0]
     inflow = _boundary_inflow(consumers, graph, part, at, r)
     if capture:

@@ -264,7 +264,17 @@ def growth(ms: list[int], values: list[float]) -> float:
     )
 
 
+COLOURS = {
+    "jacobian": "tab:orange",
+    "gramian": "tab:green",
+    "torchjd-autojac": "tab:purple",
+    "torchjd-autogram": "tab:gray",
+}
+
+
 def plot(results: list[dict], path: str) -> None:
+    """Time (as a multiple of SGD's) and memory against m for the MLP workloads: one colour per
+    variant, one line style per width."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -272,33 +282,32 @@ def plot(results: list[dict], path: str) -> None:
 
     plt.rcParams["svg.hashsalt"] = "jdoptim"
     widths = sorted({r["width"] for r in results if r["kind"] == "mlp"})
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    styles = {"256": "--", "1024": "-"}
-    for variant in VARIANTS:
-        for width in widths:
+    styles = ["--", "-", ":", "-."]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    ticks: set[int] = set()
+    for variant, colour in COLOURS.items():
+        for width, style in zip(widths, styles, strict=False):
             rows = [r for r in results if r["kind"] == "mlp" and r["width"] == width]
             rows = [r for r in rows if variant in r["variants"]]
-            if not rows or variant == "sgd":
+            if not rows:
                 continue
             ms = [r["tasks"] for r in rows]
-            label = f"{variant}, W={width}"
-            style = styles.get(str(width), ":")
-            axes[0].plot(
-                ms, [r["variants"][variant]["ratio"] for r in rows], style, marker="o", label=label
-            )
-            axes[1].plot(
-                ms, [r["variants"][variant]["rss"] for r in rows], style, marker="o", label=label
-            )
+            ticks.update(ms)
+            for ax, key in zip(axes, ("ratio", "rss"), strict=True):
+                values = [r["variants"][variant][key] for r in rows]
+                ax.plot(ms, values, style, color=colour, marker="o", label=f"{variant}, W={width}")
     axes[0].set_ylabel("step time / SGD step time")
-    axes[1].set_ylabel("peak memory growth per step (MiB)")
+    axes[1].set_ylabel("peak memory growth in a step (MiB)")
     for ax in axes:
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.set_xticks(sorted(ticks), [str(m) for m in sorted(ticks)])
+        ax.minorticks_off()
         ax.set_xlabel("number of tasks m")
-        ax.grid(True, which="both", alpha=0.3)
+        ax.grid(True, which="major", alpha=0.3)
     axes[0].set_title("Time (1 CPU thread, UPGrad, batch 64)")
-    axes[1].set_title("Memory (fresh process per variant)")
-    axes[1].legend(fontsize=7, loc="upper left")
+    axes[1].set_title("Memory (each variant alone)")
+    axes[0].legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, metadata={"Date": None})
     plt.close(fig)
