@@ -33,6 +33,24 @@ class Heads(nn.Module):
         return torch.cat([head(features) for head in self.heads], dim=1)
 
 
+class Skip(nn.Module):
+    """A trunk whose heads read its output and, directly, an intermediate layer's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Sequential(nn.Linear(5, 8), nn.ReLU())
+        self.second = nn.Sequential(nn.Linear(8, 8), nn.Tanh())
+        self.heads = nn.ModuleList(nn.Linear(8, 1) for _ in range(T))
+        self.skips = nn.ModuleList(nn.Linear(8, 1) for _ in range(T))
+
+    def forward(self, x: Tensor) -> Tensor:
+        middle = self.first(x)
+        features = self.second(middle)
+        pairs = zip(self.heads, self.skips, strict=True)
+        outputs = [head(features) + skip(middle) for head, skip in pairs]
+        return torch.cat(outputs, dim=1)
+
+
 class ResidualHead(nn.Module):
     """A head whose first node and a later one both read the features."""
 
@@ -126,6 +144,10 @@ def sample_task_losses(model: nn.Module, x: Tensor) -> Tensor:
     return (model(x) - _targets()) ** 2  # [B, T]
 
 
+def sample_losses(model: nn.Module, x: Tensor) -> Tensor:
+    return ((model(x) - _targets()) ** 2).mean(dim=1)  # [B]: every head in each loss
+
+
 def separate_losses(model: nn.Module, x: Tensor) -> Tensor:
     """Each task's loss from its own head, stacked (as TorchJD's users write them)."""
     features = model.trunk(x)
@@ -144,6 +166,7 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], str, Callable[[nn.Module], list[nn
         lambda m: [m.trunk],
     ),
     "conv with group norm": (lambda: Heads(conv_trunk(), 6), "conv", lambda m: [m.trunk]),
+    "heads reading two depths": (Skip, "mlp", lambda m: [m.first, m.second]),
     "encoder, task tokens of their own": (
         Encoder,
         "encoder",
@@ -234,7 +257,9 @@ def _check(model: nn.Module, expected: dict[int, Tensor]) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop")
-@pytest.mark.parametrize("losses_fn", [task_losses, sample_task_losses], ids=["[T]", "[B, T]"])
+@pytest.mark.parametrize(
+    "losses_fn", [task_losses, sample_task_losses, sample_losses], ids=["[T]", "[B, T]", "[B]"]
+)
 @pytest.mark.parametrize("mode", ["gramian", "jacobian"])
 @pytest.mark.parametrize("name", list(ZOO))
 def test_gramian_and_jacobian_mode_equal_a_per_task_loop(name, mode, losses_fn):
