@@ -197,3 +197,23 @@ def test_combine_sums_per_call_gradients_before_inner_products() -> None:
     merged.add_gramian(G)
     summed = calls[0].materialize()[0] + calls[1].materialize()[0]
     assert_close(G, summed @ summed.T, "merged Gramian")
+
+
+@pytest.mark.parametrize(("S", "T"), [(5, 1), (7, 3)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_ghost_gramian_by_blocks_fills_both_triangles(monkeypatch, S: int, T: int, bias: bool):
+    monkeypatch.setattr("jdoptim.gramian._terms.BLOCK", 2)  # blocks of 2, 2 and 1 (or 1) samples
+    generator = torch.Generator().manual_seed(S + T)
+    A = torch.randn(S, 1, 1, 4, dtype=DTYPE, generator=generator)
+    D = torch.randn(S, T, 1, 1, 3, dtype=DTYPE, generator=generator)
+    weight = torch.zeros(3, 4, dtype=DTYPE)
+    term = FactoredTerm(weight, torch.zeros(3, dtype=DTYPE) if bias else None, A, D)
+    term.route = "ghost"
+    grads = [torch.einsum("stgpo,sgpi->stgoi", D, A).reshape(S * T, -1)]
+    if bias:
+        grads.append(D.reshape(S * T, 3))
+    flat = torch.cat(grads, dim=1)
+    G = torch.zeros(S * T, S * T, dtype=DTYPE)
+    term.add_gramian(G)
+    assert_close(G, flat @ flat.T, "Gramian")
+    assert torch.equal(G, G.T)
