@@ -12,7 +12,10 @@ which at least one of them went up.
 
 With plain SGD, an UPGrad step cannot increase any of the losses to first order (its direction
 has a non-negative inner product with every task's gradient); a Mean step can, whenever the
-gradients conflict. The guarantee is a first-order one: with a large learning rate (try
+gradients conflict. The two do not take steps of the same length at the same learning rate:
+UPGrad's weights sum to more than 1 when the gradients conflict, and the script prints their
+average sum, so the final losses it prints compare the two methods at one learning rate only.
+The guarantee is a first-order one: with a large learning rate (try
 ``--lr 0.1 --seed 3``) the curvature of the losses can outweigh it. With ``--optimizer adam``
 the per-coordinate scaling of Adam changes the direction of the step, and the guarantee no
 longer holds at all.
@@ -84,8 +87,9 @@ def main() -> None:
     runs = {}
     for name, aggregator in [("Mean", Mean()), ("UPGrad", UPGrad())]:
         model = copy.deepcopy(initial)
-        optimizer = JDOptimizer(inner(model.parameters(), lr=args.lr), aggregator)
-        runs[name] = {"model": model, "optimizer": optimizer, "increased": 0}
+        # Diagnostics give each step's weights (one 4 × 4 Gramian more per step).
+        optimizer = JDOptimizer(inner(model.parameters(), lr=args.lr), aggregator, diagnostics=True)
+        runs[name] = {"model": model, "optimizer": optimizer, "increased": 0, "weight_sum": 0.0}
 
     print(
         f"{args.tasks} regression tasks, {args.samples} samples, shared trunk with a 2-unit "
@@ -109,6 +113,7 @@ def main() -> None:
                 with torch.no_grad():
                     after = task_losses(run["model"], x, y)
                 run["increased"] += int((after > losses.detach()).any())
+                run["weight_sum"] += run["optimizer"].last_diagnostics.weights.sum().item()
             steps += 1
         with torch.no_grad():
             columns = [
@@ -134,6 +139,12 @@ def main() -> None:
         for name, run in runs.items():
             final = task_losses(run["model"], x_all, y_all)
             print(f"Final mean of the task losses, {name}: {final.mean().item():.4f}")
+    weight_sum = runs["UPGrad"]["weight_sum"] / steps
+    print(
+        f"UPGrad's weights summed to {weight_sum:.2f} on average, Mean's to 1: at one learning "
+        "rate the two\ndo not take steps of the same length, so compare the final losses over a "
+        "few learning rates (--lr)."
+    )
 
 
 if __name__ == "__main__":

@@ -33,6 +33,13 @@ except ImportError:  # tqdm is optional: fall back to plain progress lines
 # Shown in this order when registered; any other registered aggregator can be named on the
 # command line.
 PREFERRED = ["mean", "mgda", "upgrad", "dualproj", "imtlg", "cagrad", "pcgrad", "nashmtl"]
+# The papers' names where the class names cannot spell them, for the panels' titles.
+PAPER_NAMES = {
+    "alignedmtl": "Aligned-MTL",
+    "crmogm": "CR-MOGM",
+    "imtlg": "IMTL-G",
+    "nashmtl": "Nash-MTL",
+}
 
 CENTERS = torch.tensor([[-1.0, 0.0], [1.0, 0.5]], dtype=torch.float64)
 MATRICES = torch.tensor([[[1.0, 0.0], [0.0, 4.0]], [[6.0, 2.0], [2.0, 2.0]]], dtype=torch.float64)
@@ -84,6 +91,7 @@ def main() -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     torch.manual_seed(0)
     front = pareto_set()
@@ -98,7 +106,8 @@ def main() -> None:
         runs[name] = [trajectory(aggregator, start, args.steps, args.lr) for start in STARTS]
         arguments = {} if spec.example_args is None else spec.example_args(2)
         listed = ", ".join(f"{key}={value}" for key, value in arguments.items())
-        titles[name] = spec.cls.__name__ + (f"({listed})" if listed else "")
+        title = PAPER_NAMES.get(name, spec.cls.__name__)
+        titles[name] = title + (f"({listed})" if listed else "")
 
     print(f"Distance from the Pareto set after {args.steps} steps (max over {len(STARTS)} starts):")
     for name, paths in runs.items():
@@ -127,11 +136,24 @@ def main() -> None:
         ax.set_xlim(-3, 3)
         ax.set_ylim(-3, 3)
         ax.set_aspect("equal")
-        ax.set_xticks([])
-        ax.set_yticks([])
+        ax.set_xticks([-2, 0, 2])
+        ax.set_yticks([-2, 0, 2])
+        ax.tick_params(labelsize=8)
+    for ax in axes[-1, :]:
+        ax.set_xlabel("$x_1$ (first parameter)", fontsize=9)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("$x_2$ (second parameter)", fontsize=9)
     for ax in axes.flat[len(runs) :]:
         ax.axis("off")
-    fig.tight_layout()
+    legend = [
+        Line2D([], [], color="0.45", lw=3, alpha=0.6, label="Pareto set"),
+        Line2D([], [], color="0.3", marker="*", ms=10, ls="", label="minimisers of $L_1$, $L_2$"),
+        Line2D([], [], color="0.6", ls=":", label="level sets of $L_1$"),
+        Line2D([], [], color="0.6", ls="--", label="level sets of $L_2$"),
+        Line2D([], [], color=colors[0], marker="o", ms=4, lw=1.4, label="a run, from its start"),
+    ]
+    fig.legend(handles=legend, loc="lower center", ncol=len(legend), fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 if rows > 1 else 0.1, 1, 1))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.output, metadata={"Date": None} if args.output.suffix == ".svg" else None)
     print(f"Wrote {args.output}")

@@ -33,6 +33,8 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
+from jdoptim.distributed import dtensor_class
+
 Target = Tensor | GradientEdge
 """What a batched backward pass differentiates with respect to: a tensor, or an edge of the
 graph (the gradient flowing into one output of a node)."""
@@ -317,6 +319,7 @@ def split(
         batched: Vectorise the rows; otherwise one backward pass per row.
         chunk_size: Rows per batched pass; ``None`` for all at once.
     """
+    _check_unsharded([*shared, *others])
     root = losses.grad_fn
     graph = _Graph(root, losses.output_nr, {id(p) for p in shared}, {id(p) for p in others})
     part = graph.shared_part()
@@ -361,6 +364,20 @@ def split(
     result.cotangents = list(inflow.values())
     result.own = _own(losses, graph, retain_graph)
     return result
+
+
+def _check_unsharded(params: Sequence[Tensor]) -> None:
+    """Raise if a parameter is sharded with ``fully_shard``: FSDP gathers a layer's parameters
+    and reduces its gradients in hooks of the backward pass, which calling the graph's nodes
+    directly, and differentiating with respect to the shards, would bypass."""
+    dtensor = dtensor_class()
+    if dtensor is not None and any(isinstance(p, dtensor) for p in params):
+        raise ValueError(
+            "The parameters are sharded with fully_shard (DTensors): the graph of the losses "
+            "cannot be cut at the shared part, since FSDP gathers each layer's parameters and "
+            "reduces its gradients in hooks of the backward pass. Use JDOptimizer with "
+            "shared_params, whose sharded modes run ordinary backward passes through FSDP."
+        )
 
 
 def _boundary_inflow(

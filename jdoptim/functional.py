@@ -95,10 +95,7 @@ def jacobian(
         For each input, its Jacobian of shape ``[m, *input.shape]``, or ``None`` if no output
         depends on it.
     """
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-    ):
-        raise ValueError(f"Invalid chunk_size value: {chunk_size!r}; expected an integer >= 1.")
+    check_chunk_size(chunk_size)
     m = outputs.shape[0]
     step = 1 if not batched else (m if chunk_size is None else chunk_size)
     identity = torch.eye(m, dtype=outputs.dtype, device=outputs.device)
@@ -127,6 +124,15 @@ def jacobian(
     ]
 
 
+def check_chunk_size(chunk_size: int | None) -> int | None:
+    """Raise unless ``chunk_size`` is ``None`` or an integer ≥ 1; return it."""
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"Invalid chunk_size value: {chunk_size!r}; expected an integer >= 1.")
+    return chunk_size
+
+
 def _concatenate(pieces: Sequence[Tensor | None]) -> Tensor:
     # A single chunk is returned as it is: concatenating it would copy the whole Jacobian.
     return pieces[0] if len(pieces) == 1 else torch.cat(list(pieces))  # type: ignore[arg-type]
@@ -136,7 +142,12 @@ def stack_jacobians(jacobians: Sequence[Tensor]) -> Tensor:
     """Concatenate per-tensor Jacobians ``[m, *shape]`` into one matrix ``[m, n]``.
 
     Tensors of different dtypes are promoted to a common one.
+
+    Raises:
+        ValueError: If ``jacobians`` is empty.
     """
+    if not jacobians:
+        raise ValueError("jacobians is empty; pass the Jacobian of at least one tensor.")
     dtype = jacobians[0].dtype
     for jac in jacobians[1:]:
         dtype = torch.promote_types(dtype, jac.dtype)
@@ -168,6 +179,9 @@ def aggregate(jacobians: Sequence[Tensor], aggregator: Aggregator) -> list[Tenso
 
     Returns:
         The update for each tensor, with shape ``shape``.
+
+    Raises:
+        ValueError: If ``jacobians`` is empty.
     """
     matrix = stack_jacobians(jacobians)
     update = aggregator(matrix)
@@ -214,6 +228,9 @@ def multi_task_backward(
         chunk_size: Losses per batched backward pass, as in `jacobian`.
         retain_graph: Keep the autograd graph for another backward pass.
 
+    Raises:
+        ValueError: If ``chunk_size`` is not ``None`` or an integer ≥ 1.
+
     Examples:
         >>> import torch
         >>> from jdoptim import UPGrad
@@ -227,6 +244,7 @@ def multi_task_backward(
         >>> trunk.weight.grad.shape, heads[1].bias.grad.shape
         (torch.Size([3, 4]), torch.Size([1]))
     """
+    check_chunk_size(chunk_size)
     vector = as_loss_vector(losses)
     rows = torch.eye(vector.shape[0], dtype=vector.dtype, device=vector.device)
     options = {"chunk_size": chunk_size, "retain_graph": retain_graph}

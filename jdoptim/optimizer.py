@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -22,6 +24,7 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from jdoptim._paths import (
+    FsdpModel,
     GramianPath,
     JacobianPath,
     Losses,
@@ -29,15 +32,28 @@ from jdoptim._paths import (
     Path,
     Pieces,
     ScalarizedPath,
+    ShardedGramianPath,
+    ShardedJacobianPath,
+    ShardedMultiTaskGramianPath,
+    ShardedScalarizedPath,
     Update,
+    check_combinable,
     combine,
     shared_modules,
 )
+from jdoptim._state import GlobalGenerators, MethodState, check_method_state, check_optimizer_state
 from jdoptim.aggregation import Aggregator, GramianWeightedAggregator
 from jdoptim.diagnostics import StepDiagnostics
-from jdoptim.distributed import default_process_group, disable_ddp_sync, synchronise
-from jdoptim.functional import accumulate_grads, as_loss_vector
+from jdoptim.distributed import (
+    Sharding,
+    default_process_group,
+    disable_ddp_sync,
+    sharding_of,
+    synchronise,
+)
+from jdoptim.functional import as_loss_vector, check_chunk_size
 from jdoptim.gramian import GramianEngine, is_supported
+from jdoptim.gramian._engine import _check_batch_dim
 from jdoptim.registry import build, to_config
 from jdoptim.scalarization import Scalarizer
 
@@ -58,6 +74,38 @@ class NonFiniteError(ValueError):
     ``nonfinite="raise"``."""
 
 
+@dataclass
+class _Call:
+    """What one call may change besides ``.grad`` and the queue, as it was when it began."""
+
+    state: MethodState | None
+    generators: GlobalGenerators
+    diagnostics: StepDiagnostics | None
+
+
+def _check_flag(value: bool, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"Invalid {name} value: {value!r}; expected True or False.")
+    return value
+
+
+def _ids(params: Sequence[Tensor] | None) -> list[int] | None:
+    return None if params is None else [id(p) for p in params]
+
+
+def _write_grads(grads: Mapping[Tensor, Tensor]) -> None:
+    """Set each parameter's ``.grad``, all or none: if a write fails (an interrupt included),
+    the ones already made are undone."""
+    previous = [(p, p.grad) for p in grads]
+    try:
+        for p, grad in grads.items():
+            p.grad = grad
+    except BaseException:
+        for p, grad in previous:
+            p.grad = grad
+        raise
+
+
 class JDOptimizer(Optimizer):
     """Jacobian descent with any ``torch.optim`` optimizer.
 
@@ -67,6 +115,34 @@ class JDOptimizer(Optimizer):
     optimizer step. The wrapper *is* an optimizer: it shares ``param_groups``, ``state`` and
     ``defaults`` with the inner one, so LR schedulers, ``GradScaler`` and checkpoint tools
     accept it.
+
+    A step either happens or changes nothing. Its **commit point** is the moment the update is
+    accepted (finite, or a ``GradScaler`` overflow to signal). Everything before it happens on
+    the side: the Jacobian or Gramian, the aggregator's (or scalarizer's) call, the diagnostics
+    and their hooks, the non-finite checks, and the new state of stateful methods, which they
+    compute in place but which is put back unless the step commits. At the commit point
+    ``.grad`` is written (all parameters or none), the queue of accumulated Jacobians is
+    emptied and the methods' new state is kept; then `step` lets the inner optimizer step.
+
+    - Any exception before the commit point (``KeyboardInterrupt`` included, in the model's
+      backward pass, the method, a hook or while ``.grad`` is written), and a refused step
+      under ``nonfinite="raise"``, leave the parameters, ``.grad``, the inner optimizer's
+      state, the queued Jacobians, every method's state (with the random generators it owns)
+      and torch's global random generators as they were before the call. An interrupted
+      backward pass may have freed the losses' autograd graph: compute them again.
+    - A skipped step (``nonfinite="skip"``) or an overflow drops the queued Jacobians and puts
+      every method's state back as it was when the step began (torch's global generators as
+      before the call that skipped it, since the training loop may have drawn from them
+      since).
+    - After the commit point, the inner optimizer's ``step`` is its own: if it raises,
+      ``.grad`` holds the update and the methods' state has advanced, and the parameters and
+      the inner optimizer's state are wherever it left them (torch's optimizers check their
+      inputs before changing anything). Call ``step()`` to retry with the same ``.grad``, or
+      ``zero_grad()`` to drop it. With a closure, each evaluation is one transaction inside
+      the inner optimizer's step; an evaluation that fails after the inner optimizer moved the
+      parameters (a line search) leaves them moved, as with any closure.
+    - `load_state_dict` checks everything before it changes anything, and loads both states or
+      neither.
 
     Args:
         optimizer: The inner optimizer, which owns the parameters and takes the steps.
@@ -82,8 +158,11 @@ class JDOptimizer(Optimizer):
             loss per sample or for many tasks. ``"auto"``: ``"gramian"`` when the aggregator is
             Gramian-based, the model is given, every layer holding aggregated parameters has a
             closed form (with ``shared_params``: the modules hold every shared parameter), and
-            there is no data parallelism (or ``local_weighting=True``); else ``"jacobian"``. The
-            mode chosen is `resolved_mode`.
+            there is no data parallelism (or ``local_weighting=True``, or the model is sharded);
+            else ``"jacobian"``. The mode chosen is `resolved_mode`. On a model sharded with
+            ``fully_shard`` (FSDP2), every rank applies its shard of the step of one process on
+            the whole model, in either mode and with or without ``shared_params``: see the
+            guide "Sharded models (FSDP2)".
         shared_params: For multi-task learning: the parameters (or a module holding them)
             whose Jacobian is aggregated. Every other parameter receives the ordinary gradient
             of the sum of the losses that reach it (a task head gets its own task's gradient).
@@ -112,7 +191,8 @@ class JDOptimizer(Optimizer):
             whose parameters define the Gramian (a subset gives partial Jacobian descent: every
             parameter is still updated); build the optimizer before the forward pass, which
             they record. A ``DistributedDataParallel`` model among them has its own gradient
-            synchronisation turned off, since the optimizer reduces the Jacobian itself.
+            synchronisation turned off, since the optimizer reduces the Jacobian itself. A model
+            sharded with ``fully_shard`` has its FSDP state reset if a backward pass fails.
         batch_dim: Gramian mode: the batch dimension of the modules' inputs and outputs, or
             ``None`` when losses never decompose per sample.
         process_group: Under data parallelism, the ranks that step together; ``None`` uses the
@@ -120,13 +200,14 @@ class JDOptimizer(Optimizer):
             aggregation then reduces the Jacobian across ranks (averaged with
             ``accumulation="sum"``, rows stacked in rank order with ``"concat"``) so that every
             rank applies the same update, equal to one process stepping on the global batch.
+            On a sharded model, the ranks are those of the parameters' device mesh instead.
         local_weighting: Gramian mode under data parallelism, where the global Gramian is not
             available: each rank weights its own losses from its local Gramian, and the
             weighted gradients are averaged across ranks, as ``DistributedDataParallel``
             averages gradients. Every rank applies the same update, but it is not Jacobian
             descent on the global batch: conflicts between samples of different ranks are not
             seen (with `Mean` the two coincide). Without it, gramian mode refuses to run under
-            data parallelism.
+            data parallelism. It has no effect on a sharded model, whose gramian mode is exact.
 
     Attributes:
         last_diagnostics: The `StepDiagnostics` of the latest aggregation, or ``None``.
@@ -176,10 +257,7 @@ class JDOptimizer(Optimizer):
             )
         if mode not in MODES:
             raise ValueError(f"Invalid mode value: {mode!r}; valid modes: {MODES}.")
-        if chunk_size is not None and (
-            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-        ):
-            raise ValueError(f"Invalid chunk_size value: {chunk_size!r}; expected an integer >= 1.")
+        check_chunk_size(chunk_size)
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(
                 f"Invalid nonfinite value: {nonfinite!r}; valid policies: {NONFINITE_POLICIES}."
@@ -190,11 +268,19 @@ class JDOptimizer(Optimizer):
             )
         if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
             raise TypeError(f"Expected a torch.amp.GradScaler as scaler, got {scaler!r}.")
+        if process_group is not None and not isinstance(process_group, ProcessGroup):
+            raise TypeError(
+                f"Invalid process_group value: {process_group!r}; expected a "
+                "torch.distributed.ProcessGroup or None."
+            )
+        _check_flag(diagnostics, "diagnostics")
+        _check_flag(local_weighting, "local_weighting")
+        _check_batch_dim(batch_dim)
         self.optimizer = optimizer
         self.mode = mode
-        self.shared_params = self._check_shared(shared_params)
+        self._shared_params = self._check_shared(shared_params)
         self._shared_module = [shared_params] if isinstance(shared_params, nn.Module) else []
-        self.chunk_size = chunk_size
+        self._chunk_size = chunk_size
         self.nonfinite = nonfinite
         self.scaler = scaler
         self.accumulation = accumulation
@@ -204,9 +290,14 @@ class JDOptimizer(Optimizer):
         self.process_group = process_group
         self.local_weighting = local_weighting
         self._path = self._make_path(aggregator)
+        for module in self.modules:
+            disable_ddp_sync(module)
         self.last_diagnostics: StepDiagnostics | None = None
         self._diagnostics_hooks: OrderedDict[int, DiagnosticsHook] = OrderedDict()
         self._pending: list[Pieces] = []
+        # The method's state when the queued pieces' step began, for a path whose pieces
+        # already run it (None otherwise, and once the step is committed or dropped).
+        self._step_state: MethodState | None = None
         self._skip_next_step = False
         self._optimizer_step_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
         self._optimizer_step_post_hooks: OrderedDict[int, Callable] = OrderedDict()
@@ -223,13 +314,16 @@ class JDOptimizer(Optimizer):
         for module in listed:
             if not isinstance(module, nn.Module):
                 raise TypeError(f"modules must hold nn.Module objects, got {module!r}.")
-            disable_ddp_sync(module)
         return listed
 
     def _make_path(self, aggregator: Aggregator | Scalarizer) -> Path:
         """The path the losses take, from the options: a scalarizer's, the Gramian's (where
-        ``mode`` asks for it or ``"auto"`` finds it applies) or the Jacobian's."""
+        ``mode`` asks for it or ``"auto"`` finds it applies) or the Jacobian's; on a model
+        sharded with ``fully_shard``, their sharded versions."""
+        sharding = sharding_of(self._parameters())
         if isinstance(aggregator, Scalarizer):
+            if sharding is not None:
+                return ShardedScalarizedPath(aggregator, sharding, FsdpModel(self.modules))
             return ScalarizedPath(aggregator)
         gramian_based = isinstance(aggregator, GramianWeightedAggregator)
         if self.mode == "gramian":
@@ -240,13 +334,15 @@ class JDOptimizer(Optimizer):
                 )
             if not (self.modules or self._shared_module):
                 raise ValueError("mode='gramian' needs the model: pass modules=model.")
-            return self._gramian_path(aggregator, self._gramian_modules()[0])
+            return self._gramian_path(aggregator, self._gramian_modules()[0], sharding)
         if (
             self.mode == "auto"
             and gramian_based
             and (self.modules or self._shared_module)
             and (
-                self.local_weighting or (default_process_group() is None and not self.process_group)
+                sharding is not None  # the exact global Gramian is available when sharded
+                or self.local_weighting
+                or (default_process_group() is None and not self.process_group)
             )
         ):
             try:
@@ -254,8 +350,15 @@ class JDOptimizer(Optimizer):
             except ValueError:  # modules that gramian mode cannot hook
                 modules, complete = [], False
             if complete and modules and is_supported(modules, batch_dim=self.batch_dim):
-                return self._gramian_path(aggregator, modules)
-        return JacobianPath(aggregator, self.shared_params, self.chunk_size)
+                return self._gramian_path(aggregator, modules, sharding)
+        if sharding is not None:
+            return ShardedJacobianPath(
+                aggregator,  # type: ignore[arg-type]
+                sharding,
+                self._shared_params,
+                FsdpModel(self.modules),
+            )
+        return JacobianPath(aggregator, self._shared_params, self._chunk_size)
 
     def _gramian_modules(self) -> tuple[list[nn.Module], bool]:
         """The modules gramian mode hooks and whether they hold every aggregated parameter:
@@ -272,12 +375,22 @@ class JDOptimizer(Optimizer):
         return modules, complete
 
     def _gramian_path(
-        self, aggregator: GramianWeightedAggregator, modules: list[nn.Module]
+        self,
+        aggregator: GramianWeightedAggregator,
+        modules: list[nn.Module],
+        sharding: Sharding | None,
     ) -> Path:
         engine = GramianEngine(modules, batch_dim=self.batch_dim)
-        if self.shared_params is None:
+        if sharding is not None:
+            model = FsdpModel(self.modules)
+            if self._shared_params is None:
+                return ShardedGramianPath(aggregator, engine, sharding, model)
+            return ShardedMultiTaskGramianPath(
+                aggregator, engine, sharding, model, self._shared_params
+            )
+        if self._shared_params is None:
             return GramianPath(aggregator, engine)
-        return MultiTaskGramianPath(aggregator, engine, self.shared_params)
+        return MultiTaskGramianPath(aggregator, engine, self._shared_params)
 
     @property
     def aggregator(self) -> Aggregator | Scalarizer:
@@ -287,18 +400,45 @@ class JDOptimizer(Optimizer):
 
     @aggregator.setter
     def aggregator(self, aggregator: Aggregator | Scalarizer) -> None:
-        kind = {
-            JacobianPath: Aggregator,
-            GramianPath: GramianWeightedAggregator,
-            MultiTaskGramianPath: GramianWeightedAggregator,
-            ScalarizedPath: Scalarizer,
-        }[type(self._path)]
+        kind = self._path.method_type
         if not isinstance(aggregator, kind):
             raise TypeError(
-                f"This optimizer's {self.resolved_mode} path needs a {kind.__name__}, got "
-                f"{aggregator!r}; build a new JDOptimizer to change the kind of method."
+                f"This optimizer's {self.resolved_mode} path takes a method of type "
+                f"{kind.__name__}, got {aggregator!r}; build a new JDOptimizer to change the "
+                "kind of method."
             )
         self._path.method = aggregator
+
+    @property
+    def chunk_size(self) -> int | None:
+        """Losses per batched backward pass (see the constructor); it may be reassigned."""
+        return self._chunk_size
+
+    @chunk_size.setter
+    def chunk_size(self, chunk_size: int | None) -> None:
+        self._chunk_size = check_chunk_size(chunk_size)
+        if isinstance(self._path, JacobianPath):
+            self._path.chunk_size = chunk_size
+
+    @property
+    def shared_params(self) -> list[Tensor] | None:
+        """The parameters whose Jacobian is aggregated (see the constructor); they may be
+        reassigned in jacobian mode. In gramian mode the engine hooks the modules chosen from
+        them when the optimizer is built, so other parameters are refused."""
+        return self._shared_params
+
+    @shared_params.setter
+    def shared_params(self, shared_params: Iterable[Tensor] | nn.Module | None) -> None:
+        checked = self._check_shared(shared_params)
+        if self._path.mode == "gramian" and _ids(checked) != _ids(self._shared_params):
+            raise ValueError(
+                "In gramian mode the Gramian engine hooks the modules chosen from shared_params "
+                "when the optimizer is built; build a new JDOptimizer to change shared_params."
+            )
+        self._shared_params = checked
+        self._shared_module = [shared_params] if isinstance(shared_params, nn.Module) else []
+        if isinstance(self._path, (JacobianPath, ShardedJacobianPath)):
+            self._path.shared_params = checked
 
     @property
     def resolved_mode(self) -> Literal["jacobian", "gramian"]:
@@ -345,7 +485,7 @@ class JDOptimizer(Optimizer):
             ... # doctest: +ELLIPSIS
             JDOptimizer(
               optimizer=SGD (...),
-              aggregator=MGDA(epsilon=0.001, max_iters=100),
+              aggregator=MGDA(solver='active_set', epsilon=0.001, max_iters=100),
               mode='auto', chunk_size=None, nonfinite='raise'
             )
         """
@@ -402,16 +542,6 @@ class JDOptimizer(Optimizer):
     def _parameters(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
 
-    def _refuse(self, reason: str) -> None:
-        self._path.discard()
-        if self.nonfinite == "raise":
-            raise NonFiniteError(
-                f"{reason}. Nothing was changed. Pass nonfinite='skip' to skip such steps."
-            )
-        warnings.warn(f"Skipping the step: {reason}.", stacklevel=3)
-        self._pending = []
-        self._skip_next_step = True
-
     def _loss_vector(self, losses: LossesT) -> Tensor:
         vector = as_loss_vector(losses)
         if not vector.requires_grad:
@@ -420,13 +550,6 @@ class JDOptimizer(Optimizer):
                 "compute them from the model's outputs with grad enabled."
             )
         return vector
-
-    def _signal_overflow(self) -> None:
-        """Fill every gradient with infinities, so that the ``GradScaler`` skips the step."""
-        self._path.discard()
-        self._pending = []
-        for p in self._parameters():
-            p.grad = torch.full_like(p, float("inf"))
 
     def _group(self) -> ProcessGroup | None:
         return self.process_group if self.process_group is not None else default_process_group()
@@ -443,7 +566,7 @@ class JDOptimizer(Optimizer):
         """Add the aggregated update of ``losses`` into the parameters' ``.grad``.
 
         Parameters that no loss reaches keep their ``.grad`` (``None`` stays ``None``).
-        If anything fails, no ``.grad`` is changed.
+        The call is a transaction (see the commit point above): if it fails, nothing changes.
 
         Args:
             losses: A tensor of losses of any shape with at least one dimension (flattened to
@@ -458,6 +581,16 @@ class JDOptimizer(Optimizer):
             NonFiniteError: If losses, Jacobian or update are not finite and
                 ``nonfinite="raise"``.
         """
+        _check_flag(aggregate, "aggregate")
+        _check_flag(retain_graph, "retain_graph")
+        skipped = self._backward(losses, aggregate, retain_graph, self.nonfinite)
+        if skipped:
+            warnings.warn(f"Skipping the step: {skipped}.", stacklevel=2)
+
+    def _backward(
+        self, losses: LossesT, aggregate: bool, retain_graph: bool, policy: NonFinite
+    ) -> str | None:
+        """`backward` as one transaction; returns why the step is skipped, if it is."""
         path = self._path
         if not aggregate and not path.queues:
             raise ValueError(
@@ -472,22 +605,55 @@ class JDOptimizer(Optimizer):
             )
         vector = self._loss_vector(losses)
         if self._skip_next_step:
-            return
+            return None
         tensor = losses if isinstance(losses, Tensor) else vector
-        pieces = path.pieces(
-            Losses(tensor, vector, self._parameters(), retain_graph, self._scale())
-        )
-        if not pieces.finite and not self._scaling() and group is None:
-            self._refuse(pieces.reason)
-            return
-        self._pending.append(pieces)
-        if aggregate:
-            self._aggregate_pending()
+        with self._transaction(runs_method=aggregate or path.method_in_pieces) as call:
+            pieces = path.pieces(
+                Losses(
+                    tensor,
+                    vector,
+                    self._parameters(),
+                    retain_graph,
+                    self._scale(),
+                    self.accumulation,
+                )
+            )
+            if not pieces.finite and not self._scaling() and group is None:
+                return self._refuse(pieces.reason, policy, call)
+            if not aggregate:
+                if self._pending:
+                    check_combinable(self._pending[0], pieces, self.accumulation)
+                self._pending.append(pieces)
+                return None
+            return self._settle([*self._pending, pieces], policy, call)
 
-    def _aggregate_pending(self) -> None:
-        """Aggregate the queued pieces and add the update into ``.grad``."""
+    @contextmanager
+    def _transaction(self, runs_method: bool) -> Iterator[_Call]:
+        """Run the block on the side: if it raises (anything, KeyboardInterrupt included), put
+        back what it may have changed, and re-raise."""
+        call = _Call(
+            state=MethodState(self._path.method) if runs_method else None,
+            generators=GlobalGenerators(p.device for p in self._parameters()),
+            diagnostics=self.last_diagnostics,
+        )
+        if runs_method and self._path.method_in_pieces and not self._pending:
+            self._step_state = call.state  # the method's state when this step began
+        try:
+            yield call
+        except BaseException:
+            if call.state is not None:
+                call.state.restore()
+            call.generators.restore()
+            self.last_diagnostics = call.diagnostics
+            self._path.discard()
+            if not self._pending:
+                self._step_state = None
+            raise
+
+    def _settle(self, queued: list[Pieces], policy: NonFinite, call: _Call) -> str | None:
+        """Aggregate the queued pieces, then commit the update, or refuse the step."""
         path, group = self._path, self._group()
-        pieces = combine(self._pending, self.accumulation)
+        pieces = combine(queued, self.accumulation)
         across_ranks = f"the losses or {path.what} are not finite on some rank"
         if group is not None and path.reduces == "pieces":
             pieces = self._reduce_pieces(pieces, group)
@@ -496,28 +662,60 @@ class JDOptimizer(Optimizer):
             update = self._aggregate(pieces) if pieces.finite else Update(finite=False)
             update = self._reduce_update(update, group)
             if not update.finite:
-                return self._overflow_or_refuse(across_ranks)
+                return self._overflow_or_refuse(across_ranks, policy, call)
         else:
             if not pieces.finite:  # local non-finite pieces were refused unless scaled
-                return self._overflow_or_refuse(across_ranks)
+                return self._overflow_or_refuse(across_ranks, policy, call)
             update = self._aggregate(pieces)
             if not update.finite:
-                return self._refuse(update.reason)
+                return self._refuse(update.reason, policy, call)
         if self.diagnostics and update.diagnose is not None:
             self._report(update.diagnose())
+        # The commit point: the update is accepted.
+        _write_grads(
+            {
+                p: g.to(p.dtype) if p.grad is None else p.grad + g.to(p.dtype)
+                for p, g in update.grads.items()
+            }
+        )
         self._pending = []
-        accumulate_grads(list(update.grads), list(update.grads.values()))
+        self._step_state = None
         return None
 
     def _aggregate(self, pieces: Pieces) -> Update:
         return self._path.aggregate(pieces, scale=self._scale(), diagnostics=self.diagnostics)
 
-    def _overflow_or_refuse(self, reason: str) -> None:
-        """With a ``GradScaler``, non-finite values are an overflow that it handles; else the
-        non-finite policy applies."""
-        if self._scaling():
-            return self._signal_overflow()
-        return self._refuse(reason)
+    def _refuse(self, reason: str, policy: NonFinite, call: _Call) -> str:
+        """Raise a `NonFiniteError` (the transaction then changes nothing), or drop the step
+        and return the reason, which the caller warns about."""
+        if policy == "raise":
+            raise NonFiniteError(
+                f"{reason}. Nothing was changed. Pass nonfinite='skip' to skip such steps."
+            )
+        self._drop_step(call)
+        self._skip_next_step = True
+        return reason
+
+    def _overflow_or_refuse(self, reason: str, policy: NonFinite, call: _Call) -> str | None:
+        """With a ``GradScaler``, non-finite values are an overflow: every gradient is filled
+        with infinities, so that ``scaler.step`` skips the step, as in plain AMP. Without one,
+        the non-finite policy applies."""
+        if not self._scaling():
+            return self._refuse(reason, policy, call)
+        _write_grads({p: torch.full_like(p, float("inf")) for p in self._parameters()})
+        self._drop_step(call)
+        return None
+
+    def _drop_step(self, call: _Call) -> None:
+        """Forget the queued pieces, and put the methods' state back as it was before the step
+        began (torch's global generators as before this call)."""
+        state = self._step_state if self._step_state is not None else call.state
+        if state is not None:
+            state.restore()
+        call.generators.restore()
+        self._path.discard()
+        self._pending = []
+        self._step_state = None
 
     def _reduce_pieces(self, pieces: Pieces, group: ProcessGroup) -> Pieces:
         """The pieces of the global batch: Jacobians averaged (or rows stacked in rank order with
@@ -581,18 +779,18 @@ class JDOptimizer(Optimizer):
                     if value is None:
                         return None  # a closure that only steps, as Lightning passes
                     vector = as_loss_vector(value)
-                    policy, self.nonfinite = self.nonfinite, "raise"
-                    try:
-                        self.backward(vector)
-                    finally:
-                        self.nonfinite = policy
+                    self._backward(vector, True, False, "raise")
                 return vector.detach().sum()
 
             return self.optimizer.step(jd_closure)
+        skipped = None
         if losses is not None:
-            self.backward(losses)
+            skipped = self._backward(losses, True, False, self.nonfinite)
         elif self._pending:
-            self._aggregate_pending()
+            with self._transaction(runs_method=not self._path.method_in_pieces) as call:
+                skipped = self._settle(list(self._pending), self.nonfinite, call)
+        if skipped:
+            warnings.warn(f"Skipping the step: {skipped}.", stacklevel=2)
         if self._skip_next_step:
             self._skip_next_step = False
             return None
@@ -600,7 +798,10 @@ class JDOptimizer(Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the gradients, as the inner optimizer does, and forget accumulated Jacobians
-        and a pending skip."""
+        (with what their losses changed in a scalarizer's state) and a pending skip."""
+        if self._step_state is not None:
+            self._step_state.restore()
+        self._step_state = None
         self._pending = []
         self._skip_next_step = False
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -622,22 +823,59 @@ class JDOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict written by `state_dict` (or by the inner optimizer alone).
 
+        Everything is checked before anything changes: the ``"jdoptim"`` entry, the aggregator's
+        configuration and state (its keys, the kinds and dimensions of its tensors, their
+        finiteness, and that the aggregator loads it), and the inner optimizer's parameter
+        groups and per-parameter state shapes. Either both states are loaded, or neither. A
+        successful load forgets accumulated Jacobians and a pending skip.
+
         Raises:
-            ValueError: If the state was written with another aggregator configuration.
+            ValueError: If the state was written with another aggregator configuration, or is
+                damaged; the message names what is wrong.
         """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"Expected a state dict (a mapping), got {type(state_dict).__name__}.")
         state_dict = dict(state_dict)
         extra = state_dict.pop(_STATE_KEY, None)
+        if extra is not None:
+            self._check_saved_aggregator(extra)
+        check_optimizer_state(self.optimizer, state_dict)
+        previous = self.optimizer.state_dict()
+        self.optimizer.load_state_dict(state_dict)
+        if extra is not None:
+            method = MethodState(self.aggregator)
+            try:
+                self.aggregator.load_state_dict(extra["aggregator_state"])
+            except BaseException:
+                method.restore()
+                self.optimizer.load_state_dict(previous)
+                raise
+        self._pending = []
+        self._step_state = None
+        self._skip_next_step = False
+
+    def _check_saved_aggregator(self, extra: Any) -> None:
+        """Raise unless ``extra``, the ``"jdoptim"`` entry of a state dict, suits this
+        optimizer."""
+        where = f"state_dict[{_STATE_KEY!r}]"
+        keys = ("aggregator", "aggregator_state")
+        if not isinstance(extra, Mapping) or any(key not in extra for key in keys):
+            found = sorted(extra) if isinstance(extra, Mapping) else type(extra).__name__
+            raise ValueError(
+                f"{where} should hold {list(keys)}, found {found}: the checkpoint is truncated "
+                "or was not written by JDOptimizer.state_dict()."
+            )
         current = self._aggregator_config()
-        saved = None if extra is None else extra["aggregator"]
+        saved = extra["aggregator"]
         if None not in (saved, current) and saved != current:
             raise ValueError(
                 f"This state was saved with the aggregator {saved}, but this "
                 f"optimizer uses {current}; build it with "
                 "jdoptim.build(state_dict['jdoptim']['aggregator'])."
             )
-        self.optimizer.load_state_dict(state_dict)
-        if extra is not None:
-            self.aggregator.load_state_dict(extra["aggregator_state"])
+        check_method_state(
+            self.aggregator, extra["aggregator_state"], f"{where}['aggregator_state']"
+        )
 
     def _aggregator_config(self) -> dict[str, Any] | None:
         try:

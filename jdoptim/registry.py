@@ -67,7 +67,10 @@ class Spec:
         from jdoptim.aggregation._bases import GramianWeightedAggregator
 
         if issubclass(self.cls, Weighting):
-            return not self.cls.needs_jacobian
+            # A wrapper (CRMOGMWeighting) takes its wrapped weighting's input: it can run from a
+            # Gramian when that one can.
+            needs_jacobian = inspect.getattr_static(self.cls, "needs_jacobian")
+            return not needs_jacobian if isinstance(needs_jacobian, bool) else True
         return issubclass(self.cls, GramianWeightedAggregator)
 
 
@@ -238,10 +241,41 @@ def build(config: str | Mapping[str, Any]) -> Configurable:
     for key in arguments:
         if key not in parameters:
             raise _unknown(f"argument of {spec.name!r}", key, parameters)
+    missing = [
+        p.name
+        for p in inspect.signature(spec.cls.__init__).parameters.values()
+        if p.name in parameters
+        and p.default is p.empty
+        and p.name not in arguments
+        and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+    if missing:
+        raise ValueError(
+            f"{spec.name!r} needs the argument{'s' if len(missing) > 1 else ''} "
+            f"{', '.join(missing)}, which {'have' if len(missing) > 1 else 'has'} no default; "
+            f"for example {_example_config(spec)}."
+        )
     for key, value in arguments.items():
         if isinstance(value, Mapping) and "name" in value:
             arguments[key] = build(value)
     return spec.cls(**arguments)
+
+
+def _example_config(spec: Spec) -> dict[str, Any]:
+    """A configuration of ``spec``'s method with its required arguments, from its
+    ``example_args`` (nested methods written by name only)."""
+    example: dict[str, Any] = {"name": spec.name}
+    if spec.example_args is None:
+        return example
+    parameters = inspect.signature(spec.cls.__init__).parameters
+    for key, value in spec.example_args(5).items():
+        if parameters[key].default is not parameters[key].empty:
+            continue
+        if isinstance(value, Configurable):
+            example[key] = {"name": get_spec(value).name}
+        else:
+            example[key] = _to_json(value, key)
+    return example
 
 
 def _to_json(value: Any, where: str) -> Any:
@@ -266,7 +300,7 @@ def to_config(obj: Configurable) -> dict[str, Any]:
     Examples:
         >>> import jdoptim
         >>> jdoptim.to_config(jdoptim.MGDA())
-        {'name': 'mgda', 'epsilon': 0.001, 'max_iters': 100}
+        {'name': 'mgda', 'solver': 'active_set', 'epsilon': 0.001, 'max_iters': 100}
     """
     spec = get_spec(obj)
     config: dict[str, Any] = {"name": spec.name}

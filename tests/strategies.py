@@ -117,3 +117,14 @@ def degenerate_jacobians(
     seed = draw(st.integers(0, 2**31 - 1))
     dtype = draw(st.sampled_from(dtypes))
     return _degenerate(m, n, degeneracies, rank, log_tiny, log_spread, log_scale, seed, dtype)
+
+
+@st.composite
+def loss_vectors(draw: st.DrawFn, max_m: int = 12, dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES):
+    """Draw ``m`` finite positive losses of one of ``dtypes``, each from 1e-30 to 1e30 (float16:
+    from 1e-7 to 6e4, nearly its whole positive range)."""
+    dtype = draw(st.sampled_from(dtypes))
+    m = draw(st.integers(1, max_m))
+    low, high = (-7.0, 4.8) if dtype == torch.float16 else (-30.0, 30.0)
+    exponents = draw(st.lists(st.floats(low, high), min_size=m, max_size=m))
+    return (10.0 ** torch.tensor(exponents, dtype=torch.float64)).to(dtype)

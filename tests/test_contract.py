@@ -21,8 +21,9 @@ from tests.matrices import MATRICES, STRONGLY_STATIONARY
 AGGREGATORS = jdoptim.list_aggregators()
 WEIGHTINGS = jdoptim.list_weightings()
 DTYPES = [torch.float32, torch.float64]
-# Tolerance of the mathematical properties, relative to the scale of the rows: iterative solvers
-# (such as MGDA's Frank-Wolfe) stop at a tolerance of their own.
+# Tolerance of the mathematical properties, relative to the scale of the rows, loose enough for
+# methods that solve to a tolerance of their own; the fuzz tests (tests/test_hypothesis.py) hold
+# each method to its rounding level.
 PROPERTY_RTOL = {torch.float32: 5e-3, torch.float64: 5e-3}
 
 
@@ -119,6 +120,40 @@ def test_determinism(name: str):
     first = _run(_make(name, 12), J, seed=3)
     second = _run(_make(name, 12), J, seed=3)
     torch.testing.assert_close(first, second, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", AGGREGATORS + WEIGHTINGS)
+def test_inputs_that_require_grad_give_the_same_detached_result(name: str):
+    # Aggregation is not differentiable (as in TorchJD): it runs under no_grad.
+    J = _matrix("normal_5x8", torch.float64)
+    method = _make(name, 5)
+    matrix = J if isinstance(method, Aggregator) or method.needs_jacobian else J @ J.T
+    expected = _run(_make(name, 5), matrix)
+    leaf = matrix.clone().requires_grad_()
+    for given in (leaf, leaf * 1.0):  # a leaf, and a tensor inside a graph
+        result = _run(_make(name, 5), given)
+        assert not result.requires_grad
+        torch.testing.assert_close(result, expected, rtol=0, atol=0)
+    assert leaf.grad is None
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("name", WEIGHTINGS)
+def test_non_finite_matrices_give_nan_weights_and_change_no_state(name: str, value: float):
+    J = _matrix("normal_5x8", torch.float64)
+    weighting = _make(name, 5)
+    matrix = J if weighting.needs_jacobian else J @ J.T
+    _run(weighting, matrix)
+    state = copy.deepcopy(weighting.state_dict())
+    broken = matrix.clone()
+    broken[1, 2] = value
+    weights = _run(weighting, broken)
+    if weighting.uses_matrix:
+        assert torch.isnan(weights).all()
+        after = weighting.state_dict()
+        assert state.keys() == after.keys()
+        for key, saved in state.items():
+            assert repr(saved) == repr(after[key]), key
 
 
 @pytest.mark.parametrize("name", AGGREGATORS)

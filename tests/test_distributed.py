@@ -3,29 +3,21 @@ stepping on the concatenated batch."""
 
 from __future__ import annotations
 
-import os
-import socket
-import sys
-import time
 import warnings
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.optim import SGD
 
 import jdoptim
 from jdoptim import JDOptimizer, UPGrad
+from tests.ranks import WORLD, load_results, run_ranks
 
-WORLD = 2
 BATCH = 8  # per rank
 STEPS = 3
-TIMEOUT_S = 300  # for the two ranks' whole work; it takes a few seconds
-READY_S = 60  # for both ranks to have their process group
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is missing")
 
@@ -56,24 +48,44 @@ def _sample_losses(output, y):
 
 
 CASES = {
-    # name: (losses, optimizer options, wrap the model in DDP, share only the trunk)
-    "tasks": (_task_losses, {}, False, False),
-    "samples": (_sample_losses, {"accumulation": "concat"}, False, False),
-    "ddp_multi_task": (_task_losses, {}, True, True),
+    # name: (losses, optimizer options, wrap the model in DDP, share only the trunk,
+    #        pass the model as modules=)
+    "tasks": (_task_losses, {}, False, False, True),
+    "samples": (_sample_losses, {"accumulation": "concat"}, False, False, True),
+    "samples_multi_task": (_sample_losses, {"accumulation": "concat"}, False, True, True),
+    "ddp_multi_task": (_task_losses, {}, True, True, True),
+    "ddp_without_modules": (_task_losses, {}, True, True, False),
     # mode="auto" takes jacobian mode under data parallelism, gramian mode in one process
-    "ddp_multi_task_auto": (_task_losses, {"mode": "auto"}, True, True),
+    "ddp_multi_task_auto": (_task_losses, {"mode": "auto"}, True, True, True),
 }
+# How many times DDP's own gradient all-reduce ran, by case, on this rank.
+DDP_REDUCTIONS: dict[str, int] = {}
+
+
+def _count_reductions(case: str, model: nn.parallel.DistributedDataParallel) -> None:
+    DDP_REDUCTIONS[case] = 0
+
+    def hook(state, bucket):  # unannotated: DDP checks annotations that are not strings
+        DDP_REDUCTIONS[case] += 1
+        future = torch.futures.Future()
+        future.set_result(bucket.buffer())
+        return future
+
+    model.register_comm_hook(None, hook)
 
 
 def _train(case: str, rank: int | None) -> list[torch.Tensor]:
-    losses_fn, options, wrap, shared = CASES[case]
+    losses_fn, options, wrap, shared, pass_modules = CASES[case]
     torch.manual_seed(0)
     net = _Net().double()
-    model = nn.parallel.DistributedDataParallel(net) if wrap and rank is not None else net
+    model = net
+    if wrap and rank is not None:
+        model = nn.parallel.DistributedDataParallel(net)
+        _count_reductions(case, model)
     extra = {"shared_params": net.trunk} if shared else {}
-    optimizer = JDOptimizer(
-        SGD(net.parameters(), lr=0.1), UPGrad(), modules=model, **options, **extra
-    )
+    if pass_modules:
+        extra["modules"] = model
+    optimizer = JDOptimizer(SGD(net.parameters(), lr=0.1), UPGrad(), **options, **extra)
     for step in range(STEPS):
         x, y = _global_data(step)
         if rank is not None:
@@ -169,6 +181,31 @@ def _auto_mode() -> str:
     return optimizer.resolved_mode
 
 
+def _ddp_broadcasts_rank_0s_model(rank: int) -> list[torch.Tensor]:
+    """The ranks build their models from different seeds; wrapping them in DDP gives every rank
+    rank 0's parameters."""
+    torch.manual_seed(rank)
+    net = _Net().double()
+    nn.parallel.DistributedDataParallel(net)
+    return [p.detach().clone() for p in net.parameters()]
+
+
+def _auto_modes() -> tuple[str, str]:
+    """What mode="auto" resolves to for a Gramian-based aggregator under data parallelism,
+    without and with local_weighting."""
+    net = _Net().double()
+    return tuple(
+        JDOptimizer(
+            SGD(net.parameters(), lr=0.1),
+            UPGrad(),
+            mode="auto",
+            modules=net,
+            local_weighting=local,
+        ).resolved_mode
+        for local in (False, True)
+    )
+
+
 def _skip_consistently(rank: int) -> list[torch.Tensor]:
     torch.manual_seed(0)
     net = _Net().double()
@@ -183,112 +220,27 @@ def _skip_consistently(rank: int) -> list[torch.Tensor]:
     return [p.detach().clone() for p in net.parameters()]
 
 
-def _loopback_interface() -> str | None:
-    """The loopback interface's name, so that gloo does not pick its address from the
-    host name, which may resolve to an interface a sandbox filters."""
-    try:
-        names = [name for _, name in socket.if_nameindex()]
-    except OSError:
-        return None
-    return next((name for name in names if name.startswith("lo")), None)
-
-
-def _worker(rank: int, port: int, out: str) -> None:
-    # What a rank prints goes to its own file, which the parent shows if the rank dies.
-    log = open(Path(out) / f"rank{rank}.log", "w")  # noqa: SIM115 (closed by os._exit)
-    os.dup2(log.fileno(), 1)
-    os.dup2(log.fileno(), 2)
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    interface = _loopback_interface()
-    if interface is not None:
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=TIMEOUT_S)
-    )
-    (Path(out) / f"rank{rank}.ready").touch()
+def _rank_work(rank: int, out: Path) -> dict:
     results = {case: _train(case, rank) for case in CASES}
     results["auto_mode"] = _auto_mode()
     results["skip"] = _skip_consistently(rank)
     results["local_weighting"] = _local_weighting(rank)
     results["accumulate_and_amp"] = _accumulate_and_amp(rank)
-    results["checkpointed"] = _checkpointed(rank, out)
-    torch.save(results, Path(out) / f"rank{rank}.partial")
-    os.replace(Path(out) / f"rank{rank}.partial", Path(out) / f"rank{rank}.pt")
-    dist.barrier()  # no rank tears its connections down while a peer still uses them
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Leave without the interpreter's teardown: gloo's background threads racing the
-    # destructors at exit can abort a process whose work is already saved.
-    os._exit(0)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _logs(out: Path) -> str:
-    parts = []
-    for rank in range(WORLD):
-        path = out / f"rank{rank}.log"
-        text = path.read_text(errors="replace").strip() if path.exists() else ""
-        parts.append(f"--- rank {rank} ---\n{text[-1500:] or '(nothing printed)'}")
-    return "\n".join(parts)
-
-
-def _run_ranks(out: Path) -> None:
-    """Run the workers: a Python error in a rank raises at once, and so does a rank killed by a
-    signal; ranks without a process group after READY_S seconds, or unfinished after
-    TIMEOUT_S, are killed and raise TimeoutError."""
-    context = mp.start_processes(
-        _worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False, start_method="spawn"
-    )
-    start = time.monotonic()
-    try:
-        while not context.join(timeout=0.5):
-            elapsed = time.monotonic() - start
-            ready = all((out / f"rank{rank}.ready").exists() for rank in range(WORLD))
-            if elapsed > TIMEOUT_S or (elapsed > READY_S and not ready):
-                raise TimeoutError(f"the {WORLD} ranks were stopped after {elapsed:.0f} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-                process.join()
+    results["checkpointed"] = _checkpointed(rank, str(out))
+    results["broadcast"] = _ddp_broadcasts_rank_0s_model(rank)
+    results["auto_modes"] = _auto_modes()
+    results["ddp_reductions"] = dict(DDP_REDUCTIONS)
+    return results
 
 
 @pytest.fixture(scope="module")
 def ranks_dir(tmp_path_factory) -> Path:
-    """The ranks' results. A Python error in a rank fails at once. A rank killed by a signal, or
-    ranks past the deadline, are started again once; then:
-
-    - if every rank had saved its results, the accident was in the teardown and they are used;
-    - if some rank never got its process group, the machine cannot run gloo and the tests
-      that need the ranks are skipped, with what the ranks printed;
-    - otherwise the ranks failed during the training steps, and the tests fail.
-    """
-    for attempt in (1, 2):
-        out = tmp_path_factory.mktemp(f"ranks{attempt}")
-        try:
-            _run_ranks(out)
-            return out
-        except (mp.ProcessExitedException, TimeoutError) as error:
-            if all((out / f"rank{rank}.pt").exists() for rank in range(WORLD)):
-                return out
-            failure = f"{error}\n{_logs(out)}"
-            started = all((out / f"rank{rank}.ready").exists() for rank in range(WORLD))
-    if not started:
-        pytest.skip(f"no gloo process group on this machine: {failure}")
-    pytest.fail(f"the ranks died during the training steps: {failure}")
+    return run_ranks(tmp_path_factory, _rank_work)
 
 
 @pytest.fixture(scope="module")
 def rank_results(ranks_dir) -> list[dict[str, list[torch.Tensor]]]:
-    return [torch.load(ranks_dir / f"rank{rank}.pt") for rank in range(WORLD)]
+    return load_results(ranks_dir)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -360,3 +312,37 @@ def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(rank_results
     for rank in range(WORLD):
         for param, reference in zip(rank_results[rank]["skip"], initial, strict=True):
             assert torch.equal(param, reference)
+
+
+def test_ddp_never_reduces_gradients_with_or_without_modules(rank_results):
+    """JDOptimizer computes gradients with torch.autograd.grad, which runs none of DDP's hooks:
+    DDP's all-reduce never runs, whether the DDP model is passed as modules= or not, and the
+    updates are the same (both equal one process on the global batch, checked above)."""
+    for rank in range(WORLD):
+        assert rank_results[rank]["ddp_reductions"] == {
+            "ddp_multi_task": 0,
+            "ddp_without_modules": 0,
+            "ddp_multi_task_auto": 0,
+        }
+    for a, b in zip(
+        rank_results[0]["ddp_multi_task"], rank_results[0]["ddp_without_modules"], strict=True
+    ):
+        assert torch.equal(a, b)
+
+
+def test_ddp_gives_every_rank_the_model_of_rank_0(rank_results):
+    torch.manual_seed(0)
+    rank_0 = [p.detach() for p in _Net().double().parameters()]
+    for rank in range(WORLD):
+        for param, reference in zip(rank_results[rank]["broadcast"], rank_0, strict=True):
+            assert torch.equal(param, reference)
+
+
+def test_auto_mode_is_jacobian_under_data_parallelism_unless_local_weighting(rank_results):
+    for rank in range(WORLD):
+        assert rank_results[rank]["auto_modes"] == ("jacobian", "gramian")
+
+
+def test_a_seeded_randomised_aggregator_draws_the_same_on_every_rank(rank_results):
+    for a, b in zip(rank_results[0]["checkpointed"], rank_results[1]["checkpointed"], strict=True):
+        assert torch.equal(a, b)

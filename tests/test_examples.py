@@ -69,9 +69,14 @@ def test_quickstart_default() -> None:
 def test_multi_task_digits() -> None:
     pytest.importorskip("sklearn")
     output = run_example(
-        "multi_task_digits.py", "--epochs", "4", "--train-size", "2000", "--test-size", "500"
+        "multi_task_digits.py", "--epochs", "4", "--train-size", "2000", "--validation-size",
+        "300", "--test-size", "500", "--lrs", "0.01", "0.03",
+    )  # fmt: skip
+    sweep = re.findall(r"^\s+(0\.01|0\.03)\s+\d\.\d+\s+\d\.\d+$", output, flags=re.MULTILINE)
+    assert sweep == ["0.01", "0.03"], output
+    rows = re.findall(
+        r"^\s+(Mean|UPGrad)\s+0\.0[13]\s+(\d\.\d+)\s+(\d\.\d+)$", output, flags=re.MULTILINE
     )
-    rows = re.findall(r"^\s+(Mean|UPGrad)\s+(\d\.\d+)\s+(\d\.\d+)$", output, flags=re.MULTILINE)
     assert [name for name, *_ in rows] == ["Mean", "UPGrad"], output
     # A few epochs are enough to read both digits far better than chance (0.1).
     assert all(float(a) > 0.5 and float(b) > 0.5 for _, a, b in rows), output
@@ -79,15 +84,28 @@ def test_multi_task_digits() -> None:
 
 def test_iwrm() -> None:
     pytest.importorskip("sklearn")
-    output = run_example("iwrm.py", "--epochs", "2", "--lr", "0.01", "--chunk-size", "16")
+    output = run_example("iwrm.py", "--epochs", "2", "--lrs", "0.01", "--chunk-size", "16")
     rows = re.findall(
-        r"^\s+(Mean|UPGrad)\s+(\d+\.\d+)\s+(\d\.\d+)\s+(\d+) / (\d+)", output, flags=re.MULTILINE
+        r"^\s+(Mean|UPGrad)\s+0\.01\s+(\d+\.\d+)\s+(\d\.\d+)\s+(\d+) / (\d+)",
+        output,
+        flags=re.MULTILINE,
     )
     assert [row[0] for row in rows] == ["Mean", "UPGrad"], output
     increased = {row[0]: int(row[3]) for row in rows}
     # With a small learning rate, an UPGrad step raises no sample's loss; a Mean step almost
     # always raises some.
     assert increased["UPGrad"] < increased["Mean"], output
+
+
+def test_iwrm_sweep_reports_each_method_at_its_best_learning_rate() -> None:
+    pytest.importorskip("sklearn")
+    output = run_example("iwrm.py", "--epochs", "1", "--lrs", "0.01", "0.3")
+    table = re.findall(r"^\s+(0\.01|0\.3)\s+(\d\.\d+)\s+(\d\.\d+)$", output, flags=re.MULTILINE)
+    assert [lr for lr, *_ in table] == ["0.01", "0.3"], output
+    chosen = dict(re.findall(r"^\s+(Mean|UPGrad)\s+(\S+)\s+\d+\.\d+", output, flags=re.M))
+    for column, name in enumerate(["Mean", "UPGrad"], start=1):
+        best = max(table, key=lambda row: float(row[column]))[0]
+        assert chosen[name] == best, output
 
 
 def test_config_from_file() -> None:
@@ -122,24 +140,99 @@ def test_lightning_manual() -> None:
     assert re.search(r"Trained 1 epochs with Lightning; task losses: \[", output), output
 
 
-def test_distributed_single_process() -> None:
-    output = run_example("distributed.py", "--steps", "3")
-    assert "1 process, parameter checksum" in output
+def _checksum(output: str) -> float:
+    match = re.search(r"^Parameter checksum (-?\d+\.\d+); checkpoint ", output, flags=re.M)
+    assert match, output
+    return float(match.group(1))
+
+
+def test_distributed_single_process_resumes_from_its_checkpoint(tmp_path: Path) -> None:
+    args = ["--epochs", "2", "--samples", "512"]
+    whole = run_example("distributed.py", *args, "--checkpoint", str(tmp_path / "a.pt"))
+    assert "1 process on cpu, global batch 64, 8 steps per epoch." in whole, whole
+    epochs = re.findall(r"^\s+(\d)  (\d\.\d{4})  (\d\.\d{4})  (\d\.\d{4})$", whole, re.M)
+    assert [epoch for epoch, *_ in epochs] == ["1", "2"], whole
+    # Stopped after one epoch and resumed from the checkpoint: the same parameters.
+    part = tmp_path / "b.pt"
+    run_example("distributed.py", *args[2:], "--epochs", "1", "--checkpoint", str(part))
+    resumed = run_example("distributed.py", *args, "--checkpoint", str(part), "--resume")
+    assert re.findall(r"^\s+(\d)  ", resumed, re.M) == ["2"], resumed
+    assert _checksum(resumed) == _checksum(whole), (whole, resumed)
 
 
 @pytest.mark.slow
-def test_distributed_two_processes() -> None:
-    """torchrun with two gloo ranks. Its local rendezvous can fail on a loaded or sandboxed
-    machine, so a failed run is tried again once; a second run that never completed a step is
-    skipped as the machine's, and one that failed later fails the test."""
+def test_distributed_two_processes(tmp_path: Path) -> None:
+    """torchrun with two gloo ranks: they end with the same parameters as one process. Its
+    local rendezvous can fail on a loaded or sandboxed machine, so a failed run is tried again
+    once; a second run that never completed an epoch is skipped as the machine's, and one that
+    failed later fails the test."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     loopback = [name for _, name in socket.if_nameindex() if name.startswith("lo")]
     if loopback:  # not the address the host name resolves to, which a sandbox may filter
         env.setdefault("GLOO_SOCKET_IFNAME", loopback[0])
+    args = ["--epochs", "2", "--samples", "512"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     for _attempt in range(2):
         result = subprocess.run(
-            [*command, str(EXAMPLES / "distributed.py"), "--steps", "3"],
+            [*command, str(EXAMPLES / "distributed.py"), *args, "--checkpoint",
+             str(tmp_path / "two.pt")],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )  # fmt: skip
+        if result.returncode == 0:
+            break
+    finished = "2 ranks, identical parameters on every rank: True" in result.stdout
+    if result.returncode != 0 and not finished and "    1  " not in result.stdout:
+        pytest.skip(f"torchrun could not start two gloo ranks here: {result.stderr[-2000:]}")
+    # A non-zero exit after the final line is a teardown accident: the example's work is done.
+    assert finished, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "2 ranks on cpu, global batch 64, 8 steps per epoch." in result.stdout
+    one = run_example("distributed.py", *args, "--checkpoint", str(tmp_path / "one.pt"))
+    # Each rank's shard of a step is half of the batch one process reads at that step.
+    assert abs(_checksum(result.stdout) - _checksum(one)) < 1e-4, (result.stdout, one)
+    assert (tmp_path / "two.pt").exists()
+
+
+def test_fsdp_single_process_resumes_from_its_checkpoint(tmp_path: Path) -> None:
+    args = ["--epochs", "2", "--samples", "512"]
+    whole = run_example("fsdp.py", *args, "--checkpoint", str(tmp_path / "a"))
+    assert "1 process on cpu, global batch 64, 8 steps per epoch." in whole, whole
+    epochs = re.findall(r"^\s+(\d)  (\d\.\d{4})  (\d\.\d{4})  (\d\.\d{4})$", whole, re.M)
+    assert [epoch for epoch, *_ in epochs] == ["1", "2"], whole
+    # Stopped after one epoch and resumed from the sharded checkpoint: the same parameters.
+    part = tmp_path / "b"
+    run_example("fsdp.py", *args[2:], "--epochs", "1", "--checkpoint", str(part))
+    resumed = run_example("fsdp.py", *args, "--checkpoint", str(part), "--resume")
+    assert re.findall(r"^\s+(\d)  ", resumed, re.M) == ["2"], resumed
+    assert _checksum(resumed) == _checksum(whole), (whole, resumed)
+
+
+def test_fsdp_bfloat16(tmp_path: Path) -> None:
+    output = run_example("fsdp.py", "--epochs", "2", "--samples", "512", "--bf16",
+                         "--checkpoint", str(tmp_path / "c"))  # fmt: skip
+    losses = re.findall(r"^\s+\d  (\d\.\d{4})  (\d\.\d{4})  (\d\.\d{4})$", output, re.M)
+    assert len(losses) == 2, output
+    # bfloat16 compute trains: every task's loss falls in the second epoch.
+    assert all(float(b) < float(a) for a, b in zip(*losses, strict=True)), output
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes(tmp_path: Path) -> None:
+    """torchrun with two gloo ranks, each holding half of every parameter: they end where one
+    process does, up to rounding. A failed start is tried again once, and skipped as the
+    machine's if the ranks never completed an epoch, as for examples/distributed.py."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    loopback = [name for _, name in socket.if_nameindex() if name.startswith("lo")]
+    if loopback:
+        env.setdefault("GLOO_SOCKET_IFNAME", loopback[0])
+    args = ["--epochs", "2", "--samples", "512"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    for _attempt in range(2):
+        result = subprocess.run(
+            [*command, str(EXAMPLES / "fsdp.py"), *args, "--checkpoint", str(tmp_path / "two")],
             cwd=ROOT,
             capture_output=True,
             text=True,
@@ -148,11 +241,15 @@ def test_distributed_two_processes() -> None:
         )
         if result.returncode == 0:
             break
-    finished = "2 ranks, identical parameters on every rank: True" in result.stdout
-    if result.returncode != 0 and not finished and "step   0" not in result.stdout:
+    finished = "Parameter checksum" in result.stdout
+    if result.returncode != 0 and not finished and "    1  " not in result.stdout:
         pytest.skip(f"torchrun could not start two gloo ranks here: {result.stderr[-2000:]}")
-    # A non-zero exit after the final line is a teardown accident: the example's work is done.
     assert finished, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "2 ranks on cpu, global batch 64, 8 steps per epoch." in result.stdout
+    assert "Rank 0 holds 36411 of the model's 72771 parameters." in result.stdout
+    one = run_example("fsdp.py", *args, "--checkpoint", str(tmp_path / "one"))
+    assert abs(_checksum(result.stdout) - _checksum(one)) < 1e-4, (result.stdout, one)
+    assert (tmp_path / "two" / "epoch-2").is_dir()
 
 
 def test_iwmtl() -> None:

@@ -1,9 +1,16 @@
-"""Property-based robustness: every registered aggregator, on random Jacobians of random shapes and
-scales, returns a finite update of the right shape, or refuses the input with a ValueError."""
+"""Fuzz tests over the whole registry, on the degenerate inputs of real training.
+
+Every registered aggregator, weighting and scalarizer is run on inputs drawn by
+`tests.strategies` (zero, duplicated and tiny rows, low rank, a common component, weakly
+stationary points, spread norms, scales from 1e-30 to 1e30, float64, float32, bfloat16 and
+float16, any row order; losses from 1e-30 to 1e30) and checked by `tests.properties`: finite
+input gives a finite result of the right shape and dtype, the declared properties hold
+(non-conflicting, permutation invariant), non-finite input gives a ``ValueError`` or a
+non-finite result. The examples are derandomised, so that a run does not depend on luck;
+``tests/benchmarks/bench_fuzz.py`` draws many more and counts the violations.
+"""
 
 from __future__ import annotations
-
-import warnings
 
 import pytest
 import torch
@@ -11,47 +18,81 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import jdoptim
+from tests.properties import aggregator_violations, scalarizer_violations, weighting_violations
+from tests.strategies import FLOAT_DTYPES, _degenerate, degenerate_jacobians, loss_vectors
 
-KINDS = ("normal", "low_rank", "zero_row", "duplicated", "opposite", "common_direction")
-
-
-def _jacobian(kind: str, m: int, n: int, log_scale: float, seed: int, dtype: torch.dtype):
-    generator = torch.Generator().manual_seed(seed)
-    J = torch.randn(m, n, generator=generator, dtype=torch.float64)
-    if kind == "low_rank":
-        J = torch.randn(m, 1, generator=generator, dtype=torch.float64) @ J[:1]
-    elif kind == "zero_row":
-        J[0] = 0.0
-    elif kind == "duplicated" and m > 1:
-        J[-1] = J[0]
-    elif kind == "opposite" and m > 1:
-        J[-1] = -J[0]
-    elif kind == "common_direction":
-        J = J + 3.0 * torch.randn(1, n, generator=generator, dtype=torch.float64)
-    return (J * 10.0**log_scale).to(dtype)
+DUAL_CONE = {"upgrad", "dualproj", "crmogm", "upgradweighting", "dualprojweighting"}
+DUAL_CONE |= {"crmogmweighting"}  # its registry example wraps UPGradWeighting
+"""Methods built on the dual-cone projection; its solver does not yet meet these contracts in
+float32 and half precision (see `test_dual_cone_methods_on_pinned_inputs`), so they are fuzzed in
+float64 here."""
 
 
+def _fuzz(max_examples: int) -> settings:
+    return settings(
+        max_examples=max_examples,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+
+
+def _dtypes(name: str) -> tuple[torch.dtype, ...]:
+    return (torch.float64,) if name in DUAL_CONE else FLOAT_DTYPES
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", jdoptim.list_aggregators())
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    m=st.integers(1, 12),
-    n=st.integers(1, 20),
-    log_scale=st.floats(-8.0, 8.0),
-    seed=st.integers(0, 2**31 - 1),
-    kind=st.sampled_from(KINDS),
-    dtype=st.sampled_from([torch.float32, torch.float64]),
+@_fuzz(120)
+@given(data=st.data())
+def test_aggregator_contracts(name: str, data: st.DataObject):
+    spec = jdoptim.get_spec(name)
+    J = data.draw(degenerate_jacobians(min_m=spec.min_objectives, dtypes=_dtypes(name)))
+    seed = data.draw(st.integers(0, 2**31 - 1))
+    assert aggregator_violations(name, J, seed) == []
+
+
+@pytest.mark.parametrize("name", jdoptim.list_weightings())
+@_fuzz(50)
+@given(data=st.data())
+def test_weighting_contracts(name: str, data: st.DataObject):
+    spec = jdoptim.get_spec(name)
+    J = data.draw(degenerate_jacobians(min_m=spec.min_objectives, dtypes=_dtypes(name)))
+    seed = data.draw(st.integers(0, 2**31 - 1))
+    assert weighting_violations(name, J, seed) == []
+
+
+@pytest.mark.parametrize("name", jdoptim.list_scalarizers())
+@_fuzz(100)
+@given(losses=loss_vectors(), seed=st.integers(0, 2**31 - 1))
+def test_scalarizer_contracts(name: str, losses: torch.Tensor, seed: int):
+    assert scalarizer_violations(name, losses, seed) == []
+
+
+# (m, n, degeneracies, rank, log10 tiny, log10 spread, log10 scale, seed, dtype) of inputs on
+# which the dual-cone solver raises or returns a conflicting update.
+PINNED = {
+    "upgrad": [
+        (3, 19, "common_component low_rank tiny_rows weakly_stationary zero_rows", 1, -13.573,
+         4.804, -8.721, 1436325757, torch.float32),
+        (10, 6, "duplicated_rows", 4, -8.73, 5.489, 19.097, 587467669, torch.float32),
+        (10, 2, "spread_norms tiny_rows weakly_stationary", 1, -15.28, 0.938, -14.818,
+         1138936399, torch.float16),
+    ],
+    "dualproj": [
+        (8, 9, "tiny_rows weakly_stationary", 1, -8.945, 3.1, 18.875, 326108526, torch.float32),
+        (12, 4, "common_component low_rank tiny_rows weakly_stationary", 3, -8.821, 1.835,
+         -11.636, 225900872, torch.float32),
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.xfail(strict=True, reason="dual-cone solver: issue 11")
+@pytest.mark.parametrize(
+    ("name", "parameters"),
+    [(name, parameters) for name, cases in PINNED.items() for parameters in cases],
 )
-def test_finite_output_or_clear_value_error(name, m, n, log_scale, seed, kind, dtype):
-    J = _jacobian(kind, m, n, log_scale, seed, dtype)
-    torch.manual_seed(seed)
-    try:
-        aggregator = jdoptim.get_spec(name).example(m)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            update = aggregator(J)
-    except ValueError as error:
-        assert str(error), f"{name} raised a ValueError without a message"
-        return
-    assert update.shape == (n,)
-    assert update.dtype == dtype
-    assert torch.isfinite(update).all(), (name, kind, update)
+def test_dual_cone_methods_on_pinned_inputs(name: str, parameters: tuple):
+    m, n, degeneracies, rank, tiny, spread, scale, seed, dtype = parameters
+    J = _degenerate(m, n, frozenset(degeneracies.split()), rank, tiny, spread, scale, seed, dtype)
+    assert aggregator_violations(name, J) == []

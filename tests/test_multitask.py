@@ -471,6 +471,22 @@ def test_gramian_mode_refuses_a_module_mixing_its_own_shared_parameters_with_hea
         JDOptimizer(sgd, UPGrad(), mode="gramian", shared_params=shared)
 
 
+def test_gramian_mode_refuses_other_shared_params_than_those_it_hooked():
+    model, shared, _ = _build("mlp")
+    sgd = SGD(model.parameters(), lr=0.1)
+    optimizer = JDOptimizer(sgd, UPGrad(), mode="gramian", shared_params=shared, modules=model)
+    optimizer.shared_params = list(shared)  # the same parameters: nothing changes
+    with pytest.raises(ValueError, match="build a new JDOptimizer to change shared_params"):
+        optimizer.shared_params = shared[:2]
+    with pytest.raises(ValueError, match="build a new JDOptimizer to change shared_params"):
+        optimizer.shared_params = None
+    assert optimizer.shared_params == shared and optimizer._path.shared_params == shared
+    plain = JDOptimizer(sgd, UPGrad(), mode="gramian", modules=model)
+    with pytest.raises(ValueError, match="build a new JDOptimizer to change shared_params"):
+        plain.shared_params = shared
+    assert plain.shared_params is None
+
+
 def test_non_finite_losses_change_nothing_and_the_engine_recovers():
     model, shared, x = _build("mlp")
     optimizer = JDOptimizer(
@@ -545,8 +561,10 @@ def test_graphs_vmap_cannot_batch_are_differentiated_one_task_at_a_time(mode):
     optimizer = JDOptimizer(
         SGD(model.parameters(), lr=0.1), UPGrad(), mode=mode, shared_params=shared, modules=model
     )
-    with pytest.warns(UserWarning, match="one backward pass per"):
+    with pytest.warns(UserWarning, match="one backward pass per") as caught:
         optimizer.backward(losses(model, x))
+    if mode == "jacobian":  # the warning points to the caller's line
+        assert caught[0].filename == __file__
     expected = per_task_loop(reference, losses(reference, x), reference_shared, UPGrad())
     _check(
         model,

@@ -202,3 +202,27 @@ def test_combine_adds_or_stacks_the_queued_pieces():
         combine([first, Pieces([p], torch.ones(2, 2))], "sum")
     with pytest.raises(ValueError, match="different shared parameters"):
         combine([first, Pieces([head], torch.ones(3, 1))], "concat")
+
+
+def test_the_optimizer_chooses_the_path_and_hands_it_the_options_assigned_later():
+    from jdoptim import JDOptimizer, Mean
+    from jdoptim.scalarization import Mean as MeanScalarizer
+
+    model = _model()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer = JDOptimizer(sgd, UPGrad(), chunk_size=2)
+    assert isinstance(optimizer._path, JacobianPath) and optimizer._path.chunk_size == 2
+    optimizer.chunk_size = 3
+    optimizer.shared_params = model[0]
+    assert optimizer._path.chunk_size == 3
+    assert optimizer._path.shared_params == list(model[0].parameters())
+    with pytest.raises(ValueError, match="Invalid chunk_size value: 0"):
+        optimizer.chunk_size = 0
+    optimizer.aggregator = Mean()
+    assert isinstance(optimizer._path.method, Mean)
+    with pytest.raises(TypeError, match="takes a method of type Aggregator"):
+        optimizer.aggregator = MeanScalarizer()
+    assert isinstance(JDOptimizer(sgd, MeanScalarizer())._path, ScalarizedPath)
+    gramian = JDOptimizer(sgd, UPGrad(), mode="gramian", modules=model)
+    assert isinstance(gramian._path, GramianPath) and gramian.resolved_mode == "gramian"
+    gramian._path.engine.close()

@@ -21,6 +21,7 @@ TORCHJD_EPS = {"norm_eps": 1e-4, "reg_eps": 1e-4}
         (UPGrad(**TORCHJD_EPS, solver="quadprog"), [0.2929, 1.9004, 1.9004], [1.1109, 0.7894]),
         (DualProj(**TORCHJD_EPS, solver="quadprog"), [0.5563, 1.1109, 1.1109], None),
         (MGDA(), [0.0, 1.0, 1.0], [0.6, 0.4]),
+        (MGDA(solver="frank_wolfe"), [0.0, 1.0, 1.0], [0.6, 0.4]),
         (IMTLG(), [0.0767, 1.0, 1.0], None),
     ],
     ids=repr,
@@ -46,9 +47,10 @@ def test_upgrad_exact_values_without_regularisation():
 
 def test_mgda_exact_weights():
     # min over a of |a g1 + (1 - a) g2|^2: the first coordinate 6 - 10a vanishes at a = 3/5.
-    torch.testing.assert_close(
-        MGDA(epsilon=0.0).weighting(J @ J.T), torch.tensor([0.6, 0.4], dtype=J.dtype)
-    )
+    expected = torch.tensor([0.6, 0.4], dtype=J.dtype)
+    torch.testing.assert_close(MGDA().weighting(J @ J.T), expected, rtol=0, atol=1e-15)
+    frank_wolfe = MGDA(solver="frank_wolfe", epsilon=0.0, max_iters=10_000).weighting(J @ J.T)
+    torch.testing.assert_close(frank_wolfe, expected)
 
 
 def test_imtlg_projections_on_unit_gradients_are_equal():

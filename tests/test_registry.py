@@ -40,6 +40,8 @@ def test_list_aggregators_filters_with_a_case_insensitive_wildcard():
 def test_weightings_are_registered_and_declare_gramian_use():
     assert "upgradweighting" in jdoptim.list_weightings()
     assert get_spec("upgradweighting").gramian_based
+    assert get_spec("crmogmweighting").gramian_based
+    assert not get_spec("excessmtlweighting").gramian_based
     assert get_spec("upgrad").gramian_based
     assert get_spec("upgrad").kind == "aggregator"
     assert get_spec("meanweighting").kind == "weighting"
@@ -122,7 +124,12 @@ def test_nested_configs_build_recursively():
         assert aggregator.weighting.max_iters == 7
         assert to_config(aggregator) == {
             "name": "wrapped_for_test",
-            "weighting": {"name": "mgdaweighting", "epsilon": 0.001, "max_iters": 7},
+            "weighting": {
+                "name": "mgdaweighting",
+                "solver": "active_set",
+                "epsilon": 0.001,
+                "max_iters": 7,
+            },
         }
     finally:
         unregister("wrapped_for_test")
@@ -153,7 +160,9 @@ def test_repr_derives_from_the_constructor_signature():
     assert repr(UPGrad(pref_vector=[1.0, 3.0], reg_eps=0.1, solver="quadprog")) == (
         "UPGrad(pref_vector=[1.0, 3.0], norm_eps=0.0, reg_eps=0.1, solver='quadprog')"
     )
-    assert repr(jdoptim.MGDA(max_iters=5)) == "MGDA(epsilon=0.001, max_iters=5)"
+    assert repr(jdoptim.MGDA(max_iters=5)) == (
+        "MGDA(solver='active_set', epsilon=0.001, max_iters=5)"
+    )
 
 
 def test_tensor_arguments_follow_the_module_to_another_dtype():

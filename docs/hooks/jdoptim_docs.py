@@ -58,6 +58,17 @@ MODULE_TITLES = {
     "jdoptim.registry": "Registry and configuration",
     "jdoptim.aggregation._bases": "Base classes",
 }
+# The names the papers give methods whose class names cannot spell them; the site titles pages,
+# nav entries and table rows with these, and the classes keep their Python names.
+DISPLAY_NAMES = {
+    "AlignedMTL": "Aligned-MTL",
+    "CRMOGM": "CR-MOGM",
+    "IMTLG": "IMTL-G",
+    "IMTLL": "IMTL-L",
+    "NashMTL": "Nash-MTL",
+    "MoDoWeighting": "MoDo",
+    "SDMGradWeighting": "SDMGrad",
+}
 PROPERTIES = (
     ("non_conflicting", "Non-conflicting"),
     ("linear_under_scaling", "Linear under scaling"),
@@ -65,6 +76,17 @@ PROPERTIES = (
     ("stateful", "Stateful"),
     ("randomised", "Randomised"),
 )
+
+
+def display_name(spec: Spec) -> str:
+    """The method's name as its paper writes it; a loss scalarizer named like an aggregator
+    says what it is, so that no two pages have the same title."""
+    name = DISPLAY_NAMES.get(spec.cls.__name__, spec.cls.__name__)
+    if spec.kind == "scalarizer" and any(
+        other.kind != "scalarizer" and display_name(other) == name for other in _specs()
+    ):
+        return f"{name} (scalarizer)"
+    return name
 
 
 @dataclass(frozen=True)
@@ -105,7 +127,7 @@ def method_pages() -> tuple[MethodPage, ...]:
         src_uri = f"{folder}/{first.name.rsplit('.', 1)[-1]}.md"
         if src_uri in pages:
             raise ValueError(f"{first.name!r} and {pages[src_uri].specs[0].name!r} need one page")
-        pages[src_uri] = MethodPage(src_uri, first.cls.__name__, tuple(specs))
+        pages[src_uri] = MethodPage(src_uri, display_name(first), tuple(specs))
     return tuple(sorted(pages.values(), key=lambda page: page.src_uri))
 
 
@@ -137,26 +159,46 @@ def _mark(value: bool) -> str:
     return "✓" if value else "✗"
 
 
+# Short labels of the publishers of papers without an arXiv version, by host.
+PUBLISHERS = {
+    "proceedings.neurips.cc": "NeurIPS",
+    "openreview.net": "OpenReview",
+    "ieeexplore.ieee.org": "IEEE",
+}
+
+
 def paper_link(url: str | None) -> str:
+    """A short link to a paper: its arXiv number, or its publisher."""
     if not url:
         return ""
     match = re.search(r"arxiv\.org/(?:abs|pdf)/([\w.]+?)(?:v\d+)?(?:\.pdf)?$", url)
-    label = f"arXiv:{match.group(1)}" if match else re.sub(r"^https?://(www\.)?", "", url)
+    if match:
+        label = f"arXiv {match.group(1)}"
+    else:
+        host = re.sub(r"^https?://(www\.)?", "", url).split("/", 1)[0]
+        label = PUBLISHERS.get(host, host)
     return f"[{label}]({url})"
 
 
-def properties_table(specs: list[Spec], from_uri: str, *, link: bool = True) -> str:
+def properties_table(
+    specs: list[Spec], from_uri: str, *, link: bool = True, paper: bool = True
+) -> str:
     gramian = all(spec.kind in GRAMIAN_KINDS for spec in specs)
-    header = ["Method", "Registry name", *(["Gramian-based"] if gramian else [])]
-    header += [title for _, title in PROPERTIES] + ["Paper"]
-    rows = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    # The registry name goes under the method's name rather than in a column of its own, so
+    # that the table fits the content column of a laptop's screen.
+    header = ["Method<br>registry name", *(["Gramian-based"] if gramian else [])]
+    header += [title for _, title in PROPERTIES]
+    marks = len(header) - 1  # the columns of ✓ and ✗, centred
+    rows = ["| " + " | ".join(header + ["Paper"] * paper) + " |"]
+    rows.append("| --- |" + " :-: |" * marks + " --- |" * paper)
     for spec in specs:
-        name = f"`{spec.cls.__name__}`"
+        name = display_name(spec)
         if link:
             name = f"[{name}]({_link(from_uri, page_of(spec).src_uri)})"
-        cells = [name, f"`{spec.name}`", *([_mark(spec.gramian_based)] if gramian else [])]
+        cells = [f"{name}<br>`{spec.name}`", *([_mark(spec.gramian_based)] if gramian else [])]
         cells += [_mark(getattr(spec, field)) for field, _ in PROPERTIES]
-        cells.append(paper_link(spec.paper))
+        if paper:
+            cells.append(paper_link(spec.paper))
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -182,7 +224,8 @@ def config_example(spec: Spec) -> str:
 def method_page_markdown(page: MethodPage) -> str:
     parts = [
         f"# {page.title}",
-        properties_table(list(page.specs), page.src_uri, link=False),
+        # The docstrings below cite the paper.
+        properties_table(list(page.specs), page.src_uri, link=False, paper=False),
         "See [the table of all methods](index.md) for what the properties mean.",
     ]
     parts += [config_example(spec) for spec in page.specs]
@@ -281,9 +324,12 @@ def on_config(config: Any) -> Any:
     nav = config["nav"]
     pages = method_pages()
     by_section: dict[str, list[dict[str, Any]]] = {}
+    weightings = [{p.title: p.src_uri} for p in pages if p.kind == "weighting"]
     for page in pages:
-        if page.kind in SECTIONS:
+        if page.kind in SECTIONS and page.kind != "weighting":
             by_section.setdefault(SECTIONS[page.kind][0], []).append({page.title: page.src_uri})
+    if weightings:  # pages of weightings defined without an aggregator of their own
+        by_section.setdefault(SECTIONS["weighting"][0], []).append({"Weightings": weightings})
     for kind in sorted({page.kind for page in pages} - set(SECTIONS)):
         of_kind = [{p.title: p.src_uri} for p in pages if p.kind == kind]
         by_section.setdefault(DEFAULT_SECTION[0], []).append({f"{kind.capitalize()}s": of_kind})

@@ -29,6 +29,8 @@ class Losses:
         params: The parameters that may receive a gradient (the optimizer's, requiring grad).
         retain_graph: Keep the autograd graph after the backward pass.
         scale: The ``GradScaler``'s scale of the losses (``1.0`` without scaling).
+        accumulation: How these losses' pieces combine with other calls' and other ranks':
+            ``"sum"`` (the same objectives) or ``"concat"`` (objectives of their own).
     """
 
     tensor: Tensor
@@ -36,6 +38,7 @@ class Losses:
     params: list[Tensor]
     retain_graph: bool = False
     scale: float = 1.0
+    accumulation: Literal["sum", "concat"] = "sum"
 
 
 @dataclass
@@ -83,15 +86,18 @@ class Path(ABC):
         method: The aggregator or scalarizer the path applies.
     """
 
+    method_type: ClassVar[type[nn.Module]] = nn.Module
+    """The kind of method the path applies."""
     mode: ClassVar[Literal["jacobian", "gramian"]] = "jacobian"
     """What `JDOptimizer.resolved_mode` reports for this path."""
     what: ClassVar[str] = "the Jacobian"
     """What the path aggregates, as named in messages about non-finite values."""
     queues: ClassVar[bool] = True
     """Whether the pieces of several calls can wait for one aggregation (``aggregate=False``)."""
-    reduces: ClassVar[Literal["pieces", "update"]] = "pieces"
+    reduces: ClassVar[Literal["pieces", "update", "itself"]] = "pieces"
     """What the optimizer averages across ranks under data parallelism: the pieces (the exact
-    global Jacobian), or only the update (each rank aggregates its own losses)."""
+    global Jacobian), or only the update (each rank aggregates its own losses); or nothing,
+    for a path that reduces across ranks itself (on sharded parameters)."""
     method_in_pieces: ClassVar[bool] = False
     """Whether `pieces` already runs the method (whose state may then change before the
     aggregation)."""

@@ -37,6 +37,7 @@ class GramianPath(Path):
     what = "the Gramian"
     queues = False
     reduces = "update"
+    method_type = GramianWeightedAggregator
     method: GramianWeightedAggregator
 
     def __init__(self, method: GramianWeightedAggregator, engine: GramianEngine) -> None:

@@ -43,6 +43,7 @@ class JacobianPath(Path):
             backward pass per loss.
     """
 
+    method_type = Aggregator
     method: Aggregator
 
     def __init__(
@@ -107,21 +108,28 @@ class JacobianPath(Path):
 
     def _batched_or_not(self, compute: Callable[[bool, bool], Any], retain_graph: bool) -> Any:
         """Run ``compute(batched, retain_graph)``, batched unless vmap is known to fail on this
-        graph; the first batched run keeps the graph, to be replayed one loss at a time if it
-        fails."""
+        graph.
+
+        The first batched run keeps the graph. If it fails, the same losses are replayed one
+        backward pass per loss: if that works, vmap was at fault, and the losses go one by one
+        from now on; if it fails too, the error is the model's, raised from that retry, and the
+        next call tries the batched pass again."""
         if self.batched is None:
             try:
                 result = compute(True, True)
             except RuntimeError as error:
+                result = compute(False, retain_graph)
                 warnings.warn(
-                    f"The batched backward pass failed ({error}); computing one backward pass "
-                    "per loss from now on. Pass chunk_size=1 to choose this explicitly.",
-                    stacklevel=5,
+                    f"The batched backward pass failed where one backward pass per loss works, "
+                    f"so vmap cannot batch this graph ({error}); the losses go through one "
+                    "backward pass per loss from now on. Pass chunk_size=1 to choose this "
+                    "explicitly.",
+                    stacklevel=6,
                 )
                 self.batched = False
             else:
                 self.batched = True
-                return result
+            return result
         return compute(self.batched, retain_graph)
 
     def aggregate(self, pieces: Pieces, *, scale: float, diagnostics: bool) -> Update:

@@ -26,6 +26,7 @@ class ScalarizedPath(Path):
 
     what = "the gradient of the scalarised loss"
     method_in_pieces = True
+    method_type = Scalarizer
     method: Scalarizer
 
     def pieces(self, losses: Losses) -> Pieces:

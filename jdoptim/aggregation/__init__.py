@@ -3,6 +3,7 @@
 from jdoptim.aggregation._alignedmtl import AlignedMTL, AlignedMTLWeighting
 from jdoptim.aggregation._bases import (
     Aggregator,
+    Argument,
     GramianWeightedAggregator,
     WeightedAggregator,
     Weighting,
@@ -38,6 +39,7 @@ __all__ = [
     "Aggregator",
     "AlignedMTL",
     "AlignedMTLWeighting",
+    "Argument",
     "CAGrad",
     "CAGradWeighting",
     "CRMOGMWeighting",

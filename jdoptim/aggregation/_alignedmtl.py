@@ -7,9 +7,12 @@ import torch
 from torch import Tensor
 
 from jdoptim.aggregation._bases import (
+    Argument,
     GramianWeightedAggregator,
     Weighting,
-    as_weight_tensor,
+    check_weights,
+    one_of,
+    optional,
     preference_weights,
 )
 from jdoptim.registry import register
@@ -32,26 +35,28 @@ class AlignedMTLWeighting(Weighting):
             non-zero ones) or ``"rmse"`` (their mean, as in the authors' code).
     """
 
+    pref_vector = Argument(optional(check_weights))
+    scale_mode = Argument(one_of(SCALE_MODES))
+
     def __init__(
         self,
         pref_vector: Tensor | Sequence[float] | None = None,
         scale_mode: ScaleMode = "min",
     ) -> None:
         super().__init__()
-        pref = None if pref_vector is None else as_weight_tensor(pref_vector, "pref_vector")
-        self.register_buffer("pref_vector", pref, persistent=False)
-        if scale_mode not in SCALE_MODES:
-            raise ValueError(
-                f"Invalid scale_mode value: {scale_mode!r}; valid modes: {SCALE_MODES}."
-            )
+        self.pref_vector = pref_vector
         self.scale_mode = scale_mode
 
     def _weights(self, matrix: Tensor) -> Tensor:
         m = matrix.shape[0]
-        u = preference_weights(self.pref_vector, m, matrix, type(self).__name__)
-        eigenvalues, vectors = torch.linalg.eigh(matrix)  # ascending
-        eps = max(torch.finfo(matrix.dtype).eps, torch.finfo(torch.float32).eps)
-        kept = eigenvalues > eigenvalues[-1] * m * eps
+        G = matrix.to(torch.float64)
+        u = preference_weights(self.pref_vector, m, G, type(self).__name__)
+        # B is unchanged by scaling G, and G / max G_ii has entries in [-1, 1]: its decomposition
+        # in float64 cannot overflow or fail.
+        largest = G.diagonal().max()
+        G = G / torch.where(largest > 0, largest, 1.0)
+        eigenvalues, vectors = torch.linalg.eigh((G + G.T) / 2)  # ascending
+        kept = eigenvalues > eigenvalues[-1] * m * torch.finfo(matrix.dtype).eps
         rank = kept.sum()
         safe = torch.where(kept, eigenvalues, 1.0)
         inverse_roots = torch.where(kept, safe.rsqrt(), 0.0)
@@ -86,8 +91,12 @@ class AlignedMTL(GramianWeightedAggregator):
     all equal to $\sqrt{\lambda_\star}$, where $\lambda_\star$ is the smallest non-zero
     eigenvalue (``"min"``), their lower median (``"median"``) or their mean (``"rmse"``).
     Eigenvalues up to $m\,\varepsilon\,\lambda_{\max}$ count as zero, with $\varepsilon$ the
-    float32 machine epsilon (or the input dtype's, if larger) whatever the input dtype, as in
-    TorchJD and the authors' code; a zero Gramian gives the weights $u$.
+    machine epsilon of the Gramian's dtype, as in TorchJD 0.18: the entries of a Gramian computed
+    in that dtype are only known to that relative precision, so smaller eigenvalues are rounding
+    noise, which $\Lambda^{-1/2}$ would amplify. (Earlier TorchJD versions took the epsilon of
+    torch's default dtype, float32 unless changed.) A zero Gramian gives the weights $u$. The
+    eigendecomposition is computed in float64 on $G / \max_i G_{ii}$ (which leaves $B$
+    unchanged), so it cannot overflow or fail on a finite Gramian, half precision included.
 
     The update is invariant to the order of the objectives (with uniform preferences). It is
     not linear under scaling of the rows, and it can conflict with some of them when $m > 2$:

@@ -1,18 +1,129 @@
 """Base classes: aggregators map a Jacobian to an update, weightings map it to weights.
 
-Every concrete class stores each constructor argument under the same public name (a tensor as a
-non-persistent buffer, so that ``.to()`` moves it). ``repr`` and `jdoptim.to_config` read
-the arguments back from the constructor's signature, here, once.
+Every concrete class declares each constructor argument once, as an `Argument` class attribute
+holding its check, and stores it under the same public name. The check runs on construction and
+on every later assignment, so an object always computes with what it reports: ``repr`` and
+`jdoptim.to_config` read the arguments back through the constructor's signature, here, once. A
+weighted aggregator has no arguments of its own: they are its weighting's, read and written
+there.
+
+Aggregation is not differentiable: aggregators and weightings run under ``torch.no_grad()``
+and return tensors that do not require grad, whatever their input (as in TorchJD).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
+import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Collection
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+
+Check = Callable[[Any, str], Any]
+"""``check(value, name)`` returns the value to store or raises an error naming ``name`` and
+``value``."""
+
+_UNSET = object()
+
+
+class Argument:
+    """A constructor argument: stored under its public name, checked on every assignment.
+
+    Declare one per constructor parameter of an aggregator, weighting or scalarizer, as a class
+    attribute of the parameter's name, and assign the parameter in ``__init__`` (see the example).
+    A tensor value is stored as a non-persistent buffer (so that ``.to()`` moves it), a module as
+    a submodule, anything else as a plain attribute. After the check, the owner's
+    ``_argument_set(name)`` runs (cross-argument checks, restarting a generator...); if either
+    raises, the previous value stays.
+
+    Args:
+        check: ``check(value, name)`` returns the value to store (converted, e.g. a list to a
+            tensor) or raises a ``ValueError`` or ``TypeError`` naming the argument and value.
+        fixed: The value can only be set once, in the constructor (for arguments that shape the
+            object's state, such as a number of objectives).
+
+    Examples:
+        >>> import torch
+        >>> from jdoptim.aggregation import Argument, Weighting
+        >>> def check_power(value, name):
+        ...     if not isinstance(value, (int, float)) or value <= 0:
+        ...         raise ValueError(f"Invalid {name} value: {value!r}; expected a number > 0.")
+        ...     return float(value)
+        >>> class PowerWeighting(Weighting):  # weights proportional to |g_i|^power
+        ...     power = Argument(check_power)
+        ...
+        ...     def __init__(self, power: float = 1.0) -> None:
+        ...         super().__init__()
+        ...         self.power = power
+        ...
+        ...     def _weights(self, gramian):
+        ...         norms = gramian.diagonal().sqrt() ** self.power
+        ...         return norms / norms.sum()
+        >>> weighting = PowerWeighting()
+        >>> weighting.power = 2
+        >>> weighting, weighting(torch.diag(torch.tensor([1.0, 9.0])))
+        (PowerWeighting(power=2.0), tensor([0.1000, 0.9000]))
+        >>> weighting.power = -1.0
+        Traceback (most recent call last):
+        ...
+        ValueError: Invalid power value: -1.0; expected a number > 0.
+    """
+
+    def __init__(self, check: Check, *, fixed: bool = False) -> None:
+        self.check = check
+        self.fixed = fixed
+        self.name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+        if obj is None:
+            return self
+        value = self._stored(obj)
+        if value is _UNSET:
+            raise AttributeError(f"{type(obj).__name__}.{self.name} has not been set.")
+        return value
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        owner = type(obj).__name__
+        previous = self._stored(obj)
+        if self.fixed and previous is not _UNSET:
+            raise AttributeError(
+                f"{owner}.{self.name} is fixed when the {owner} is built; build a new one with "
+                f"{self.name}={value!r} instead."
+            )
+        self._store(obj, self.check(value, self.name))
+        try:
+            obj._argument_set(self.name)
+        except BaseException:
+            self._store(obj, previous)
+            raise
+
+    def _stored(self, obj: Any) -> Any:
+        for store in (obj._buffers, obj._modules, obj.__dict__):
+            if self.name in store:
+                return store[self.name]
+        return _UNSET
+
+    def _store(self, obj: Any, value: Any) -> None:
+        obj._buffers.pop(self.name, None)
+        obj._non_persistent_buffers_set.discard(self.name)
+        obj._modules.pop(self.name, None)
+        obj.__dict__.pop(self.name, None)
+        if value is _UNSET:
+            return
+        if isinstance(value, Tensor):
+            obj._buffers[self.name] = value
+            obj._non_persistent_buffers_set.add(self.name)
+        elif isinstance(value, nn.Module):
+            obj._modules[self.name] = value
+        else:
+            obj.__dict__[self.name] = value
 
 
 def _format_arg(value: Any) -> str:
@@ -22,20 +133,26 @@ def _format_arg(value: Any) -> str:
 
 
 class Configurable(nn.Module, ABC):
-    """An ``nn.Module`` whose ``repr`` and configuration come from its constructor signature."""
+    """An ``nn.Module`` whose ``repr`` and configuration come from its constructor signature,
+    and whose arguments (declared with `Argument`) are checked on every assignment."""
 
     registry_kind: ClassVar[str] = ""
     """The registry listing that subclasses belong to (``"aggregator"``, ``"weighting"``...)."""
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(getattr(type(self), name, None), Argument):
+            object.__setattr__(self, name, value)  # Argument.__set__ checks and stores it
+        else:
+            super().__setattr__(name, value)
+
+    def _argument_set(self, name: str) -> None:
+        """Called after argument ``name`` got a checked value; raise to refuse it (the previous
+        value is then restored). Override for checks across arguments or state that depends on
+        an argument."""
+
     def constructor_args(self) -> dict[str, Any]:
-        """Return the constructor arguments this object was built with, by parameter name."""
-        parameters = inspect.signature(type(self).__init__).parameters
-        return {
-            name: self._constructor_arg(name)
-            for name, parameter in parameters.items()
-            if name != "self"
-            and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
-        }
+        """Return the constructor arguments this object computes with, by parameter name."""
+        return {name: self._constructor_arg(name) for name in constructor_parameters(type(self))}
 
     def _constructor_arg(self, name: str) -> Any:
         return getattr(self, name)
@@ -46,6 +163,18 @@ class Configurable(nn.Module, ABC):
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={_format_arg(v)}" for k, v in self.constructor_args().items())
         return f"{type(self).__name__}({args})"
+
+
+@functools.cache
+def constructor_parameters(cls: type) -> tuple[str, ...]:
+    """The names of the parameters of ``cls.__init__`` (without ``self``, ``*args``,
+    ``**kwargs``), in order."""
+    parameters = inspect.signature(cls.__init__).parameters.values()
+    return tuple(
+        p.name
+        for p in parameters
+        if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    )
 
 
 def check_matrix(matrix: Tensor, what: str) -> None:
@@ -60,9 +189,33 @@ def check_matrix(matrix: Tensor, what: str) -> None:
         raise TypeError(f"Expected the {what} to have a floating dtype, got {matrix.dtype}.")
 
 
+def solve_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a method computes in for input of ``dtype``: float32 for half precision
+    (bfloat16, float16), the input's dtype otherwise."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def all_finite(tensor: Tensor, dim: int | None = None) -> Tensor:
+    """Whether every entry (along ``dim``, if given) of ``tensor`` is finite, as a boolean
+    tensor, without host synchronisation. The least and largest entries are NaN or infinite
+    exactly when some entry is; finding them is several times faster than
+    ``torch.isfinite(tensor).all()`` on the CPU."""
+    if tensor.numel() == 0:
+        shape = () if dim is None else tensor.shape[:dim] + tensor.shape[dim + 1 :]
+        return torch.ones(shape, dtype=torch.bool, device=tensor.device)
+    low, high = torch.aminmax(tensor) if dim is None else torch.aminmax(tensor, dim=dim)
+    return torch.isfinite(low) & torch.isfinite(high)
+
+
 class Weighting(Configurable):
     """Maps a Gramian ``G = J Jᵀ`` of shape ``[m, m]`` (or, if `needs_jacobian`, the
-    Jacobian ``J`` of shape ``[m, n]``) to a weight vector of shape ``[m]``."""
+    Jacobian ``J`` of shape ``[m, n]``) to a weight vector of shape ``[m]``.
+
+    The weights do not require grad (aggregation is not differentiable) and have the input's
+    dtype; methods solve half-precision input (bfloat16, float16) in float32 or better (see
+    `solve_dtype`). A matrix with a non-finite entry gives NaN weights, never finite ones, and
+    leaves the weighting's state unchanged.
+    """
 
     registry_kind: ClassVar[str] = "weighting"
     needs_jacobian: ClassVar[bool] = False
@@ -90,14 +243,23 @@ class Weighting(Configurable):
                     f"{type(self).__name__} expects a square Gramian, got shape "
                     f"{tuple(matrix.shape)}."
                 )
-        return self._weights(matrix)
+        with torch.no_grad():
+            if self.uses_matrix and not bool(all_finite(matrix)):
+                # One host synchronisation, so that no solver runs (or raises) on non-finite
+                # input and no state changes.
+                return matrix.new_full((matrix.shape[0],), torch.nan)
+            return self._weights(matrix).to(matrix.dtype)
 
     @abstractmethod
     def _weights(self, matrix: Tensor) -> Tensor: ...
 
 
 class Aggregator(Configurable):
-    """Maps a Jacobian ``J`` of shape ``[m, n]`` (one row per objective) to an update ``[n]``."""
+    """Maps a Jacobian ``J`` of shape ``[m, n]`` (one row per objective) to an update ``[n]``.
+
+    The update does not require grad (aggregation is not differentiable), and has ``J``'s
+    dtype and device.
+    """
 
     registry_kind: ClassVar[str] = "aggregator"
 
@@ -113,18 +275,32 @@ class Aggregator(Configurable):
         check_matrix(matrix, "Jacobian")
         if matrix.shape[0] == 0:
             raise ValueError(f"{type(self).__name__} needs at least one row, got shape (0, n).")
-        return self._aggregate(matrix)
+        with torch.no_grad():
+            return self._aggregate(matrix)
 
     @abstractmethod
     def _aggregate(self, matrix: Tensor) -> Tensor: ...
 
 
+@functools.cache
+def _forwarded_arguments(cls: type) -> frozenset[str]:
+    return frozenset(constructor_parameters(cls)) - {"weighting"}
+
+
 class WeightedAggregator(Aggregator):
-    """Aggregates as ``Jᵀ w`` with weights ``w = weighting(J)``.
+    """Aggregates as ``Jᵀ w`` with weights ``w = weighting(J)``, for a weighting that needs the
+    Jacobian (`Weighting.needs_jacobian`); a Gramian-based weighting belongs in a
+    `GramianWeightedAggregator`.
+
+    A method that builds its own weighting (``UPGrad`` builds an ``UPGradWeighting``) has no
+    arguments of its own: reading or assigning ``aggregator.reg_eps`` reads or assigns
+    ``aggregator.weighting.reg_eps``, where it is checked. Its weighting cannot be replaced. An
+    aggregator built directly from a weighting (this class, `GramianWeightedAggregator`) can get
+    another one by assignment, checked in the same way.
 
     Args:
-        weighting: A weighting with ``needs_jacobian = True`` (or any weighting, for
-            `GramianWeightedAggregator`).
+        weighting: A weighting with ``needs_jacobian = True`` (or one whose weights depend only
+            on the number of objectives, such as ``MeanWeighting``).
 
     Examples:
         >>> import torch
@@ -136,24 +312,47 @@ class WeightedAggregator(Aggregator):
 
     def __init__(self, weighting: Weighting) -> None:
         super().__init__()
-        if not isinstance(weighting, Weighting):
-            raise TypeError(
-                f"Expected a jdoptim Weighting, got {weighting!r} of type "
-                f"{type(weighting).__name__}."
-            )
         self.weighting = weighting
 
     def __getattr__(self, name: str) -> Any:
-        # A method that builds its own weighting stores its arguments there: expose them here,
-        # so that `UPGrad(reg_eps=0.1).reg_eps` reads as it was written.
+        # The arguments of a method that builds its own weighting live there.
         try:
             return super().__getattr__(name)
         except AttributeError:
             weighting = self.__dict__["_modules"].get("weighting")
-            parameters = inspect.signature(type(self).__init__).parameters
-            if weighting is None or name not in parameters or name == "weighting":
+            if weighting is None or name not in _forwarded_arguments(type(self)):
                 raise
             return getattr(weighting, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        weighting = self.__dict__.get("_modules", {}).get("weighting")
+        if name == "weighting":
+            if weighting is not None and type(self).__init__ is not WeightedAggregator.__init__:
+                owner = type(self).__name__
+                raise AttributeError(
+                    f"{owner}.weighting is the {type(weighting).__name__} built from {owner}'s "
+                    "arguments and cannot be replaced; assign its arguments instead "
+                    f"(aggregator.weighting.<argument> = value), or build a new {owner}."
+                )
+            self._check_weighting(value)
+        elif weighting is not None and name in _forwarded_arguments(type(self)):
+            setattr(weighting, name, value)
+            return
+        super().__setattr__(name, value)
+
+    def _check_weighting(self, weighting: Any) -> None:
+        if not isinstance(weighting, Weighting):
+            raise TypeError(
+                f"Invalid weighting value: {weighting!r} of type {type(weighting).__name__}; "
+                "expected a jdoptim Weighting."
+            )
+        if not weighting.needs_jacobian and weighting.uses_matrix:
+            name = type(weighting).__name__
+            raise TypeError(
+                f"Invalid weighting value: {name} maps a Gramian to weights, but a "
+                f"{type(self).__name__} hands its weighting the Jacobian; use "
+                f"GramianWeightedAggregator({name}(...)) instead."
+            )
 
     def reset(self) -> None:
         self.weighting.reset()
@@ -162,6 +361,8 @@ class WeightedAggregator(Aggregator):
         return matrix
 
     def _aggregate(self, matrix: Tensor) -> Tensor:
+        # A wrapped weighting (in CRMOGMWeighting) can change kind after construction.
+        self._check_weighting(self.weighting)
         weights = self.weighting(self._weighting_input(matrix))
         return weights @ matrix
 
@@ -170,11 +371,12 @@ class GramianWeightedAggregator(WeightedAggregator):
     """Aggregates as ``Jᵀ w`` with weights ``w = weighting(J Jᵀ)``.
 
     Only the Gramian reaches the weighting, so such an aggregator can also run from a Gramian
-    computed without the Jacobian.
+    computed without the Jacobian. A weighting that needs the Jacobian is refused.
     """
 
-    def __init__(self, weighting: Weighting) -> None:
-        super().__init__(weighting)
+    def _check_weighting(self, weighting: Any) -> None:
+        if not isinstance(weighting, Weighting):
+            super()._check_weighting(weighting)
         if weighting.needs_jacobian:
             raise ValueError(
                 f"{type(weighting).__name__} needs the Jacobian, so it cannot be used in a "
@@ -188,18 +390,119 @@ class GramianWeightedAggregator(WeightedAggregator):
         return matrix @ matrix.T
 
 
-def as_weight_tensor(values: Tensor | list[float] | tuple[float, ...], name: str) -> Tensor:
-    """Validate and convert a 1-D sequence of finite weights to a float tensor."""
-    tensor = torch.as_tensor(values)
+def _invalid(name: str, value: Any, expected: str) -> ValueError:
+    return ValueError(f"Invalid {name} value: {value!r}; expected {expected}.")
+
+
+def check_number(value: Any, name: str) -> float:
+    """Raise unless ``value`` is a finite real number; return it as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _invalid(name, value, "a finite number")
+    return float(value)
+
+
+def check_non_negative(value: Any, name: str) -> float:
+    """Raise unless ``value`` is a finite real number ≥ 0; return it as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise _invalid(name, value, "a number >= 0")
+    if value == math.inf:
+        raise _invalid(name, value, "a finite number")
+    return float(value)
+
+
+def check_positive(value: Any, name: str) -> float:
+    """Raise unless ``value`` is a finite real number > 0; return it as a float."""
+    value = check_non_negative(value, name)
+    if value == 0:
+        raise _invalid(name, value, "a number > 0")
+    return value
+
+
+def check_fraction(value: Any, name: str) -> float:
+    """Raise unless ``value`` is a real number in ``[0, 1]``; return it as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise _invalid(name, value, "a number in [0, 1]")
+    return float(value)
+
+
+def check_non_negative_int(value: Any, name: str) -> int:
+    """Raise unless ``value`` is an integer ≥ 0."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _invalid(name, value, "an integer >= 0")
+    return value
+
+
+def check_positive_int(value: Any, name: str) -> int:
+    """Raise unless ``value`` is an integer ≥ 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _invalid(name, value, "an integer >= 1")
+    return value
+
+
+def check_seed(value: Any, name: str = "seed") -> int | None:
+    """Raise unless ``value`` is ``None`` or an integer that ``torch.Generator.manual_seed``
+    accepts (from ``-2**63`` to ``2**64 - 1``)."""
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, int) or not -(2**63) <= value < 2**64
+    ):
+        raise _invalid(name, value, "an integer from -2**63 to 2**64 - 1, or None")
+    return value
+
+
+def one_of(choices: Collection[str]) -> Check:
+    """A check that accepts exactly the strings in ``choices``."""
+
+    def check(value: Any, name: str) -> str:
+        if not isinstance(value, str) or value not in choices:
+            raise _invalid(name, value, "one of " + ", ".join(map(repr, choices)))
+        return value
+
+    return check
+
+
+def optional(check: Check) -> Check:
+    """A check that accepts ``None`` and whatever ``check`` accepts."""
+
+    def check_or_none(value: Any, name: str) -> Any:
+        return None if value is None else check(value, name)
+
+    return check_or_none
+
+
+def as_weight_tensor(values: Any, name: str) -> Tensor:
+    """Check and convert a non-empty 1-D sequence (or tensor) of finite numbers to a float
+    tensor: a copy, in the tensor's floating dtype (or the default dtype, for an integer
+    tensor), or in float64 for Python numbers (so that ``repr``, configs and float64 input see
+    them exactly)."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, (Tensor, list, tuple)):
+        raise TypeError(
+            f"Invalid {name} value: {values!r}; expected a 1-D sequence of numbers or a tensor."
+        )
+    try:
+        tensor = torch.as_tensor(
+            values, dtype=None if isinstance(values, Tensor) else torch.float64
+        )
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(
+            f"Invalid {name} value: {values!r}; expected a 1-D sequence of numbers or a tensor."
+        ) from None
+    if tensor.dtype == torch.bool or tensor.is_complex():
+        raise TypeError(f"Invalid {name} value: {values!r}; expected real numbers.")
     if not tensor.is_floating_point():
         tensor = tensor.to(torch.get_default_dtype())
     if tensor.ndim != 1 or tensor.numel() == 0:
         raise ValueError(
-            f"Expected {name} to be a non-empty 1-D sequence, got shape {tuple(tensor.shape)}."
+            f"Invalid {name} value: {values!r}; expected a non-empty 1-D sequence, got shape "
+            f"{tuple(tensor.shape)}."
         )
     if not torch.isfinite(tensor).all():
-        raise ValueError(f"Expected {name} to be finite, got {tensor.tolist()}.")
+        raise ValueError(f"Invalid {name} value: {tensor.tolist()}; expected finite numbers.")
     return tensor.detach().clone()
+
+
+def check_weights(values: Any, name: str) -> Tensor:
+    """`as_weight_tensor` as an `Argument` check."""
+    return as_weight_tensor(values, name)
 
 
 def check_length(weights: Tensor, m: int, owner: str, name: str) -> None:
@@ -216,37 +519,6 @@ def preference_weights(pref_vector: Tensor | None, m: int, like: Tensor, owner: 
         return like.new_full((m,), 1.0 / m)
     check_length(pref_vector, m, owner, "preferences")
     return pref_vector.to(dtype=like.dtype, device=like.device)
-
-
-def check_non_negative(value: float, name: str) -> float:
-    """Raise unless ``value`` is a finite real number ≥ 0; return it as a float."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"Invalid {name} value: {value!r}; expected a number >= 0.")
-    if value == float("inf"):
-        raise ValueError(f"Invalid {name} value: {value!r}; expected a finite number.")
-    return float(value)
-
-
-def check_positive(value: float, name: str) -> float:
-    """Raise unless ``value`` is a finite real number > 0; return it as a float."""
-    value = check_non_negative(value, name)
-    if value == 0:
-        raise ValueError(f"Invalid {name} value: {value!r}; expected a number > 0.")
-    return value
-
-
-def check_positive_int(value: int, name: str) -> int:
-    """Raise unless ``value`` is an integer ≥ 1."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"Invalid {name} value: {value!r}; expected an integer >= 1.")
-    return value
-
-
-def check_seed(seed: int | None) -> int | None:
-    """Raise unless ``seed`` is an integer or ``None``."""
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ValueError(f"Invalid seed value: {seed!r}; expected an integer or None.")
-    return seed
 
 
 class RandomSource:
@@ -313,16 +585,18 @@ class RandomSource:
 
 
 class Seeded:
-    """Mixin of the randomised methods: a ``seed`` argument, an owned `RandomSource` in
-    ``self._random`` (set it in ``__init__``), its generator state in ``state_dict()``, and
-    `reset` restarting it."""
+    """Mixin of the randomised methods: a ``seed`` argument and the `RandomSource` it seeds in
+    ``self._random`` (assigning ``seed`` restarts it), its generator state in ``state_dict()``,
+    and `reset` restarting it."""
 
+    seed = Argument(check_seed)
+    """The seed of the owned generator, or ``None`` for torch's global generator."""
     _random: RandomSource
 
-    @property
-    def seed(self) -> int | None:
-        """The seed of the owned generator, or ``None`` for torch's global generator."""
-        return self._random.seed
+    def _argument_set(self, name: str) -> None:
+        if name == "seed":
+            self._random = RandomSource(self.seed)
+        super()._argument_set(name)  # type: ignore[misc]
 
     def reset(self) -> None:
         """Restart the owned generator from ``seed``."""

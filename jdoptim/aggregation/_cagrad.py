@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from jdoptim.aggregation._bases import (
+    Argument,
     GramianWeightedAggregator,
     Weighting,
     check_non_negative,
@@ -131,11 +132,15 @@ class CAGradWeighting(Weighting):
         max_iters: Largest number of Newton steps of the solver.
     """
 
+    c = Argument(check_non_negative)
+    norm_eps = Argument(check_non_negative)
+    max_iters = Argument(check_positive_int)
+
     def __init__(self, c: float, norm_eps: float = 0.0, max_iters: int = 100) -> None:
         super().__init__()
-        self.c = check_non_negative(c, "c")
-        self.norm_eps = check_non_negative(norm_eps, "norm_eps")
-        self.max_iters = check_positive_int(max_iters, "max_iters")
+        self.c = c
+        self.norm_eps = norm_eps
+        self.max_iters = max_iters
 
     def _weights(self, matrix: Tensor) -> Tensor:
         m = matrix.shape[0]

@@ -6,7 +6,15 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from jdoptim.aggregation._bases import Aggregator, as_weight_tensor, check_length
+from jdoptim.aggregation._bases import (
+    Aggregator,
+    Argument,
+    all_finite,
+    check_length,
+    check_weights,
+    optional,
+    solve_dtype,
+)
 from jdoptim.registry import register
 
 
@@ -57,22 +65,27 @@ class ConFIG(Aggregator):
         tensor([0.1588, 2.0706, 2.0706])
     """
 
+    pref_vector = Argument(optional(check_weights))
+
     def __init__(self, pref_vector: Tensor | Sequence[float] | None = None) -> None:
         super().__init__()
-        pref = None if pref_vector is None else as_weight_tensor(pref_vector, "pref_vector")
-        self.register_buffer("pref_vector", pref, persistent=False)
+        self.pref_vector = pref_vector
 
     def _aggregate(self, matrix: Tensor) -> Tensor:
-        m = matrix.shape[0]
+        m, n = matrix.shape
+        if not bool(all_finite(matrix)):
+            return matrix.new_full((n,), torch.nan)
+        J = matrix.to(solve_dtype(matrix.dtype))  # half precision is solved in float32
         if self.pref_vector is None:
-            weights = matrix.new_ones(m)
+            weights = J.new_ones(m)
         else:
             check_length(self.pref_vector, m, type(self).__name__, "preferences")
-            weights = self.pref_vector.to(dtype=matrix.dtype, device=matrix.device)
-        norms = matrix.norm(dim=1, keepdim=True)
-        units = matrix / torch.where(norms > 0, norms, 1.0)
-        n = matrix.shape[1]
-        tolerance = torch.finfo(matrix.dtype).eps * math.sqrt(m * n)
+            weights = self.pref_vector.to(dtype=J.dtype, device=J.device)
+        # Accumulated in float64, so that the squares of entries near 1e±30 neither overflow nor
+        # underflow.
+        norms = torch.linalg.vector_norm(J, dim=1, keepdim=True, dtype=torch.float64).to(J.dtype)
+        units = J / torch.where(norms > 0, norms, 1.0)
+        tolerance = torch.finfo(J.dtype).eps * math.sqrt(m * n)
         if m <= n:
             # U = Rᵀ Qᵀ, so U⁺ w = Q (Rᵀ)⁺ w: faster than an SVD of the wide U, and more
             # accurate in float32.
@@ -86,4 +99,4 @@ class ConFIG(Aggregator):
         length = direction.norm()
         defined = (fitted > tolerance * weights.norm()) & (length > 0)
         unit = torch.where(defined, direction / torch.where(length > 0, length, 1.0), 0.0)
-        return (matrix @ unit).sum() * unit
+        return ((J @ unit).sum() * unit).to(matrix.dtype)

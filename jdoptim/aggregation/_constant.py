@@ -5,10 +5,11 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from jdoptim.aggregation._bases import (
+    Argument,
     GramianWeightedAggregator,
     Weighting,
-    as_weight_tensor,
     check_length,
+    check_weights,
 )
 from jdoptim.registry import register
 
@@ -26,10 +27,11 @@ class ConstantWeighting(Weighting):
     """
 
     uses_matrix = False
+    weights = Argument(check_weights)
 
     def __init__(self, weights: Tensor | Sequence[float]) -> None:
         super().__init__()
-        self.register_buffer("weights", as_weight_tensor(weights, "weights"), persistent=False)
+        self.weights = weights
 
     def _weights(self, matrix: Tensor) -> Tensor:
         check_length(self.weights, matrix.shape[0], type(self).__name__, "weights")

@@ -6,10 +6,13 @@ from typing import Any
 from torch import Tensor
 
 from jdoptim.aggregation._bases import (
+    Argument,
     GramianWeightedAggregator,
     Weighting,
-    as_weight_tensor,
+    check_fraction,
     check_length,
+    check_weights,
+    optional,
 )
 from jdoptim.aggregation._upgrad import UPGradWeighting
 from jdoptim.registry import register
@@ -22,6 +25,15 @@ _PAPER = (
 
 def _example(m: int) -> dict[str, Any]:
     return {"weighting": UPGradWeighting(), "alpha": 0.5}
+
+
+def _check_weighting(value: Any, name: str) -> Weighting:
+    if not isinstance(value, Weighting):
+        raise TypeError(
+            f"Invalid {name} value: {value!r} of type {type(value).__name__}; expected a jdoptim "
+            "Weighting to wrap."
+        )
+    return value
 
 
 @register(paper=_PAPER, stateful=True, example_args=_example)
@@ -66,14 +78,18 @@ class CRMOGMWeighting(Weighting):
         ...     {"name": "crmogmweighting", "weighting": {"name": "mgdaweighting"}, "alpha": 0.5}
         ... )
         >>> weighting
-        CRMOGMWeighting(weighting=MGDAWeighting(epsilon=0.001, max_iters=100), alpha=0.5,
-                        initial_weights=None)
+        CRMOGMWeighting(weighting=MGDAWeighting(solver='active_set', epsilon=0.001,
+                        max_iters=100), alpha=0.5, initial_weights=None)
         >>> J = torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
         >>> weighting(J @ J.T)
         tensor([0.6000, 0.4000])
         >>> weighting(torch.eye(2))  # MGDA alone would give [0.5, 0.5]
         tensor([0.5500, 0.4500])
     """
+
+    weighting = Argument(_check_weighting)
+    alpha = Argument(check_fraction)
+    initial_weights = Argument(optional(check_weights))
 
     def __init__(
         self,
@@ -82,25 +98,21 @@ class CRMOGMWeighting(Weighting):
         initial_weights: Tensor | Sequence[float] | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(weighting, Weighting):
-            raise TypeError(
-                f"Expected a jdoptim Weighting to wrap, got {weighting!r} of type "
-                f"{type(weighting).__name__}."
-            )
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
-            raise ValueError(f"Invalid alpha value: {alpha!r}; expected a number in [0, 1].")
         self.weighting = weighting
-        self.alpha = float(alpha)
-        initial = (
-            None
-            if initial_weights is None
-            else as_weight_tensor(initial_weights, "initial_weights")
-        )
-        self.register_buffer("initial_weights", initial, persistent=False)
-        # This wrapper takes exactly the input of the weighting it wraps.
-        self.needs_jacobian = weighting.needs_jacobian  # type: ignore[misc]
-        self.uses_matrix = weighting.uses_matrix  # type: ignore[misc]
+        self.alpha = alpha
+        self.initial_weights = initial_weights
         self._average: Tensor | None = None
+
+    # This wrapper takes exactly the input of the weighting it wraps.
+    @property  # type: ignore[override]
+    def needs_jacobian(self) -> bool:  # type: ignore[override]
+        """Whether the wrapped weighting needs the Jacobian."""
+        return self.weighting.needs_jacobian
+
+    @property  # type: ignore[override]
+    def uses_matrix(self) -> bool:  # type: ignore[override]
+        """Whether the wrapped weighting reads the matrix."""
+        return self.weighting.uses_matrix
 
     def reset(self) -> None:
         """Forget the average, and reset the wrapped weighting."""

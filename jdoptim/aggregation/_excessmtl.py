@@ -5,7 +5,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from jdoptim.aggregation._bases import WeightedAggregator, Weighting, check_non_negative
+from jdoptim.aggregation._bases import (
+    Argument,
+    WeightedAggregator,
+    Weighting,
+    check_non_negative_int,
+    check_positive,
+    solve_dtype,
+)
 from jdoptim.registry import register
 
 _PAPER = "https://arxiv.org/abs/2402.02009"
@@ -13,12 +20,6 @@ _PAPER = "https://arxiv.org/abs/2402.02009"
 STABILISER = 1e-7
 """Added inside the square root of the AdaGrad accumulator and to the baseline excess risks, as
 in the paper's code."""
-
-
-def _check_warmup(value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"Invalid n_warmup_steps value: {value!r}; expected an integer >= 0.")
-    return value
 
 
 @register(paper=_PAPER, stateful=True)
@@ -32,16 +33,13 @@ class ExcessMTLWeighting(Weighting):
     """
 
     needs_jacobian = True
+    robust_step_size = Argument(check_positive)
+    n_warmup_steps = Argument(check_non_negative_int)
 
     def __init__(self, robust_step_size: float = 1.0, n_warmup_steps: int = 1) -> None:
         super().__init__()
-        robust_step_size = check_non_negative(robust_step_size, "robust_step_size")
-        if not robust_step_size > 0.0:
-            raise ValueError(
-                f"Invalid robust_step_size value: {robust_step_size!r}; expected a number > 0."
-            )
         self.robust_step_size = robust_step_size
-        self.n_warmup_steps = _check_warmup(n_warmup_steps)
+        self.n_warmup_steps = n_warmup_steps
         self.reset()
 
     def reset(self) -> None:
@@ -69,7 +67,7 @@ class ExcessMTLWeighting(Weighting):
         self._log_weights = state["log_weights"]
 
     def _weights(self, matrix: Tensor) -> Tensor:
-        J = matrix.detach()
+        J = matrix.to(solve_dtype(matrix.dtype))
         if self._sq_grad_sum is None or self._sq_grad_sum.shape != J.shape:
             self.reset()
             self._sq_grad_sum = torch.zeros_like(J)

@@ -1,11 +1,10 @@
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from jdoptim.aggregation._bases import (
+    Argument,
     GramianWeightedAggregator,
     Weighting,
     check_non_negative,
@@ -31,10 +30,13 @@ class FairGradWeighting(Weighting):
         max_iters: Largest number of Newton steps of the solver.
     """
 
+    alpha = Argument(check_non_negative)
+    max_iters = Argument(check_positive_int)
+
     def __init__(self, alpha: float, max_iters: int = 200) -> None:
         super().__init__()
-        self.alpha = check_non_negative(alpha, "alpha")
-        self.max_iters = check_positive_int(max_iters, "max_iters")
+        self.alpha = alpha
+        self.max_iters = max_iters
 
     def _weights(self, matrix: Tensor) -> Tensor:
         m = matrix.shape[0]
@@ -42,9 +44,7 @@ class FairGradWeighting(Weighting):
             return torch.full_like(matrix[0], 1.0 / m)
         # Newton's method branches on values at every step: one transfer to the CPU costs less
         # than a host synchronisation per step.
-        G = matrix.detach().to(device="cpu", dtype=torch.float64)
-        if not torch.isfinite(G).all():
-            return torch.full_like(matrix[0], math.nan)
+        G = matrix.to(device="cpu", dtype=torch.float64)
         L = gramian_factor(G, matrix.dtype)
         w, converged = fair_weights(L, self.alpha, self.max_iters, tolerances(matrix.dtype))
         if not converged:

@@ -1,18 +1,39 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from jdoptim.aggregation._bases import (
     Aggregator,
-    RandomSource,
+    Argument,
+    Configurable,
     Seeded,
     as_weight_tensor,
     check_length,
+    optional,
+    solve_dtype,
 )
 from jdoptim.registry import register
+
+
+def _check_f(value: Any, name: str) -> Callable[[Tensor], Tensor]:
+    # A nested config such as {"name": "mean"} builds an aggregator, which is callable too.
+    if not callable(value) or isinstance(value, Configurable):
+        raise TypeError(
+            f"Invalid {name} value: {value!r}; expected a function applied element-wise to the "
+            "purity tensor (such as torch.sqrt), or None for the identity."
+        )
+    return value
+
+
+def _check_leak(value: Any, name: str) -> Tensor:
+    leak = as_weight_tensor(value, name)
+    if not ((leak >= 0) & (leak <= 1)).all():
+        raise ValueError(f"Invalid {name} value: {leak.tolist()}; expected values in [0, 1].")
+    return leak
 
 
 @register(paper="https://arxiv.org/abs/2010.06808", stateful=True, randomised=True)
@@ -59,6 +80,9 @@ class GradDrop(Seeded, Aggregator):
         tensor([6., 2., 2.])
     """
 
+    f = Argument(optional(_check_f))
+    leak = Argument(optional(_check_leak))
+
     def __init__(
         self,
         f: Callable[[Tensor], Tensor] | None = None,
@@ -66,17 +90,14 @@ class GradDrop(Seeded, Aggregator):
         seed: int | None = None,
     ) -> None:
         super().__init__()
-        if f is not None and not callable(f):
-            raise TypeError(f"Expected f to be callable or None, got {f!r}.")
         self.f = f
-        if leak is not None:
-            leak = as_weight_tensor(leak, "leak")
-            if not ((leak >= 0) & (leak <= 1)).all():
-                raise ValueError(f"Expected every leak in [0, 1], got {leak.tolist()}.")
-        self.register_buffer("leak", leak, persistent=False)
-        self._random = RandomSource(seed)
+        self.leak = leak
+        self.seed = seed
 
     def _aggregate(self, matrix: Tensor) -> Tensor:
+        return self._drop(matrix.to(solve_dtype(matrix.dtype))).to(matrix.dtype)
+
+    def _drop(self, matrix: Tensor) -> Tensor:
         m, n = matrix.shape
         if self.leak is None:
             keep = matrix.new_ones(m)
@@ -93,8 +114,5 @@ class GradDrop(Seeded, Aggregator):
         draws = self._random.rand((n,), matrix)
         positive = keep @ matrix.clamp(min=0)
         negative = keep @ matrix.clamp(max=0)
-        return (
-            always
-            + torch.where(f_purity > draws, positive, 0.0)
-            + torch.where(f_purity < draws, negative, 0.0)
-        )
+        # Masks multiply rather than select, so that a non-finite column stays non-finite.
+        return always + positive * (f_purity > draws) + negative * (f_purity < draws)

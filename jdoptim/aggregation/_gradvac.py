@@ -6,21 +6,17 @@ import torch
 from torch import Tensor
 
 from jdoptim.aggregation._bases import (
+    Argument,
     GramianWeightedAggregator,
-    RandomSource,
     Seeded,
     Weighting,
+    check_fraction,
     check_non_negative,
+    solve_dtype,
 )
 from jdoptim.registry import register
 
 _PAPER = "https://arxiv.org/abs/2010.05874"
-
-
-def _check_beta(beta: float) -> float:
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
-        raise ValueError(f"Invalid beta value: {beta!r}; expected a number in [0, 1].")
-    return float(beta)
 
 
 @register(paper=_PAPER, stateful=True, randomised=True)
@@ -40,11 +36,14 @@ class GradVacWeighting(Seeded, Weighting):
             ``state_dict()``); ``None`` draws from torch's global generator.
     """
 
+    beta = Argument(check_fraction)
+    eps = Argument(check_non_negative)
+
     def __init__(self, beta: float = 0.5, eps: float = 1e-8, seed: int | None = None) -> None:
         super().__init__()
-        self.beta = _check_beta(beta)
-        self.eps = check_non_negative(eps, "eps")
-        self._random = RandomSource(seed)
+        self.beta = beta
+        self.eps = eps
+        self.seed = seed
         self._targets: Tensor | None = None
 
     @property
@@ -59,6 +58,7 @@ class GradVacWeighting(Seeded, Weighting):
 
     def _weights(self, matrix: Tensor) -> Tensor:
         m = matrix.shape[0]
+        matrix = matrix.to(solve_dtype(matrix.dtype))
         if self._targets is None or self._targets.shape[0] != m:
             self._targets = matrix.new_zeros(m, m)
         targets = self._targets.to(dtype=matrix.dtype, device=matrix.device)

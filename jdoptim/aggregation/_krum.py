@@ -3,16 +3,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from jdoptim.aggregation._bases import GramianWeightedAggregator, Weighting, check_positive_int
+from jdoptim.aggregation._bases import (
+    Argument,
+    GramianWeightedAggregator,
+    Weighting,
+    check_non_negative_int,
+    check_positive_int,
+    solve_dtype,
+)
 from jdoptim.registry import register
 
 _PAPER = "https://arxiv.org/abs/1703.02757"
-
-
-def _check_non_negative_int(value: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"Invalid {name} value: {value!r}; expected an integer >= 0.")
-    return value
 
 
 def _example(m: int) -> dict[str, int]:
@@ -30,13 +31,17 @@ class KrumWeighting(Weighting):
         n_selected: Number $k$ of rows averaged (1 for Krum, more for Multi-Krum).
     """
 
+    n_byzantine = Argument(check_non_negative_int)
+    n_selected = Argument(check_positive_int)
+
     def __init__(self, n_byzantine: int, n_selected: int = 1) -> None:
         super().__init__()
-        self.n_byzantine = _check_non_negative_int(n_byzantine, "n_byzantine")
-        self.n_selected = check_positive_int(n_selected, "n_selected")
+        self.n_byzantine = n_byzantine
+        self.n_selected = n_selected
 
     def _weights(self, matrix: Tensor) -> Tensor:
         m = matrix.shape[0]
+        matrix = matrix.to(solve_dtype(matrix.dtype))
         if m < self.n_byzantine + 3:
             raise ValueError(
                 f"Krum with n_byzantine={self.n_byzantine} needs at least n_byzantine + 3 = "

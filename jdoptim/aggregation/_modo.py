@@ -4,7 +4,13 @@ from typing import Any
 
 from torch import Tensor
 
-from jdoptim.aggregation._bases import Weighting, check_non_negative, check_positive
+from jdoptim.aggregation._bases import (
+    Argument,
+    Weighting,
+    check_non_negative,
+    check_positive,
+    solve_dtype,
+)
 from jdoptim.linalg._simplex import project_onto_simplex
 from jdoptim.registry import register
 
@@ -97,12 +103,16 @@ class MoDoWeighting(CrossBatchWeighting):
         tensor([0.5800, 0.4200])
     """
 
+    gamma = Argument(check_positive)
+    rho = Argument(check_non_negative)
+
     def __init__(self, gamma: float = 0.1, rho: float = 0.1) -> None:
         super().__init__()
-        self.gamma = check_positive(gamma, "gamma")
-        self.rho = check_non_negative(rho, "rho")
+        self.gamma = gamma
+        self.rho = rho
 
     def _weights(self, matrix: Tensor) -> Tensor:
+        matrix = matrix.to(solve_dtype(matrix.dtype))
         previous = self._previous(matrix)
         step = matrix @ previous + self.rho * previous
         self._state = project_onto_simplex(previous - self.gamma * step)

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any
 
@@ -8,6 +7,7 @@ import torch
 from torch import Tensor
 
 from jdoptim.aggregation._bases import (
+    Argument,
     GramianWeightedAggregator,
     Weighting,
     check_non_negative,
@@ -32,13 +32,17 @@ class NashMTLWeighting(Weighting):
         optim_niter: Largest number of Newton steps per solve.
     """
 
+    max_norm = Argument(check_non_negative)
+    update_weights_every = Argument(check_positive_int)
+    optim_niter = Argument(check_positive_int)
+
     def __init__(
         self, max_norm: float = 1.0, update_weights_every: int = 1, optim_niter: int = 20
     ) -> None:
         super().__init__()
-        self.max_norm = check_non_negative(max_norm, "max_norm")
-        self.update_weights_every = check_positive_int(update_weights_every, "update_weights_every")
-        self.optim_niter = check_positive_int(optim_niter, "optim_niter")
+        self.max_norm = max_norm
+        self.update_weights_every = update_weights_every
+        self.optim_niter = optim_niter
         self._step = 0
         self._alpha: Tensor | None = None
 
@@ -63,9 +67,7 @@ class NashMTLWeighting(Weighting):
             )
         # Newton's method branches on values at every step: one transfer to the CPU costs less
         # than a host synchronisation per step.
-        G = matrix.detach().to(device="cpu", dtype=torch.float64)
-        if not torch.isfinite(G).all():
-            return torch.full_like(matrix[0], math.nan)
+        G = matrix.to(device="cpu", dtype=torch.float64)
         L = gramian_factor(G, matrix.dtype)
         if self._alpha is None or self._step % self.update_weights_every == 0:
             alpha, converged = fair_weights(

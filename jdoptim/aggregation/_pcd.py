@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -9,9 +8,11 @@ import torch
 from torch import Tensor
 
 from jdoptim.aggregation._bases import (
+    Argument,
     GramianWeightedAggregator,
     Weighting,
     as_weight_tensor,
+    check_fraction,
     check_length,
     check_non_negative,
 )
@@ -25,17 +26,20 @@ from jdoptim.registry import register
 _PAPER = "https://arxiv.org/abs/2606.29521"
 
 
-def _check_tau(tau: float | Tensor | Sequence[float]) -> float | Tensor:
-    if isinstance(tau, (int, float)) and not isinstance(tau, bool):
-        if not 0.0 <= tau <= 1.0:
-            raise ValueError(f"Invalid tau value: {tau!r}; expected a number in [0, 1].")
-        return float(tau)
-    if not isinstance(tau, Tensor):
-        tau = torch.as_tensor(tau, dtype=torch.float64)
-    values = as_weight_tensor(tau, "tau")
+def _check_tau(value: Any, name: str) -> float | Tensor:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return check_fraction(value, name)
+    values = as_weight_tensor(value, name)
     if not ((values >= 0.0) & (values <= 1.0)).all():
-        raise ValueError(f"Invalid tau value: {values.tolist()}; expected values in [0, 1].")
+        raise ValueError(f"Invalid {name} value: {values.tolist()}; expected values in [0, 1].")
     return values
+
+
+def _check_beta(value: Any, name: str) -> float:
+    value = check_non_negative(value, name)
+    if not value < 1.0:
+        raise ValueError(f"Invalid {name} value: {value!r}; expected a number in [0, 1).")
+    return value
 
 
 @register(paper=_PAPER, stateful=True)
@@ -51,6 +55,10 @@ class PCDWeighting(Weighting):
             root.
     """
 
+    tau = Argument(_check_tau)
+    beta = Argument(_check_beta)
+    eps = Argument(check_non_negative)
+
     def __init__(
         self,
         tau: float | Tensor | Sequence[float] = 0.02,
@@ -58,16 +66,9 @@ class PCDWeighting(Weighting):
         eps: float = 1e-8,
     ) -> None:
         super().__init__()
-        tau = _check_tau(tau)
-        if isinstance(tau, Tensor):
-            self.register_buffer("tau", tau, persistent=False)
-        else:
-            self.tau = tau
-        beta = check_non_negative(beta, "beta")
-        if not beta < 1.0:
-            raise ValueError(f"Invalid beta value: {beta!r}; expected a number in [0, 1).")
+        self.tau = tau
         self.beta = beta
-        self.eps = check_non_negative(eps, "eps")
+        self.eps = eps
         self._sq_norm_average: Tensor | None = None
         self._n_steps = 0
 
@@ -107,9 +108,7 @@ class PCDWeighting(Weighting):
         taus = self._taus(m)
         # The solver branches on values at every step: one transfer to the CPU costs less than a
         # host synchronisation per step.
-        G = matrix.detach().to(device="cpu", dtype=torch.float64)
-        if not torch.isfinite(G).all():
-            return torch.full_like(matrix[0], math.nan)
+        G = matrix.to(device="cpu", dtype=torch.float64)
         sq_norms = G.diagonal().clamp(min=0.0)
         scales = self._scales(sq_norms)
         weights = torch.zeros(m, dtype=torch.float64)

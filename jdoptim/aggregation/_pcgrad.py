@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from jdoptim.aggregation._bases import GramianWeightedAggregator, RandomSource, Seeded, Weighting
+from jdoptim.aggregation._bases import GramianWeightedAggregator, Seeded, Weighting, solve_dtype
 from jdoptim.registry import register
 
 _PAPER = "https://arxiv.org/abs/2001.06782"
@@ -26,10 +26,11 @@ class PCGradWeighting(Seeded, Weighting):
 
     def __init__(self, seed: int | None = None) -> None:
         super().__init__()
-        self._random = RandomSource(seed)
+        self.seed = seed
 
     def _weights(self, matrix: Tensor) -> Tensor:
         m = matrix.shape[0]
+        matrix = matrix.to(solve_dtype(matrix.dtype))
         order = self._random.permutations_of_others(m, matrix)
         rows = torch.arange(m, device=matrix.device)
         coefficients = torch.eye(m, dtype=matrix.dtype, device=matrix.device)

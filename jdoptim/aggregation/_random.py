@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from jdoptim.aggregation._bases import GramianWeightedAggregator, RandomSource, Seeded, Weighting
+from jdoptim.aggregation._bases import GramianWeightedAggregator, Seeded, Weighting
 from jdoptim.registry import register
 
 
@@ -21,7 +21,7 @@ class RandomWeighting(Seeded, Weighting):
 
     def __init__(self, seed: int | None = None) -> None:
         super().__init__()
-        self._random = RandomSource(seed)
+        self.seed = seed
 
     def _weights(self, matrix: Tensor) -> Tensor:
         return self._random.randn((matrix.shape[0],), matrix).softmax(dim=0)

@@ -1,19 +1,30 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from torch import Tensor
 
 from jdoptim.aggregation._bases import (
-    as_weight_tensor,
+    Argument,
     check_non_negative,
     check_positive,
     check_positive_int,
+    check_weights,
+    optional,
     preference_weights,
+    solve_dtype,
 )
 from jdoptim.aggregation._modo import CrossBatchWeighting
 from jdoptim.linalg._simplex import project_onto_simplex
 from jdoptim.registry import register
+
+
+def _check_momentum(value: Any, name: str) -> float:
+    value = check_non_negative(value, name)
+    if value >= 1:
+        raise ValueError(f"Invalid {name} value: {value!r}; expected a number in [0, 1).")
+    return value
 
 
 @register(paper="https://arxiv.org/abs/2305.18409", stateful=True)
@@ -65,6 +76,12 @@ class SDMGradWeighting(CrossBatchWeighting):
         tensor([0.1154, 0.8846])
     """
 
+    lr = Argument(check_positive)
+    momentum = Argument(_check_momentum)
+    n_iter = Argument(check_positive_int)
+    lambda_ = Argument(check_non_negative)
+    pref_vector = Argument(optional(check_weights))
+
     def __init__(
         self,
         lr: float = 10.0,
@@ -74,18 +91,15 @@ class SDMGradWeighting(CrossBatchWeighting):
         pref_vector: Tensor | Sequence[float] | None = None,
     ) -> None:
         super().__init__()
-        self.lr = check_positive(lr, "lr")
-        momentum = check_non_negative(momentum, "momentum")
-        if momentum >= 1:
-            raise ValueError(f"Invalid momentum value: {momentum!r}; expected a number in [0, 1).")
+        self.lr = lr
         self.momentum = momentum
-        self.n_iter = check_positive_int(n_iter, "n_iter")
-        self.lambda_ = check_non_negative(lambda_, "lambda_")
-        pref = None if pref_vector is None else as_weight_tensor(pref_vector, "pref_vector")
-        self.register_buffer("pref_vector", pref, persistent=False)
+        self.n_iter = n_iter
+        self.lambda_ = lambda_
+        self.pref_vector = pref_vector
 
     def _weights(self, matrix: Tensor) -> Tensor:
         m = matrix.shape[0]
+        matrix = matrix.to(solve_dtype(matrix.dtype))
         preferred = preference_weights(self.pref_vector, m, matrix, type(self).__name__)
         scale = matrix.diagonal().clamp(min=0).sqrt().mean()
         normalised = matrix / (scale**2).where(scale > 0, 1.0)

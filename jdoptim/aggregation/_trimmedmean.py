@@ -1,8 +1,9 @@
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from jdoptim.aggregation._bases import Aggregator
+from jdoptim.aggregation._bases import Aggregator, Argument, all_finite, check_non_negative_int
 from jdoptim.registry import register
 
 
@@ -40,12 +41,10 @@ class TrimmedMean(Aggregator):
         tensor([1.5000, 2.5000])
     """
 
+    trim_number = Argument(check_non_negative_int)
+
     def __init__(self, trim_number: int) -> None:
         super().__init__()
-        if isinstance(trim_number, bool) or not isinstance(trim_number, int) or trim_number < 0:
-            raise ValueError(
-                f"Invalid trim_number value: {trim_number!r}; expected an integer >= 0."
-            )
         self.trim_number = trim_number
 
     def _aggregate(self, matrix: Tensor) -> Tensor:
@@ -59,4 +58,6 @@ class TrimmedMean(Aggregator):
         if self.trim_number == 0:
             return matrix.mean(dim=0)
         ordered = matrix.sort(dim=0).values
-        return ordered[self.trim_number : m - self.trim_number].mean(dim=0)
+        trimmed = ordered[self.trim_number : m - self.trim_number].mean(dim=0)
+        # Sorting would trim non-finite entries away: a column holding one gives NaN instead.
+        return torch.where(all_finite(matrix, dim=0), trimmed, torch.nan)

@@ -6,10 +6,13 @@ import torch
 from torch import Tensor
 
 from jdoptim.aggregation._bases import (
+    Argument,
     GramianWeightedAggregator,
     Weighting,
-    as_weight_tensor,
     check_non_negative,
+    check_weights,
+    one_of,
+    optional,
     preference_weights,
 )
 from jdoptim.linalg import (
@@ -24,15 +27,13 @@ from jdoptim.registry import register
 _PAPER = "https://arxiv.org/abs/2406.16232"
 
 
-def check_solver(solver: str) -> str:
-    """Raise unless ``solver`` names a dual-cone solver."""
-    if solver not in SOLVERS:
-        raise ValueError(f"Invalid solver value: {solver!r}; valid solvers: {SOLVERS}.")
-    return solver
-
-
 class DualConeWeighting(Weighting):
     """Shared arguments of the weightings that project onto the dual cone of the rows."""
+
+    pref_vector = Argument(optional(check_weights))
+    norm_eps = Argument(check_non_negative)
+    reg_eps = Argument(check_non_negative)
+    solver = Argument(one_of(SOLVERS))
 
     def __init__(
         self,
@@ -42,11 +43,10 @@ class DualConeWeighting(Weighting):
         solver: Solver = "active_set",
     ) -> None:
         super().__init__()
-        pref = None if pref_vector is None else as_weight_tensor(pref_vector, "pref_vector")
-        self.register_buffer("pref_vector", pref, persistent=False)
-        self.norm_eps = check_non_negative(norm_eps, "norm_eps")
-        self.reg_eps = check_non_negative(reg_eps, "reg_eps")
-        self.solver = check_solver(solver)
+        self.pref_vector = pref_vector
+        self.norm_eps = norm_eps
+        self.reg_eps = reg_eps
+        self.solver = solver
 
     def _prepared(self, gramian: Tensor) -> tuple[Tensor, Tensor]:
         """Return the preference weights and the normalised, regularised Gramian."""

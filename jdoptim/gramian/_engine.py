@@ -17,7 +17,7 @@ from torch.utils.hooks import RemovableHandle
 
 from jdoptim._split import CONVOLUTION_NODES, Split, split, through_shared
 from jdoptim.gramian._modules import Call, Handler, Layout, make_handler, module_problem
-from jdoptim.gramian._terms import DenseTerm, Term, combine
+from jdoptim.gramian._terms import DenseTerm, Gather, Term, combine
 
 _KEYS = itertools.count()
 _ACCUMULATE_GRAD = type(torch.zeros(1, requires_grad=True).expand(1).grad_fn.next_functions[0][0])
@@ -354,7 +354,13 @@ class GramianEngine:
         return Layout(True, self.batch_dim, B, m // B, losses.dtype)
 
     def gramian(
-        self, losses: Tensor, *, batched: bool | None = None, retain_graph: bool = False
+        self,
+        losses: Tensor,
+        *,
+        batched: bool | None = None,
+        retain_graph: bool = False,
+        gather: Gather | None = None,
+        reset: Callable[[], None] | None = None,
     ) -> Tensor:
         r"""Compute the Gramian $G_{kl} = \langle\nabla L_k, \nabla L_l\rangle$ of the losses
         with respect to the hooked modules' parameters.
@@ -373,16 +379,29 @@ class GramianEngine:
             retain_graph: Keep the autograd graph of the losses after `backward` (as
                 ``Tensor.backward(retain_graph=True)`` does). Otherwise its buffers are freed
                 as soon as they are no longer needed.
+            gather: For a model sharded over ranks, each with the losses of its own data:
+                concatenates every rank's tensor along the first dimension, in rank order (a
+                collective). Each layer's factors (inputs and output gradients of every
+                sample) are gathered before inner products are taken. Per-sample losses are
+                each rank's own objectives: the result is the Gramian of the losses of every
+                rank, rank ``r``'s ``m`` losses being rows ``r·m`` to ``(r+1)·m``. Other
+                losses are the same objectives on every rank, averaged over the ranks (as data
+                parallelism averages gradients): the result is the ``[m, m]`` Gramian of their
+                average. `backward` still weights this rank's losses only.
+            reset: Called when the batched backward pass fails midway, before the engine goes
+                on with one backward pass per loss: for a model whose hooks keep state across
+                a backward pass (FSDP's), which must be reset after a failed one.
 
         Returns:
-            The ``[m, m]`` Gramian, in the losses' dtype and on their device.
+            The ``[m, m]`` Gramian (``[ranks·m, ranks·m]`` with ``gather`` and per-sample
+            losses), in the losses' dtype and on their device.
 
         Raises:
             ValueError: If the losses reach no hooked module, a module's batch size differs
                 from the losses', an input of a hooked module was modified in place, or a
                 hooked parameter is also used outside its module.
         """
-        return self.task_gramian(losses, batched=batched, retain_graph=retain_graph)[0]
+        return self._gramian(losses, batched, retain_graph, None, (), gather, reset)[0]
 
     def task_gramian(
         self,
@@ -438,6 +457,19 @@ class GramianEngine:
             >>> trunk.weight.grad.shape
             torch.Size([4, 3])
         """
+        return self._gramian(losses, batched, retain_graph, shared, others, None, None)
+
+    def _gramian(
+        self,
+        losses: Tensor,
+        batched: bool | None,
+        retain_graph: bool,
+        shared: Sequence[Tensor] | None,
+        others: Sequence[Tensor],
+        gather: Gather | None,
+        reset: Callable[[], None] | None,
+    ) -> tuple[Tensor, dict[Tensor, Tensor]]:
+        """`task_gramian`, with `gramian`'s ``gather`` and ``reset``."""
         if not isinstance(losses, Tensor):
             raise TypeError(f"losses must be a tensor, got {type(losses).__name__}.")
         if losses.ndim == 0 or losses.numel() == 0:
@@ -464,7 +496,7 @@ class GramianEngine:
         owners = Counter(id(p) for call in calls for p in call.params if p is not None)
         looped = convolutions or not self._batched_backward
         grads, direct, own = self._cotangents(
-            losses, calls, slots, layout, keep, owners, shared, others, looped
+            losses, calls, slots, layout, keep, owners, shared, others, looped, reset
         )
         cotangents: dict[int, list[Tensor | None]] = {
             id(call): [None] * len(call.out_nrs) for call in calls
@@ -478,7 +510,8 @@ class GramianEngine:
         self._recording = False
         try:
             with torch.no_grad():
-                G = torch.zeros(m, m, dtype=losses.dtype, device=losses.device)
+                size = m if gather is None else gather(losses.new_zeros(m)).numel()
+                G = torch.zeros(size, size, dtype=losses.dtype, device=losses.device)
                 for call in calls:
                     outputs = cotangents.pop(id(call))
                     if id(call) in direct:
@@ -489,13 +522,16 @@ class GramianEngine:
                         call_terms = call.handler.terms(call, outputs, layout)
                     for term in call_terms:
                         if all(owners[id(p)] == 1 for p in term.params):
-                            term.add_gramian(G)
+                            (term if gather is None else term.gathered(gather)).add_gramian(G)
                             terms.append(term)
                         else:
                             shared_terms.append(term)
                 for term in combine(shared_terms):
-                    term.add_gramian(G)
+                    (term if gather is None else term.gathered(gather)).add_gramian(G)
                     terms.append(term)
+                if size != m and not layout.per_sample:  # the Gramian of the ranks' average
+                    ranks = size // m
+                    G = G.view(ranks, m, ranks, m).sum(dim=(0, 2)) / ranks**2
         finally:
             self._recording = True
         self._pending = _Pending(losses, terms, leaves, losses.dtype, retain_graph)
@@ -522,6 +558,7 @@ class GramianEngine:
         shared: Sequence[Tensor] | None,
         others: Sequence[Tensor],
         looped: bool,
+        reset: Callable[[], None] | None,
     ) -> tuple[list[Tensor | None], dict[int, list[Term]], dict[Tensor, Tensor]]:
         """The gradients of the rows at the hooked calls' outputs (one per slot), the terms of
         the calls whose parameters' gradients are taken directly from the backward pass, and
@@ -530,7 +567,8 @@ class GramianEngine:
 
         The rows are vectorised, except through convolutions, whose vectorised backward pass
         torch runs one row at a time with copies: a loop over the rows is then faster, and gives
-        each objective's parameter gradients at the cost of an ordinary backward pass.
+        each objective's parameter gradients at the cost of an ordinary backward pass. If the
+        vectorised pass fails, ``reset`` (if given) is called before the loop.
         """
         rows = self._rows(losses, layout)
         edges = [edge for _, _, edge in slots]
@@ -574,8 +612,10 @@ class GramianEngine:
                 stacklevel=4,
             )
             self._batched_backward = False
+            if reset is not None:
+                reset()
             return self._cotangents(
-                losses, calls, slots, layout, keep, owners, shared, others, True
+                losses, calls, slots, layout, keep, owners, shared, others, True, reset
             )
         by_edge = {
             (e.node, e.output_nr): g for e, g in zip(inside, found[: len(inside)], strict=True)

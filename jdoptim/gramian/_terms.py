@@ -7,7 +7,9 @@ objectives with respect to a few parameters without forming them when that is ch
 - add their Gramian into an ``[m, m]`` matrix (`Term.add_gramian`),
 - add their weighted sum ``Σ_k w_k ∇_k`` into the parameters' ``.grad`` (`Term.accumulate`),
 - materialise them as ``[m, numel]`` matrices (`Term.materialize`), when terms of different
-  kinds share a parameter and must be summed before inner products are taken.
+  kinds share a parameter and must be summed before inner products are taken,
+- gather the objectives of every rank of a sharded model into one term (`Term.gathered`), whose
+  Gramian then holds the inner products between the ranks' objectives.
 
 `FactoredTerm` covers every layer whose weight gradient is a sum of outer products
 ``Σ_p δ_p a_pᵀ`` over positions ``p`` (linear and convolution layers, with groups); for sample
@@ -35,6 +37,9 @@ from torch import Tensor
 
 Write = Callable[[Tensor, Tensor], None]
 """Adds a gradient (second argument) into a parameter's ``.grad`` (first argument)."""
+Gather = Callable[[Tensor], Tensor]
+"""Concatenates, along the first dimension and in the order of the ranks, every rank's tensor of
+the same shape (a collective: every rank calls it in the same order)."""
 
 
 class Term:
@@ -56,6 +61,12 @@ class Term:
 
     def materialize(self) -> list[Tensor]:
         """Return, for each parameter, its per-objective gradients as ``[m, numel]``."""
+        raise NotImplementedError
+
+    def gathered(self, gather: Gather) -> Term:
+        """The term of the objectives of every rank, in rank order: each rank's per-sample
+        factors (or gradients) gathered along their sample dimension. Only its Gramian is used.
+        """
         raise NotImplementedError
 
 
@@ -302,6 +313,14 @@ class FactoredTerm(Term):
         if self.bias is not None:
             write(self.bias, Dw.sum(dim=(0, 2)).reshape(-1))
 
+    def gathered(self, gather: Gather) -> Term:
+        if self.A is None:
+            weight, bias = self.materialize_parts()
+            params = [p for p in (self.weight, self.bias) if p is not None]
+            grads = [gather(M) for M in (weight, bias) if M is not None]
+            return DenseTerm(params, grads)
+        return FactoredTerm(self.weight, self.bias, gather(self.A), gather(self.D))
+
 
 class ConvTerm(Term):
     """Gradients of a convolution's weight (and bias), per sample and task, from one grouped
@@ -393,6 +412,11 @@ class ConvTerm(Term):
         write(self.weight, self._weight_grads(Dw, x, self.config[3]))
         if self.bias is not None:
             write(self.bias, Dw.transpose(0, 1).reshape(Dw.shape[1], -1).sum(dim=1))
+
+    def gathered(self, gather: Gather) -> Term:
+        if self._grads is not None:
+            return DenseTerm(self.params, [gather(M) for M in self._grads])
+        return ConvTerm(self.weight, self.bias, gather(self.x), gather(self.D), self.config)
 
 
 class EmbeddingTerm(Term):
@@ -486,6 +510,9 @@ class EmbeddingTerm(Term):
             grad[self.padding_idx] = 0
         write(self.weight, grad)
 
+    def gathered(self, gather: Gather) -> Term:
+        return EmbeddingTerm(self.weight, gather(self.indices), gather(self.D), self.padding_idx)
+
 
 class DenseTerm(Term):
     """Materialised per-objective gradients.
@@ -520,6 +547,9 @@ class DenseTerm(Term):
     def accumulate(self, w: Tensor, write: Write) -> None:
         for param, M in zip(self.params, self.grads, strict=True):
             write(param, (w @ M).view(param.shape))
+
+    def gathered(self, gather: Gather) -> Term:
+        return DenseTerm(self.params, [gather(M) for M in self.grads])
 
 
 def combine(terms: Sequence[Term]) -> list[Term]:

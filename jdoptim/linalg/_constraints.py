@@ -34,24 +34,44 @@ def tolerances(dtype: torch.dtype) -> Tolerances:
     return Tolerances(slack=max(1e-10, noise), dependence=noise)
 
 
-def gramian_factor(G: Tensor, dtype: torch.dtype) -> Tensor:
-    r"""A factor $L$ (``[m, r]``, float64) with $L L^\top \approx G$, without the directions
-    of ``G`` that are below the rounding level of ``dtype``.
+def correlation_spectrum(G: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    r"""The row norms of ``G`` and the eigenpairs of its correlation matrix that stand above the
+    rounding level of ``dtype``.
 
     A Gramian computed in ``dtype`` has entries $G_{ij}$ wrong by about
     $\mathrm{eps} \lVert g_i \rVert \lVert g_j \rVert$, so that rows that are linearly dependent
     look independent through tiny eigenvalues, which conditioning then amplifies. The eigenvalues
-    of the correlation matrix $D^{-1} G D^{-1}$ ($D = \operatorname{diag}(\lVert g_i \rVert)$,
-    which makes this independent of the scales of the rows) up to ``m`` times the dependence
-    tolerance of `tolerances` are dropped. Row $i$ of $L$ holds the coordinates of $g_i$ in an
-    orthonormal basis of the remaining span, so $r$ is the numerical rank of the rows.
+    of the correlation matrix $C = D^{-1} G D^{-1}$ ($D = \operatorname{diag}(\lVert g_i
+    \rVert)$, zero rows left at zero, which makes this independent of the scales of the rows)
+    up to ``m`` times the dependence tolerance of `tolerances` are dropped. $C$ has entries in
+    $[-1, 1]$, so its decomposition cannot overflow.
+
+    Args:
+        G: A finite Gramian, shape ``[m, m]``, float64.
+        dtype: The precision ``G`` was computed in.
+
+    Returns:
+        ``(norms, eigenvalues, eigenvectors)``: the ``m`` row norms, the ``r`` kept eigenvalues of
+        $C$ and their eigenvectors (``[m, r]``), so that $G \approx D V \Lambda V^\top D$.
     """
     m = G.shape[0]
     norms = G.diagonal().clamp(min=0.0).sqrt()
     inverse = torch.where(norms > 0.0, 1.0 / norms, 0.0)
-    eigenvalues, eigenvectors = torch.linalg.eigh(G * torch.outer(inverse, inverse))
+    C = G * torch.outer(inverse, inverse)
+    eigenvalues, eigenvectors = torch.linalg.eigh((C + C.T) / 2)
     keep = eigenvalues > m * tolerances(dtype).dependence
-    return norms[:, None] * eigenvectors[:, keep] * eigenvalues[keep].sqrt()
+    return norms, eigenvalues[keep], eigenvectors[:, keep]
+
+
+def gramian_factor(G: Tensor, dtype: torch.dtype) -> Tensor:
+    r"""A factor $L$ (``[m, r]``, float64) with $L L^\top \approx G$, without the directions
+    of ``G`` that are below the rounding level of ``dtype`` (see `correlation_spectrum`).
+
+    Row $i$ of $L$ holds the coordinates of $g_i$ in an orthonormal basis of the remaining span,
+    so $r$ is the numerical rank of the rows.
+    """
+    norms, eigenvalues, eigenvectors = correlation_spectrum(G, dtype)
+    return norms[:, None] * eigenvectors * eigenvalues.sqrt()
 
 
 def project_onto_constraints(

@@ -20,7 +20,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parameter import UninitializedParameter, is_lazy
 
-from jdoptim.aggregation._bases import Configurable, as_weight_tensor, check_positive_int
+from jdoptim.aggregation._bases import (
+    Argument,
+    Configurable,
+    as_weight_tensor,
+    check_positive_int,
+    optional,
+    solve_dtype,
+)
 
 
 def check_losses(losses: Tensor, owner: str) -> None:
@@ -46,33 +53,27 @@ def check_count(expected: int, losses: Tensor, owner: str, what: str) -> None:
         raise ValueError(f"{owner} has {expected} {what} but got {losses.shape[0]} losses.")
 
 
-def check_optional_m(m: int | None) -> int | None:
-    """Raise unless ``m`` is ``None`` or an integer ≥ 1."""
-    return None if m is None else check_positive_int(m, "m")
-
-
-def as_vector(values: Tensor | Sequence[float], name: str) -> Tensor:
-    """Validate a finite 1-D per-objective vector; numbers given as Python floats are kept in
-    float64 (so ``repr``, configs and float64 losses see them exactly)."""
-    if not isinstance(values, Tensor):
-        values = torch.as_tensor(values, dtype=torch.float64)
-    return as_weight_tensor(values, name)
-
-
 def as_preference_tensor(values: Tensor | Sequence[float], name: str) -> Tensor:
-    """Validate a preference vector: finite, non-negative, not all zero."""
-    tensor = as_vector(values, name)
+    """Check a preference vector: finite, non-negative, not all zero."""
+    tensor = as_weight_tensor(values, name)
     if (tensor < 0).any() or not (tensor > 0).any():
         raise ValueError(
-            f"Expected {name} to be non-negative with at least one positive entry, got "
-            f"{tensor.tolist()}."
+            f"Invalid {name} value: {tensor.tolist()}; expected non-negative numbers, at least "
+            "one positive."
         )
     return tensor
 
 
-def optional_tensor(values: Tensor | Sequence[float] | None, name: str) -> Tensor | None:
-    """``None``, or the finite 1-D tensor of ``values``."""
-    return None if values is None else as_vector(values, name)
+optional_m = optional(check_positive_int)
+"""The check of a number of objectives that may be left to the first call."""
+
+
+def stable_norm(x: Tensor) -> Tensor:
+    """The Euclidean norm of ``x``, differentiable, without overflow or underflow of the squares
+    (``torch.linalg.vector_norm`` of float32 entries above about 1e19 is ``inf``)."""
+    scale = x.detach().abs().max()
+    scale = torch.where(scale > 0, scale, 1.0)
+    return scale * torch.linalg.vector_norm(x / scale)
 
 
 def state_dtype(losses: Tensor) -> torch.dtype:
@@ -84,9 +85,10 @@ class Scalarizer(Configurable):
     """Maps a vector of losses ``[m]`` to one scalar loss, to be minimised by one ordinary
     backward pass.
 
-    Subclasses implement ``_scalarize``; `forward` validates the losses first. The scalar has
-    the losses' dtype and device and is differentiable with respect to them (and to the
-    scalarizer's own parameters, where it has some).
+    Subclasses implement ``_scalarize``; `forward` validates the losses first, and hands over
+    half-precision losses (bfloat16, float16) in float32. The scalar has the losses' dtype and
+    device and is differentiable with respect to them (and to the scalarizer's own parameters,
+    where it has some).
     """
 
     registry_kind: ClassVar[str] = "scalarizer"
@@ -103,7 +105,8 @@ class Scalarizer(Configurable):
             The scalar loss, shape ``[]``, with the losses' dtype and device.
         """
         check_losses(losses, type(self).__name__)
-        return self._scalarize(losses)
+        # Half precision is computed in float32, so that no intermediate term overflows.
+        return self._scalarize(losses.to(solve_dtype(losses.dtype))).to(losses.dtype)
 
     @abstractmethod
     def _scalarize(self, losses: Tensor) -> Tensor: ...
@@ -155,10 +158,11 @@ class LearnedPerObjective(Scalarizer):
     """
 
     _parameter_name = ""
+    m = Argument(optional_m, fixed=True)
 
     def __init__(self, m: int | None = None) -> None:
         super().__init__()
-        self.m = check_optional_m(m)
+        self.m = m
         parameter = UninitializedParameter() if m is None else nn.Parameter(torch.zeros(m))
         self.register_parameter(self._parameter_name, parameter)
 

@@ -4,8 +4,9 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
+from jdoptim.aggregation._bases import Argument, check_weights
 from jdoptim.registry import register
-from jdoptim.scalarization._bases import Scalarizer, as_vector, check_count
+from jdoptim.scalarization._bases import Scalarizer, check_count
 
 
 def _example(m: int) -> dict[str, list[float]]:
@@ -26,9 +27,11 @@ class Constant(Scalarizer):
         tensor(6.5000)
     """
 
+    weights = Argument(check_weights)
+
     def __init__(self, weights: Tensor | Sequence[float]) -> None:
         super().__init__()
-        self.register_buffer("weights", as_vector(weights, "weights"), persistent=False)
+        self.weights = weights
 
     def _scalarize(self, losses: Tensor) -> Tensor:
         check_count(self.weights.shape[0], losses, type(self).__name__, "weights")

@@ -5,9 +5,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from jdoptim.aggregation._bases import check_non_negative
+from jdoptim.aggregation._bases import Argument, check_non_negative, optional
 from jdoptim.registry import register
-from jdoptim.scalarization._bases import Scalarizer, as_preference_tensor, check_count
+from jdoptim.scalarization._bases import (
+    Scalarizer,
+    as_preference_tensor,
+    check_count,
+    stable_norm,
+)
 
 
 def _example(m: int) -> dict[str, float]:
@@ -51,11 +56,13 @@ class COSMOS(Scalarizer):
         tensor(2.4000, dtype=torch.float64)
     """
 
+    lambda_ = Argument(check_non_negative)
+    weights = Argument(optional(as_preference_tensor))
+
     def __init__(self, lambda_: float, weights: Tensor | Sequence[float] | None = None) -> None:
         super().__init__()
-        self.lambda_ = check_non_negative(lambda_, "lambda_")
-        weights = None if weights is None else as_preference_tensor(weights, "weights")
-        self.register_buffer("weights", weights, persistent=False)
+        self.lambda_ = lambda_
+        self.weights = weights
 
     def _scalarize(self, losses: Tensor) -> Tensor:
         m = losses.shape[0]
@@ -65,7 +72,7 @@ class COSMOS(Scalarizer):
             check_count(self.weights.shape[0], losses, type(self).__name__, "weights")
             ray = self.weights.to(dtype=losses.dtype, device=losses.device)
         linear = ray @ losses
-        norms = torch.linalg.vector_norm(ray) * torch.linalg.vector_norm(losses)
+        norms = stable_norm(ray) * stable_norm(losses)
         positive = norms > 0
         # Both branches are computed; the safe denominator keeps the unused one finite.
         cosine = torch.where(positive, linear / torch.where(positive, norms, 1.0), 0.0)

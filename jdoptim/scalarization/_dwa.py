@@ -5,6 +5,7 @@ import warnings
 import torch
 from torch import Tensor
 
+from jdoptim.aggregation._bases import Argument, check_positive
 from jdoptim.registry import register
 from jdoptim.scalarization._bases import Scalarizer, check_losses, state_dtype
 
@@ -53,17 +54,11 @@ class DWA(Scalarizer):
 
     _lazy_buffers = ("loss_sum", "history")
 
+    temperature = Argument(check_positive)
+
     def __init__(self, temperature: float = 2.0) -> None:
         super().__init__()
-        if (
-            isinstance(temperature, bool)
-            or not isinstance(temperature, (int, float))
-            or not 0 < temperature < float("inf")
-        ):
-            raise ValueError(
-                f"Invalid temperature value: {temperature!r}; expected a finite number > 0."
-            )
-        self.temperature = float(temperature)
+        self.temperature = temperature
         self.register_buffer("loss_sum", None)
         self.register_buffer("batches", torch.zeros((), dtype=torch.int64))
         self.register_buffer("history", None)

@@ -5,14 +5,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from jdoptim.aggregation._bases import check_non_negative
+from jdoptim.aggregation._bases import Argument, check_non_negative, check_weights, optional
 from jdoptim.registry import register
 from jdoptim.scalarization._bases import (
     Scalarizer,
     check_count,
     check_losses,
-    check_optional_m,
-    optional_tensor,
+    optional_m,
     state_dtype,
 )
 
@@ -85,6 +84,11 @@ class FAMO(Scalarizer):
 
     _lazy_buffers = ("logits", "exp_avg", "exp_avg_sq", "pending_losses")
 
+    m = Argument(optional_m, fixed=True)
+    min_losses = Argument(optional(check_weights))
+    lr = Argument(check_non_negative)
+    weight_decay = Argument(check_non_negative)
+
     def __init__(
         self,
         m: int | None = None,
@@ -93,19 +97,24 @@ class FAMO(Scalarizer):
         weight_decay: float = 0.001,
     ) -> None:
         super().__init__()
-        self.m = check_optional_m(m)
-        self.register_buffer(
-            "min_losses", optional_tensor(min_losses, "min_losses"), persistent=False
-        )
-        if m is not None and self.min_losses is not None and self.min_losses.shape[0] != m:
-            raise ValueError(f"FAMO has m={m} but {self.min_losses.shape[0]} min_losses.")
-        self.lr = check_non_negative(lr, "lr")
-        self.weight_decay = check_non_negative(weight_decay, "weight_decay")
+        self.m = m
+        self.min_losses = min_losses
+        self.lr = lr
+        self.weight_decay = weight_decay
         for name in self._lazy_buffers:
             self.register_buffer(name, None)
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
         if m is not None:
             self._create_state(m, torch.get_default_dtype(), self.steps.device)
+
+    def _argument_set(self, name: str) -> None:
+        logits = self._buffers.get("logits")
+        m = self.m if logits is None else logits.shape[0]
+        minimum = self.min_losses if name == "min_losses" else None
+        if m is not None and minimum is not None and minimum.shape[0] != m:
+            raise ValueError(
+                f"Invalid min_losses value: {minimum.tolist()}; FAMO has m={m} objectives."
+            )
 
     def reset(self) -> None:
         """Return to uniform task weights and a fresh Adam, and drop pending losses."""

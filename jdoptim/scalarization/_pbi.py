@@ -2,16 +2,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor
 
-from jdoptim.aggregation._bases import check_non_negative
+from jdoptim.aggregation._bases import Argument, check_non_negative, check_weights, optional
 from jdoptim.registry import register
 from jdoptim.scalarization._bases import (
     Scalarizer,
     as_preference_tensor,
     check_count,
-    optional_tensor,
+    stable_norm,
 )
 
 
@@ -53,6 +52,10 @@ class PBI(Scalarizer):
         tensor(9.8995, dtype=torch.float64)
     """
 
+    theta = Argument(check_non_negative)
+    weights = Argument(as_preference_tensor)
+    reference = Argument(optional(check_weights))
+
     def __init__(
         self,
         theta: float,
@@ -60,9 +63,9 @@ class PBI(Scalarizer):
         reference: Tensor | Sequence[float] | None = None,
     ) -> None:
         super().__init__()
-        self.theta = check_non_negative(theta, "theta")
-        self.register_buffer("weights", as_preference_tensor(weights, "weights"), persistent=False)
-        self.register_buffer("reference", optional_tensor(reference, "reference"), persistent=False)
+        self.theta = theta
+        self.weights = weights
+        self.reference = reference
 
     def _scalarize(self, losses: Tensor) -> Tensor:
         owner = type(self).__name__
@@ -72,7 +75,7 @@ class PBI(Scalarizer):
             check_count(self.reference.shape[0], losses, owner, "reference entries")
             shifted = losses - self.reference.to(dtype=losses.dtype, device=losses.device)
         direction = self.weights.to(dtype=losses.dtype, device=losses.device)
-        direction = direction / torch.linalg.vector_norm(direction)
+        direction = direction / stable_norm(direction)
         d1 = shifted @ direction
-        d2 = torch.linalg.vector_norm(shifted - d1 * direction)
+        d2 = stable_norm(shifted - d1 * direction)
         return d1 + self.theta * d2

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from jdoptim.aggregation._bases import RandomSource, Seeded
+from jdoptim.aggregation._bases import Seeded
 from jdoptim.registry import register
 from jdoptim.scalarization._bases import Scalarizer
 
@@ -36,7 +36,7 @@ class Random(Seeded, Scalarizer):
 
     def __init__(self, seed: int | None = None) -> None:
         super().__init__()
-        self._random = RandomSource(seed)
+        self.seed = seed
 
     def _scalarize(self, losses: Tensor) -> Tensor:
         # Constant weights: the draws do not depend on the losses.

@@ -5,12 +5,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from jdoptim.aggregation._bases import Argument, check_positive, check_weights, optional
 from jdoptim.registry import register
 from jdoptim.scalarization._bases import (
     Scalarizer,
     as_preference_tensor,
     check_count,
-    optional_tensor,
 )
 
 
@@ -33,8 +33,9 @@ class STCH(Scalarizer):
     a smooth upper bound of the weighted Tchebycheff scalarization
     $\max_i \lambda_i (L_i - z^*_i)$, within $\mu \log m$ of it. Its gradient weights each
     objective by $\lambda_i \operatorname{softmax}(\lambda \odot (L - z^*) / \mu)_i$, so the
-    objective that is worst off dominates as $\mu \to 0$. Computed with a log-sum-exp that does
-    not overflow for small $\mu$.
+    objective that is worst off dominates as $\mu \to 0$. Computed as
+    $t + \mu \log \sum_i \exp((x_i - t)/\mu)$ with $x = \lambda \odot (L - z^*)$ and
+    $t = \max_i x_i$, which overflows for no finite losses and $\mu > 0$, in any dtype.
 
     Args:
         mu: The smoothing parameter $\mu > 0$. The paper evaluates
@@ -55,6 +56,10 @@ class STCH(Scalarizer):
         tensor(1.8133, dtype=torch.float64)
     """
 
+    mu = Argument(check_positive)
+    weights = Argument(optional(as_preference_tensor))
+    reference = Argument(optional(check_weights))
+
     def __init__(
         self,
         mu: float,
@@ -62,12 +67,9 @@ class STCH(Scalarizer):
         reference: Tensor | Sequence[float] | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not 0 < mu < float("inf"):
-            raise ValueError(f"Invalid mu value: {mu!r}; expected a finite number > 0.")
-        self.mu = float(mu)
-        weights = None if weights is None else as_preference_tensor(weights, "weights")
-        self.register_buffer("weights", weights, persistent=False)
-        self.register_buffer("reference", optional_tensor(reference, "reference"), persistent=False)
+        self.mu = mu
+        self.weights = weights
+        self.reference = reference
 
     def _scalarize(self, losses: Tensor) -> Tensor:
         owner, m = type(self).__name__, losses.shape[0]
@@ -80,4 +82,7 @@ class STCH(Scalarizer):
         else:
             check_count(self.weights.shape[0], losses, owner, "weights")
             weighted = self.weights.to(dtype=losses.dtype, device=losses.device) * shifted
-        return self.mu * torch.logsumexp(weighted / self.mu, dim=0)
+        # The largest term is taken out before dividing by mu, so that no quotient overflows
+        # (torch.logsumexp(weighted / mu) does, in float32, for 1e30 / 1e-10).
+        top = weighted.detach().max()
+        return top + self.mu * torch.logsumexp((weighted - top) / self.mu, dim=0)

@@ -81,3 +81,29 @@ def test_bad_arguments_are_rejected():
         AlignedMTL(scale_mode="max")
     with pytest.raises(ValueError, match="2 preferences but the Jacobian has 3 rows"):
         AlignedMTL([1.0, 2.0])(torch.randn(3, 4))
+
+
+def test_huge_and_half_precision_gramians_do_not_fail():
+    # float32 eigh failed on finite Gramians with entries near 1e37, half precision had no eigh.
+    J = torch.randn(4, 6, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    G = J @ J.T
+    expected = AlignedMTLWeighting()(G)
+    torch.testing.assert_close(
+        AlignedMTLWeighting()((G * 1e37).float()).double(), expected, rtol=1e-5, atol=0
+    )
+    for dtype in (torch.bfloat16, torch.float16):
+        weights = AlignedMTLWeighting()(G.to(dtype))
+        assert weights.dtype == dtype
+        torch.testing.assert_close(weights.double(), expected, rtol=0, atol=3e-2)
+
+
+def test_the_cut_off_is_the_gramians_precision():
+    # Singular values 1 and 1e-5: the Gramian's eigenvalue 1e-10 is above float64's rounding
+    # level (kept, as in TorchJD 0.18), below float32's (dropped, for a float32 Gramian).
+    P, _ = torch.linalg.qr(torch.randn(2, 2, generator=torch.Generator().manual_seed(8)).double())
+    Q, _ = torch.linalg.qr(torch.randn(5, 2, generator=torch.Generator().manual_seed(9)).double())
+    J = P @ torch.diag(torch.tensor([1.0, 1e-5], dtype=torch.float64)) @ Q.T
+    u = torch.full((2,), 0.5, dtype=torch.float64)
+    torch.testing.assert_close(AlignedMTL()(J), _reference(J, u, "min", 2))
+    weights = AlignedMTLWeighting()((J @ J.T).float()).double()
+    torch.testing.assert_close(weights @ J, _reference(J, u, "min", 1), rtol=1e-4, atol=1e-6)

@@ -75,3 +75,24 @@ def test_wide_float32_jacobians_keep_their_small_singular_directions():
 def test_pref_vector_length_is_checked():
     with pytest.raises(ValueError, match="2 preferences but the Jacobian has 3 rows"):
         ConFIG([1.0, 2.0])(torch.randn(3, 4))
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e30])
+def test_extreme_float32_scales_do_not_overflow(scale: float):
+    J = torch.randn(3, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    update = ConFIG()((J * scale).float())
+    torch.testing.assert_close(update.double() / scale, ConFIG()(J), rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_is_solved_in_float32(dtype: torch.dtype):
+    J = torch.randn(3, 5, generator=torch.Generator().manual_seed(3)).to(dtype)
+    update = ConFIG()(J)
+    assert update.dtype == dtype
+    torch.testing.assert_close(update.double(), ConFIG()(J.double()), rtol=2e-2, atol=2e-2)
+
+
+def test_a_non_finite_entry_gives_a_non_finite_update():
+    J = torch.randn(3, 5, generator=torch.Generator().manual_seed(4))
+    J[1, 2] = float("nan")
+    assert not torch.isfinite(ConFIG()(J)).any()

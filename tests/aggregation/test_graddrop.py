@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from jdoptim import GradDrop, build, to_config
-from jdoptim.aggregation._pcgrad import RandomSource
+from jdoptim.aggregation._bases import RandomSource
 
 J_BASE = torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]], dtype=torch.float64)
 
@@ -83,8 +83,24 @@ def test_config_round_trip_with_leak_and_a_custom_f_is_refused():
         to_config(GradDrop(f=torch.sigmoid))
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("seed", range(4))
+def test_a_non_finite_entry_gives_a_non_finite_coordinate(value: float, seed: int):
+    J = torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
+    J[seed % 2, 0] = value
+    update = GradDrop(seed=seed)(J)
+    assert not torch.isfinite(update[0])
+    torch.testing.assert_close(update[1:], torch.tensor([2.0, 2.0]))
+
+
+def test_a_nested_config_for_f_is_refused_when_built():
+    # {"name": "mean"} builds the Mean aggregator, which is callable but not a function of P.
+    with pytest.raises(TypeError, match=r"Invalid f value: Mean\(\)"):
+        build({"name": "graddrop", "f": {"name": "mean"}})
+
+
 def test_bad_arguments_are_rejected():
-    with pytest.raises(TypeError, match="callable"):
+    with pytest.raises(TypeError, match=r"Invalid f value: 0\.5; expected a function"):
         GradDrop(f=0.5)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         GradDrop(leak=[0.5, 1.5])

@@ -24,6 +24,16 @@ def test_matches_a_column_by_column_reference(trim_number: int):
     torch.testing.assert_close(TrimmedMean(trim_number)(J), torch.tensor(expected))
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("trim_number", [0, 1])
+def test_a_non_finite_entry_is_not_trimmed_away(value: float, trim_number: int):
+    J = torch.randn(5, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    J[3, 1] = value
+    update = TrimmedMean(trim_number)(J)
+    assert not torch.isfinite(update[1])
+    torch.testing.assert_close(update[[0, 2, 3]], TrimmedMean(trim_number)(J[:, [0, 2, 3]]))
+
+
 def test_largest_trim_is_the_median_and_no_trim_is_the_mean():
     J = torch.randn(5, 4, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
     torch.testing.assert_close(TrimmedMean(2)(J), J.median(dim=0).values)

@@ -58,7 +58,24 @@ def test_all_zero_losses_give_zero_and_a_finite_gradient():
 def test_arguments_are_validated():
     with pytest.raises(ValueError, match="Invalid lambda_ value: -1"):
         COSMOS(-1.0)
-    with pytest.raises(ValueError, match="non-negative with at least one positive"):
+    with pytest.raises(
+        ValueError,
+        match="expected non-negative numbers, at least one positive",
+    ):
         COSMOS(1.0, weights=[-1.0, 1.0])
     with pytest.raises(ValueError, match="COSMOS has 3 weights but got 2 losses"):
         COSMOS(1.0, weights=RAY)(torch.ones(2))
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e30])
+def test_extreme_float32_losses_give_the_float64_value(scale: float):
+    # The norms of float32 losses near 1e30 (or 1e-30) overflow (underflow) in their squares.
+    losses = torch.tensor([1.0, 3.0, 2.0], dtype=torch.float64) * scale
+    single = losses.float().requires_grad_()
+    scalar = COSMOS(1.0, weights=[1.0, 2.0, 0.5])(single)
+    scalar.backward()
+    double = losses.clone().requires_grad_()
+    expected = COSMOS(1.0, weights=[1.0, 2.0, 0.5])(double)
+    expected.backward()
+    torch.testing.assert_close(scalar.double(), expected.detach(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(single.grad.double(), double.grad, rtol=1e-5, atol=0)

@@ -103,7 +103,7 @@ def test_losses_below_their_bounds_and_bad_arguments_are_rejected():
         FAMO(min_losses=[0.5, 0.0])(torch.tensor([0.4, 1.0]))
     with pytest.raises(ValueError, match="FAMO has 2 min_losses but got 3 losses"):
         FAMO(min_losses=[0.5, 0.0])(torch.ones(3))
-    with pytest.raises(ValueError, match="FAMO has m=3 but 2 min_losses"):
+    with pytest.raises(ValueError, match=r"Invalid min_losses value: \[0.5, 0.0\]; FAMO has m=3"):
         FAMO(3, min_losses=[0.5, 0.0])
     with pytest.raises(ValueError, match="FAMO has 2 objectives but got 3 losses"):
         FAMO(2)(torch.ones(3))

@@ -58,13 +58,37 @@ def test_large_losses_and_a_small_mu_do_not_overflow():
     assert torch.isfinite(losses.grad).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_no_overflow_in_any_dtype(dtype: torch.dtype):
+    # mu log sum exp(x / mu) with x / mu = 3e30 / 1e-10 overflowed float32 (inf instead of 1e30).
+    values = [1e4, 2e4, 3e4] if dtype == torch.float16 else [1e30, 2e30, 3e30]
+    losses = torch.tensor(values, dtype=dtype, requires_grad=True)
+    scalar = STCH(mu=1e-10)(losses)  # weights 1/3: the largest weighted loss is 1e30
+    torch.testing.assert_close(
+        scalar.double(), torch.tensor(values[2] / 3, dtype=torch.float64), rtol=1e-2, atol=0
+    )
+    scalar.backward()
+    torch.testing.assert_close(
+        losses.grad.double(),
+        torch.tensor([0.0, 0.0, 1 / 3], dtype=torch.float64),
+        rtol=1e-2,
+        atol=0,
+    )
+
+
 def test_arguments_are_validated():
     for mu in (0, -1.0, float("nan"), float("inf"), True, "1"):
         with pytest.raises(ValueError, match="Invalid mu value"):
             STCH(mu)
-    with pytest.raises(ValueError, match="non-negative with at least one positive"):
+    with pytest.raises(
+        ValueError,
+        match="expected non-negative numbers, at least one positive",
+    ):
         STCH(0.1, weights=[1.0, -0.5])
-    with pytest.raises(ValueError, match="non-negative with at least one positive"):
+    with pytest.raises(
+        ValueError,
+        match="expected non-negative numbers, at least one positive",
+    ):
         STCH(0.1, weights=[0.0, 0.0])
     with pytest.raises(ValueError, match="STCH has 2 weights but got 3 losses"):
         STCH(0.1, weights=[1.0, 1.0])(torch.ones(3))
