@@ -112,11 +112,11 @@ def vjp_rows(
     ]
 
 
-LEAN_CHUNKS = 32
-"""`jacobian_matrix` computes the rows in this many passes by default (one row per pass below
-that many rows), so that what a pass holds besides the matrix is about a 32nd of it. On
-CPUs this is also faster than one vectorised pass, whose weight gradients torch computes one row
-at a time and then stacks."""
+PASS_ENTRIES = 2**23
+"""By default, `jacobian_matrix` computes as many rows per batched pass as fit in this many
+entries of the Jacobian (32 MiB in float32): at least one, at most all. What a pass holds besides
+the matrix is then bounded, and so is the size of the vectorised weight gradients, which on CPUs
+run slower once they outgrow the caches than a few smaller passes."""
 
 
 def jacobian_matrix(
@@ -132,14 +132,15 @@ def jacobian_matrix(
     ``inputs`` they reach, side by side, written chunk by chunk into one matrix.
 
     Concatenating per-input Jacobians would hold the Jacobian twice; here a pass holds its own
-    rows only, ``chunk_size`` of them (by default an `LEAN_CHUNKS`-th of all).
+    rows only, ``chunk_size`` of them (by default as many as fit in `PASS_ENTRIES` entries).
 
     Returns:
         The matrix (``None`` if no input is reached), and whether each input is reached.
     """
     r = rows[0].shape[0]
     if batched and chunk_size is None:
-        chunk_size = -(-r // LEAN_CHUNKS)
+        n = sum(p.numel() for p in inputs)
+        chunk_size = max(1, min(r, PASS_ENTRIES // max(n, 1)))
     matrix: Tensor | None = None
     reached: list[bool] = []
     for start, stop, grads in _chunks(outputs, inputs, rows, retain_graph, batched, chunk_size):

@@ -171,8 +171,11 @@ class JDOptimizer(Optimizer):
             is that of the shared parameters in ``modules`` (by default, the shared module), and
             they receive the weighted gradient. ``None`` aggregates over all parameters.
         chunk_size: Jacobian mode: losses per batched backward pass; ``1`` for one backward
-            pass per loss (no vmap). ``None`` (default): a 32nd of the losses per pass, so
-            that the Jacobian is held about once rather than twice.
+            pass per loss (no vmap). ``None`` (default): as many losses per pass as fit in
+            ``2**23`` entries of the Jacobian (32 MiB in float32), at least one and at most all:
+            ``min(m, max(1, 2**23 // n))`` for ``m`` losses and ``n`` aggregated parameters.
+            A pass then holds at most that many entries besides the Jacobian, and its
+            vectorised weight gradients stay small enough to run fast on CPUs.
         nonfinite: What to do with non-finite losses, Jacobian or update: ``"raise"`` a
             `NonFiniteError`, or ``"skip"`` the step with a warning, leaving everything
             unchanged.

@@ -136,3 +136,34 @@ def test_vjp_rows_from_graph_edges_in_chunks():
     for a, b, c in zip(whole, chunked, looped, strict=True):
         torch.testing.assert_close(a, b)
         torch.testing.assert_close(a, c)
+
+
+@pytest.mark.parametrize(
+    ("entries", "rows_per_pass"),
+    [(10**9, [6]), (3 - 1 / 8, [2, 2, 2]), (4, [4, 2]), (1 / 2, [1] * 6)],
+)
+def test_jacobian_matrix_puts_as_many_rows_in_a_pass_as_fit_in_pass_entries(
+    monkeypatch, entries, rows_per_pass
+):
+    """``entries``: `PASS_ENTRIES` as a multiple of the parameters' size."""
+    import jdoptim._split as split_module
+
+    trunk, _, _ = _model()
+    params = list(trunk.parameters())
+    n = sum(p.numel() for p in params)
+    monkeypatch.setattr(split_module, "PASS_ENTRIES", int(entries * n))
+    out = trunk(torch.randn(7, 4))
+    losses = torch.cat([out.mean(dim=0), out[0]])[:6]
+    passes = []
+    grad = torch.autograd.grad
+
+    def counted(outputs, inputs, grad_outputs, **options):
+        passes.append(grad_outputs[0].shape[0] if options.get("is_grads_batched") else 1)
+        return grad(outputs, inputs, grad_outputs, **options)
+
+    monkeypatch.setattr(torch.autograd, "grad", counted)
+    matrix, _ = jacobian_matrix([losses], params, [torch.eye(6)], retain_graph=True)
+    monkeypatch.undo()
+    assert passes == rows_per_pass
+    expected = jacobian(losses, params, retain_graph=True)
+    torch.testing.assert_close(matrix, stack_jacobians(expected))

@@ -39,8 +39,9 @@ class JacobianPath(Path):
         method: The aggregator, mapping the Jacobian ``[m, n]`` to an update ``[n]``.
         shared_params: The parameters whose Jacobian is aggregated; ``None`` for all of them.
             The others receive the ordinary gradient of the sum of the losses that reach them.
-        chunk_size: Losses per batched backward pass; ``None`` for all at once, ``1`` for one
-            backward pass per loss.
+        chunk_size: Losses per batched backward pass; ``None`` for as many as fit in
+            `jdoptim._split.PASS_ENTRIES` entries of the Jacobian, ``1`` for one backward pass
+            per loss.
     """
 
     method_type = Aggregator
