@@ -21,6 +21,15 @@ A node belongs to the shared part when it leads to a shared parameter and to no 
 that needs a gradient; every path from the losses to a shared parameter enters the shared part
 through exactly one edge of the boundary, so the gradients there, summed over the consumers,
 determine every gradient below.
+
+Hooks run as in ordinary backward passes: autograd's engine runs every node but the consumers,
+with the hooks of the tensors they produce and of the nodes themselves, and the gradients at the
+consumers are taken after the hooks of the tensors the consumers produce (``Tensor.register_hook``
+on a head's first output). Only the hooks registered on a consumer's autograd node itself
+(``grad_fn.register_hook`` or ``register_prehook``) cannot run, since the consumer's backward
+function is called directly; a module's full backward hooks are such node hooks, so a consumer
+that is a module's hook node (a hooked module whose inputs come from both the shared part and
+elsewhere) makes `split` differentiate the whole graph per row instead.
 """
 
 from __future__ import annotations
@@ -40,6 +49,9 @@ Target = Tensor | GradientEdge
 graph (the gradient flowing into one output of a node)."""
 
 _ACCUMULATE_GRAD = type(torch.zeros(1, requires_grad=True).expand(1).grad_fn.next_functions[0][0])
+_MODULE_HOOK_NODE = "BackwardHookFunctionBackward"
+"""The autograd node through which a module's full backward hooks run (on its inputs and
+outputs), as hooks of the node itself."""
 CONVOLUTION_NODES = frozenset({"ConvolutionBackward0", "ConvolutionBackward1"})
 """The autograd nodes of convolutions, whose vectorised backward pass torch runs one row at a
 time, with copies: through them, a loop of ordinary backward passes over the rows is faster."""
@@ -262,11 +274,10 @@ def _call(node: Any, grads: Sequence[Tensor | None]) -> tuple[Tensor | None, ...
 
 
 def _consumer_grads(
-    node: Any, cotangents: list[Tensor | None], picks: list[int], rows: int, vectorize: bool = True
+    node: Any, cotangents: list[Tensor | None], picks: list[int], rows: int
 ) -> list[Tensor | None]:
     """The gradients a node sends along its next edges ``picks``, for ``rows`` rows of
-    cotangents ``[rows, *shape]`` (vectorised unless ``vectorize`` is false or that fails, then
-    one row at a time)."""
+    cotangents ``[rows, *shape]`` (vectorised, or one row at a time where that fails)."""
     if rows == 1:
         out = _call(node, [None if c is None else c[0] for c in cotangents])
         return [None if out[i] is None else out[i].unsqueeze(0) for i in picks]
@@ -279,8 +290,6 @@ def _consumer_grads(
 
     in_dims = tuple(None if c is None else 0 for c in cotangents)
     try:
-        if not vectorize:
-            raise RuntimeError("one row at a time")
         values = iter(torch.func.vmap(selected, in_dims=in_dims)(*cotangents))
         return [next(values) if here else None for here in present]
     except RuntimeError:
@@ -339,6 +348,14 @@ def split(
         for node, kids in graph.children.items()
         if node not in part and graph.to_shared[node] and any(child in part for child, _ in kids)
     ]
+    if any(type(node).__name__ == _MODULE_HOOK_NODE for node in consumers):
+        # A module's backward hook would be skipped: differentiate the whole graph per row.
+        result.boundary = [GradientEdge(root, losses.output_nr)]
+        result.cotangents = [rows]
+        result.shared_nodes = None
+        result.convolutions = any(type(n).__name__ in CONVOLUTION_NODES for n in graph.children)
+        result.own = _own(losses, graph, retain_graph)
+        return result
     wanted: dict[tuple[Any, int], GradientEdge] = {}
     for node in consumers:
         for nr in sorted(graph.used[node]):
@@ -358,9 +375,6 @@ def split(
     result.captured = {key: at[key] for key in captures if at[key] is not None}
     r = rows.shape[0]
     inflow = _boundary_inflow(consumers, graph, part, at, r)
-    if capture:
-        stop = {(edge.node, edge.output_nr) for edge in capture}
-        _advance(inflow, graph, part, stop, r, batched and not result.convolutions)
     result.boundary = [GradientEdge(node, nr) for node, nr in inflow]
     result.cotangents = list(inflow.values())
     result.own = _own(losses, graph, retain_graph)
@@ -431,47 +445,6 @@ def _gather(parts: list[tuple[list[int], Tensor]], r: int) -> Tensor:
         else:
             total.index_add_(0, torch.tensor(live, device=grad.device), grad)
     return total
-
-
-def _advance(
-    inflow: dict[tuple[Any, int], Tensor],
-    graph: _Graph,
-    part: set[Any],
-    stop: set[tuple[Any, int]],
-    r: int,
-    vectorize: bool,
-) -> None:
-    """Move the boundary down through the shared nodes whose gradient is already complete
-    (every node that uses their output lies outside the shared part, or was moved through)
-    until the ``stop`` edges, running their backward functions on the gradients in ``inflow``.
-
-    The gradients at the boundary are then released before the batched pass through the
-    shared part, which starts from the ``stop`` edges (the hooked layers' outputs) instead of
-    holding one more set of per-row gradients.
-    """
-    done: set[Any] = set()
-    queue = list(inflow)
-    while queue:
-        key = queue.pop()
-        node, _ = key
-        if (
-            key in stop
-            or key not in inflow
-            or type(node) is _ACCUMULATE_GRAD
-            or _outputs(node) != 1
-            or any(parent in part and parent not in done for parent in graph.parents[node])
-        ):
-            continue
-        picks = [i for i, (child, _) in enumerate(node.next_functions) if child in part]
-        with torch.no_grad():
-            sent = _consumer_grads(node, [inflow.pop(key)], picks, r, vectorize)
-        done.add(node)
-        for i, grad in zip(picks, sent, strict=True):
-            if grad is None:
-                continue
-            child_key = node.next_functions[i]
-            inflow[child_key] = inflow[child_key] + grad if child_key in inflow else grad
-            queue.append(child_key)
 
 
 def _own(losses: Tensor, graph: _Graph, retain_graph: bool) -> dict[Tensor, Tensor]:

@@ -169,7 +169,12 @@ class JDOptimizer(Optimizer):
             The part of the graph outside the shared parameters (the heads) is differentiated
             once; only the shared part is batched over the losses. In gramian mode the Gramian
             is that of the shared parameters in ``modules`` (by default, the shared module), and
-            they receive the weighted gradient. ``None`` aggregates over all parameters.
+            they receive the weighted gradient. Hooks on tensors (``Tensor.register_hook``) and
+            modules (full backward hooks) run as in ordinary backward passes, except hooks
+            registered on the autograd node of an operation that reads the shared part from a
+            head (``output.grad_fn.register_hook`` or ``register_prehook`` on a head's first
+            layer's output): that node's backward function is called directly, without them.
+            ``None`` aggregates over all parameters.
         chunk_size: Jacobian mode: losses per batched backward pass; ``1`` for one backward
             pass per loss (no vmap). ``None`` (default): as many losses per pass as fit in
             ``2**23`` entries of the Jacobian (32 MiB in float32), at least one and at most all:

@@ -573,3 +573,99 @@ def test_graphs_vmap_cannot_batch_are_differentiated_one_task_at_a_time(mode):
             for p, q in zip(model.parameters(), reference.parameters(), strict=True)
         },
     )
+
+
+class _Gate(nn.Module):
+    def forward(self, features: Tensor, gate: Tensor) -> Tensor:
+        return features * gate
+
+
+class _Hooked(nn.Module):
+    """A trunk and three two-layer heads, with a hook that doubles a gradient at ``where``."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__()
+        self.where = where
+        self.trunk = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh())
+        self.heads = nn.ModuleList(
+            nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 1)) for _ in range(T)
+        )
+        if where == "head module":  # a full backward hook on a head's first layer
+            self.heads[1][0].register_full_backward_hook(lambda m, g_in, g_out: (2 * g_in[0],))
+        if where == "trunk module":
+            self.trunk[3].register_full_backward_hook(lambda m, g_in, g_out: (2 * g_in[0],))
+        if where == "trunk module pre":
+            self.trunk[3].register_full_backward_pre_hook(lambda m, g_out: (2 * g_out[0],))
+        # Gates each head's features by a parameter of its own: a hook on the gate is a hook on
+        # a node that reads the trunk and a head's parameter.
+        self.gates = nn.ParameterList(nn.Parameter(torch.ones(6)) for _ in range(T))
+        self.gate = _Gate()
+        if where == "module reading the trunk and a head":
+            self.gate.register_full_backward_hook(lambda m, g_in, g_out: (2 * g_in[0], g_in[1]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        hidden = self.trunk[1](self.trunk[0](x))
+        if self.where == "inside the trunk":
+            hidden.register_hook(lambda g: 2 * g)
+        features = self.trunk[3](self.trunk[2](hidden))
+        if self.where == "shared features":
+            features.register_hook(lambda g: 2 * g)
+        outputs = []
+        for k, head in enumerate(self.heads):
+            first = head[0](self.gate(features, self.gates[k]))
+            if self.where == "a head's first layer" and k == 1:
+                first.register_hook(lambda g: 2 * g)
+            output = head[2](head[1](first))
+            if self.where == "a head's output" and k == 1:
+                output.register_hook(lambda g: 2 * g)
+            outputs.append(output)
+        return torch.cat(outputs, dim=1)
+
+
+HOOKS = [
+    "inside the trunk",
+    "shared features",
+    "a head's first layer",
+    "a head's output",
+    "head module",
+    "trunk module",
+    "trunk module pre",
+    "module reading the trunk and a head",
+]
+
+
+@pytest.mark.parametrize("mode", ["gramian", "jacobian"])
+@pytest.mark.parametrize("where", HOOKS)
+def test_hooks_on_tensors_and_modules_are_honoured(where, mode):
+    """Hooks registered on tensors or modules, on the shared or the task side, change the
+    gradients as they change those of a per-task loop of ordinary backward passes."""
+
+    def losses(model: nn.Module) -> Tensor:
+        generator = torch.Generator().manual_seed(3)
+        x, y = torch.randn(B, 5, generator=generator), torch.randn(B, T, generator=generator)
+        return ((model(x) - y.to(torch.get_default_dtype())) ** 2).mean(dim=0)
+
+    torch.manual_seed(0)
+    model = _Hooked(where)
+    torch.manual_seed(0)
+    reference = _Hooked(where)
+    optimizer = JDOptimizer(
+        SGD(model.parameters(), lr=0.1), UPGrad(), mode=mode, shared_params=model.trunk
+    )
+    optimizer.backward(losses(model))
+    shared = list(reference.trunk.parameters())
+    expected = per_task_loop(reference, losses(reference), shared, UPGrad())
+    _check(
+        model,
+        {
+            id(p): expected[id(q)]
+            for p, q in zip(model.parameters(), reference.parameters(), strict=True)
+        },
+    )
+    torch.manual_seed(0)
+    plain = _Hooked("none")
+    unhooked = per_task_loop(plain, losses(plain), list(plain.trunk.parameters()), UPGrad())
+    assert not all(  # the hook changes the step
+        torch.allclose(expected[id(q)], unhooked[id(r)])
+        for q, r in zip(reference.parameters(), plain.parameters(), strict=True)
+    )
