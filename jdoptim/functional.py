@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from jdoptim._split import jacobian_matrix, split
 from jdoptim.aggregation import Aggregator
 
 
@@ -213,8 +214,11 @@ def multi_task_backward(
 
     The Jacobian of the losses with respect to ``shared_params`` is aggregated into their
     ``.grad``; each of ``task_params`` receives the gradient of the sum of the losses, so a
-    task head gets its own task's gradient. Both come from the same batched backward pass.
-    `jdoptim.JDOptimizer` with ``shared_params`` does the same inside an optimizer.
+    task head gets its own task's gradient. The graph is cut where it enters the part that
+    leads only to shared parameters: the heads are differentiated once, by one ordinary
+    backward pass, and only the shared part is batched over the losses (TorchJD's ``features``
+    argument is found from the graph). `jdoptim.JDOptimizer` with ``shared_params`` does the
+    same inside an optimizer.
 
     Args:
         losses: The task losses (any shape, flattened to ``m``), or a sequence of scalars.
@@ -223,6 +227,9 @@ def multi_task_backward(
         task_params: The task-specific parameters (the heads).
         chunk_size: Losses per batched backward pass, as in `jacobian`.
         retain_graph: Keep the autograd graph for another backward pass.
+
+    Raises:
+        ValueError: If ``chunk_size`` is not ``None`` or an integer ≥ 1.
 
     Examples:
         >>> import torch
@@ -237,15 +244,16 @@ def multi_task_backward(
         >>> trunk.weight.grad.shape, heads[1].bias.grad.shape
         (torch.Size([3, 4]), torch.Size([1]))
     """
+    check_chunk_size(chunk_size)
     vector = as_loss_vector(losses)
-    params = [*shared_params, *task_params]
-    jacobians = jacobian(vector, params, chunk_size=chunk_size, retain_graph=retain_graph)
-    shared = [(p, j) for p, j in zip(shared_params, jacobians, strict=False) if j is not None]
-    own = [
-        (p, j.sum(dim=0))
-        for p, j in zip(task_params, jacobians[len(shared_params) :], strict=True)
-        if j is not None
-    ]
-    if shared:
-        jacobian_to_grad([p for p, _ in shared], [j for _, j in shared], aggregator)
-    accumulate_grads([p for p, _ in own], [g for _, g in own])
+    rows = torch.eye(vector.shape[0], dtype=vector.dtype, device=vector.device)
+    options = {"chunk_size": chunk_size, "retain_graph": retain_graph}
+    cut = split(vector, rows, shared_params, task_params, **options)
+    if cut.boundary:
+        matrix, reached = jacobian_matrix(
+            cut.boundary, shared_params, cut.cotangents, batched=not cut.convolutions, **options
+        )
+        if matrix is not None:
+            shared = [p for p, hit in zip(shared_params, reached, strict=True) if hit]
+            accumulate_grads(shared, split_update(aggregator(matrix), shared))
+    accumulate_grads(list(cut.own), list(cut.own.values()))

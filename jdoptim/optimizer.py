@@ -28,16 +28,19 @@ from jdoptim._paths import (
     GramianPath,
     JacobianPath,
     Losses,
+    MultiTaskGramianPath,
     Path,
     Pieces,
     RepresentationPath,
     ScalarizedPath,
     ShardedGramianPath,
     ShardedJacobianPath,
+    ShardedMultiTaskGramianPath,
     ShardedScalarizedPath,
     Update,
     check_combinable,
     combine,
+    shared_modules,
 )
 from jdoptim._paths.representation import check_method as check_representation_method
 from jdoptim._state import GlobalGenerators, MethodState, check_method_state, check_optimizer_state
@@ -95,6 +98,10 @@ def _check_flag(value: bool, name: str) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"Invalid {name} value: {value!r}; expected True or False.")
     return value
+
+
+def _ids(params: Sequence[Tensor] | None) -> list[int] | None:
+    return None if params is None else [id(p) for p in params]
 
 
 def _write_grads(grads: Mapping[Tensor, Tensor]) -> None:
@@ -157,20 +164,34 @@ class JDOptimizer(Optimizer):
             vector-Jacobian product over all losses, then the aggregator. ``"gramian"``: the
             ``m × m`` Gramian from one backward pass through ``modules`` without the Jacobian
             (see `jdoptim.gramian.GramianEngine`), the aggregator's weighting, then the weighted
-            gradient; it needs a Gramian-based aggregator (such as `UPGrad`) and ``modules``,
-            and is much cheaper for one loss per sample. ``"auto"``: ``"gramian"`` when the
-            aggregator is Gramian-based, ``modules`` are given, every layer in them has a closed
-            form, ``shared_params`` is not used, and there is no data parallelism (or
-            ``local_weighting=True``, or the model is sharded); else ``"jacobian"``. The mode
-            chosen is `resolved_mode`. On a model sharded with ``fully_shard`` (FSDP2), every
-            rank applies its shard of the step of one process on the whole model: see the
+            gradient; it needs a Gramian-based aggregator (such as `UPGrad`) and the model
+            (``modules``, or ``shared_params`` given as a module), and is much cheaper for one
+            loss per sample or for many tasks. ``"auto"``: ``"gramian"`` when the aggregator is
+            Gramian-based, the model is given, every layer holding aggregated parameters has a
+            closed form (with ``shared_params``: the modules hold every shared parameter), and
+            there is no data parallelism (or ``local_weighting=True``, or the model is sharded);
+            else ``"jacobian"``. The mode chosen is `resolved_mode`. On a model sharded with
+            ``fully_shard`` (FSDP2), every rank applies its shard of the step of one process on
+            the whole model, in either mode and with or without ``shared_params``: see the
             guide "Sharded models (FSDP2)".
         shared_params: For multi-task learning: the parameters (or a module holding them)
             whose Jacobian is aggregated. Every other parameter receives the ordinary gradient
             of the sum of the losses that reach it (a task head gets its own task's gradient).
+            The part of the graph outside the shared parameters (the heads) is differentiated
+            once; only the shared part is batched over the losses. In gramian mode the Gramian
+            is that of the shared parameters in ``modules`` (by default, the shared module), and
+            they receive the weighted gradient. Hooks on tensors (``Tensor.register_hook``) and
+            modules (full backward hooks) run as in ordinary backward passes, except hooks
+            registered on the autograd node of an operation that reads the shared part from a
+            head (``output.grad_fn.register_hook`` or ``register_prehook`` on a head's first
+            layer's output): that node's backward function is called directly, without them.
             ``None`` aggregates over all parameters.
-        chunk_size: Losses per batched backward pass (bounds memory); ``None`` for all at
-            once, ``1`` for one backward pass per loss (no vmap).
+        chunk_size: Jacobian mode: losses per batched backward pass; ``1`` for one backward
+            pass per loss (no vmap). ``None`` (default): as many losses per pass as fit in
+            ``2**23`` entries of the Jacobian (32 MiB in float32), at least one and at most all:
+            ``min(m, max(1, 2**23 // n))`` for ``m`` losses and ``n`` aggregated parameters.
+            A pass then holds at most that many entries besides the Jacobian, and its
+            vectorised weight gradients stay small enough to run fast on CPUs.
         nonfinite: What to do with non-finite losses, Jacobian or update: ``"raise"`` a
             `NonFiniteError`, or ``"skip"`` the step with a warning, leaving everything
             unchanged.
@@ -206,15 +227,15 @@ class JDOptimizer(Optimizer):
             descent on the global batch: conflicts between samples of different ranks are not
             seen (with `Mean` the two coincide). Without it, gramian mode refuses to run under
             data parallelism. It has no effect on a sharded model, whose gramian mode is exact.
-        rep_grad: Aggregate the Jacobian with respect to the *shared representation*, the output
-            of the ``shared_params`` module, instead of its parameters, then send the aggregated
-            representation gradient through that module once (MGDA-UB's approximation, see the
-            multi-task guide). It needs ``shared_params`` to be the module whose output every
-            task reads; the update is that of Jacobian descent with weights computed from the
+        rep_grad: With ``shared_params``: aggregate the Jacobian with respect to the *shared
+            representation* (what the task heads read from the shared part, such as the trunk's
+            output) instead of the shared parameters, then send the aggregated representation
+            gradient through the shared part once (MGDA-UB's approximation, see the multi-task
+            guide). The update is that of Jacobian descent with weights computed from the
             representation's Jacobian, which the guarantees of the methods (no conflict, for
-            example) cover for the representation, not for the parameters. Build the optimizer
-            before the forward pass, which the module records. Not with data parallelism or a
-            sharded model; every backward pass is aggregated (no ``aggregate=False``).
+            example) cover for the representation, not for the parameters. Not with data
+            parallelism or a sharded model; every backward pass is aggregated (no
+            ``aggregate=False``).
 
     Attributes:
         last_diagnostics: The `StepDiagnostics` of the latest aggregation, or ``None``.
@@ -288,7 +309,7 @@ class JDOptimizer(Optimizer):
         self.optimizer = optimizer
         self.mode = mode
         self._shared_params = self._check_shared(shared_params)
-        self._shared_module = shared_params if isinstance(shared_params, nn.Module) else None
+        self._shared_module = [shared_params] if isinstance(shared_params, nn.Module) else []
         self._layers: dict[int, str] | None = None
         self._chunk_size = chunk_size
         self.nonfinite = nonfinite
@@ -345,29 +366,26 @@ class JDOptimizer(Optimizer):
                     f"mode='gramian' needs a Gramian-based aggregator (such as UPGrad), but "
                     f"{aggregator!r} needs the Jacobian; use mode='jacobian'."
                 )
-            if not self.modules:
+            if not (self.modules or self._shared_module):
                 raise ValueError("mode='gramian' needs the model: pass modules=model.")
-            if self.shared_params is not None:
-                raise ValueError(
-                    "mode='gramian' updates every parameter with the weighted gradient, so it "
-                    "cannot give task heads their own gradients: drop shared_params, or use "
-                    "mode='jacobian'."
-                )
-            return self._gramian_path(aggregator, sharding)  # type: ignore[arg-type]
+            return self._gramian_path(aggregator, self._gramian_modules()[0], sharding)
         if (
             self.mode == "auto"
             and gramian_based
             and not aggregator.needs_columns
-            and self.modules
-            and self.shared_params is None
+            and (self.modules or self._shared_module)
             and (
                 sharding is not None  # the exact global Gramian is available when sharded
                 or self.local_weighting
                 or (default_process_group() is None and not self.process_group)
             )
-            and is_supported(self.modules, batch_dim=self.batch_dim)
         ):
-            return self._gramian_path(aggregator, sharding)  # type: ignore[arg-type]
+            try:
+                modules, complete = self._gramian_modules()
+            except ValueError:  # modules that gramian mode cannot hook
+                modules, complete = [], False
+            if complete and modules and is_supported(modules, batch_dim=self.batch_dim):
+                return self._gramian_path(aggregator, modules, sharding)
         if sharding is not None:
             return ShardedJacobianPath(
                 aggregator,  # type: ignore[arg-type]
@@ -382,8 +400,7 @@ class JDOptimizer(Optimizer):
         that hold them, in ``shared_params`` when it is a module, else in ``modules``) and their
         parameter groups."""
         if self._layers is None:
-            root = self._shared_module if self._shared_module is not None else self.modules
-            self._layers = layer_names(root)
+            self._layers = layer_names(self._shared_module or self.modules)
         layers = self._layers
         known = all(id(p) in layers for p in shared)
         group_of = {id(p): i for i, group in enumerate(self.param_groups) for p in group["params"]}
@@ -401,11 +418,11 @@ class JDOptimizer(Optimizer):
             raise ValueError(
                 "rep_grad=True aggregates a Jacobian, but a scalarizer has none; drop rep_grad."
             )
-        if self._shared_module is None:
+        if self.shared_params is None:
             raise ValueError(
-                "rep_grad=True needs shared_params to be the module (the encoder) whose output "
-                "is the representation every task reads, got "
-                f"{'no shared_params' if self.shared_params is None else 'a list of parameters'}."
+                "rep_grad=True needs shared_params: the parameters (or the module, such as the "
+                "encoder) shared by the tasks, whose input from the task heads is the "
+                "representation."
             )
         if sharding is not None or self.process_group is not None or default_process_group():
             raise ValueError(
@@ -418,15 +435,39 @@ class JDOptimizer(Optimizer):
                 f"{aggregator!r} needs the Jacobian; use mode='jacobian'."
             )
         mode = "gramian" if self.mode == "gramian" else "jacobian"
-        return RepresentationPath(aggregator, self._shared_module, mode, self._chunk_size)
+        return RepresentationPath(aggregator, self.shared_params, mode, self._chunk_size)
+
+    def _gramian_modules(self) -> tuple[list[nn.Module], bool]:
+        """The modules gramian mode hooks and whether they hold every aggregated parameter:
+        with ``shared_params``, the largest submodules of ``modules`` (or of the shared module)
+        whose parameters are all shared."""
+        if self.shared_params is None:
+            return self.modules, True
+        modules, complete = shared_modules(self.modules or self._shared_module, self.shared_params)
+        if not modules:
+            raise ValueError(
+                "mode='gramian' builds the Gramian of the shared parameters, but no module among "
+                "modules holds only shared parameters; pass modules= the shared modules."
+            )
+        return modules, complete
 
     def _gramian_path(
-        self, aggregator: GramianWeightedAggregator, sharding: Sharding | None
+        self,
+        aggregator: GramianWeightedAggregator,
+        modules: list[nn.Module],
+        sharding: Sharding | None,
     ) -> Path:
-        engine = GramianEngine(self.modules, batch_dim=self.batch_dim)
-        if sharding is None:
+        engine = GramianEngine(modules, batch_dim=self.batch_dim)
+        if sharding is not None:
+            model = FsdpModel(self.modules)
+            if self._shared_params is None:
+                return ShardedGramianPath(aggregator, engine, sharding, model)
+            return ShardedMultiTaskGramianPath(
+                aggregator, engine, sharding, model, self._shared_params
+            )
+        if self._shared_params is None:
             return GramianPath(aggregator, engine)
-        return ShardedGramianPath(aggregator, engine, sharding, FsdpModel(self.modules))
+        return MultiTaskGramianPath(aggregator, engine, self._shared_params)
 
     @property
     def aggregator(self) -> Aggregator | Scalarizer:
@@ -469,21 +510,25 @@ class JDOptimizer(Optimizer):
     @property
     def shared_params(self) -> list[Tensor] | None:
         """The parameters whose Jacobian is aggregated (see the constructor); they may be
-        reassigned in jacobian mode."""
+        reassigned in jacobian mode. In gramian mode the engine hooks the modules chosen from
+        them when the optimizer is built, so other parameters are refused."""
         return self._shared_params
 
     @shared_params.setter
     def shared_params(self, shared_params: Iterable[Tensor] | nn.Module | None) -> None:
-        if isinstance(self._path, RepresentationPath):
-            raise AttributeError(
-                "With rep_grad=True the shared module records the representation; build a new "
-                "JDOptimizer to share another one."
+        checked = self._check_shared(shared_params)
+        if self._path.mode == "gramian" and _ids(checked) != _ids(self._shared_params):
+            raise ValueError(
+                "In gramian mode the Gramian engine hooks the modules chosen from shared_params "
+                "when the optimizer is built; build a new JDOptimizer to change shared_params."
             )
-        self._shared_params = self._check_shared(shared_params)
-        self._shared_module = shared_params if isinstance(shared_params, nn.Module) else None
+        if isinstance(self._path, RepresentationPath) and checked is None:
+            raise ValueError("rep_grad=True needs shared_params; build a new JDOptimizer.")
+        self._shared_params = checked
+        self._shared_module = [shared_params] if isinstance(shared_params, nn.Module) else []
         self._layers = None
         if isinstance(self._path, (JacobianPath, ShardedJacobianPath)):
-            self._path.shared_params = self._shared_params
+            self._path.shared_params = checked
 
     @property
     def resolved_mode(self) -> Literal["jacobian", "gramian"]:

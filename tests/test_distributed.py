@@ -55,6 +55,8 @@ CASES = {
     "samples_multi_task": (_sample_losses, {"accumulation": "concat"}, False, True, True),
     "ddp_multi_task": (_task_losses, {}, True, True, True),
     "ddp_without_modules": (_task_losses, {}, True, True, False),
+    # mode="auto" takes jacobian mode under data parallelism, gramian mode in one process
+    "ddp_multi_task_auto": (_task_losses, {"mode": "auto"}, True, True, True),
     # Methods that take the values of the losses: those of the global batch reach them.
     "gradnorm_multi_task": (_task_losses, {}, False, True, True),
     "mgda_loss_samples": (_sample_losses, {"accumulation": "concat"}, False, False, True),
@@ -179,6 +181,15 @@ def _local_weighting(rank: int | None) -> list[torch.Tensor]:
     return [p.detach().clone() for p in net.parameters()]
 
 
+def _auto_mode() -> str:
+    """What ``mode="auto"`` chooses for a multi-task model (gramian mode in one process)."""
+    net = _Net().double()
+    optimizer = JDOptimizer(
+        SGD(net.parameters(), lr=0.1), UPGrad(), mode="auto", shared_params=net.trunk
+    )
+    return optimizer.resolved_mode
+
+
 def _ddp_broadcasts_rank_0s_model(rank: int) -> list[torch.Tensor]:
     """The ranks build their models from different seeds; wrapping them in DDP gives every rank
     rank 0's parameters."""
@@ -220,6 +231,7 @@ def _skip_consistently(rank: int) -> list[torch.Tensor]:
 
 def _rank_work(rank: int, out: Path) -> dict:
     results = {case: _train(case, rank) for case in CASES}
+    results["auto_mode"] = _auto_mode()
     results["skip"] = _skip_consistently(rank)
     results["local_weighting"] = _local_weighting(rank)
     results["accumulate_and_amp"] = _accumulate_and_amp(rank)
@@ -278,18 +290,28 @@ def test_a_checkpoint_of_rank_0_resumes_in_a_single_process(ranks_dir, rank_resu
         torch.testing.assert_close(param, reference, rtol=0, atol=1e-6)
 
 
-def test_gramian_mode_refuses_data_parallelism_without_local_weighting():
+def test_auto_mode_takes_the_exact_jacobian_mode_under_data_parallelism(rank_results):
+    assert _auto_mode() == "gramian"
+    assert [results["auto_mode"] for results in rank_results] == ["jacobian"] * WORLD
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_gramian_mode_refuses_data_parallelism_without_local_weighting(shared):
     torch.manual_seed(0)
     net = _Net().double()
 
     class _Group:  # stands for an initialised process group; only its presence matters
         pass
 
-    optimizer = JDOptimizer(SGD(net.parameters(), lr=0.1), UPGrad(), mode="gramian", modules=net)
+    options = {"shared_params": net.trunk} if shared else {}
+    optimizer = JDOptimizer(
+        SGD(net.parameters(), lr=0.1), UPGrad(), mode="gramian", modules=net, **options
+    )
     optimizer.process_group = _Group()
     x, y = _global_data(0)
+    losses = _task_losses(net(x), y) if shared else _sample_losses(net(x), y)
     with pytest.raises(ValueError, match="local_weighting=True"):
-        optimizer.step(_sample_losses(net(x), y))
+        optimizer.step(losses)
     assert all(p.grad is None for p in net.parameters())
 
 
@@ -309,6 +331,7 @@ def test_ddp_never_reduces_gradients_with_or_without_modules(rank_results):
         assert rank_results[rank]["ddp_reductions"] == {
             "ddp_multi_task": 0,
             "ddp_without_modules": 0,
+            "ddp_multi_task_auto": 0,
         }
     for a, b in zip(
         rank_results[0]["ddp_multi_task"], rank_results[0]["ddp_without_modules"], strict=True

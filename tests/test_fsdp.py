@@ -142,10 +142,17 @@ CASES = {
     "gramian_sample_tasks": Case(_sample_task_losses, options=GRAMIAN, dtype=torch.float64),
     "gramian_tasks": Case(_task_losses, options=GRAMIAN),
     "gramian_hsdp": Case(_sample_losses, options=GRAMIAN, mesh="hsdp"),
+    # A multi-task model: mode="auto" takes gramian mode, with the Gramian of the trunk.
+    "auto_multi_task": Case(_task_losses, options=AUTO, shared=True),
+    "gramian_samples_multi_task": Case(_sample_losses, options=GRAMIAN, shared=True),
+    "gramian_hsdp_multi_task": Case(_task_losses, options=GRAMIAN, shared=True, mesh="hsdp"),
     "auto_conv": Case(_sample_losses, options=AUTO, net="conv"),
     "auto_sequence": Case(_sample_losses, options=AUTO, net="sequence"),
     # Methods that take the values of the losses (and weight the heads): the global batch's.
     "gradnorm_multi_task": Case(_task_losses, lambda: jdoptim.GradNorm(lr=0.05), shared=True),
+    "gradnorm_gramian_multi_task": Case(
+        _task_losses, lambda: jdoptim.GradNorm(lr=0.05), options=GRAMIAN, shared=True
+    ),
     "mgda_loss_samples": Case(
         _sample_losses, lambda: jdoptim.MGDA(normalization="loss"), options=PER_SAMPLE
     ),
@@ -415,13 +422,16 @@ def _snapshot(net: nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.Te
 
 
 INTERRUPTIONS = {
-    # name: (mode, the backward pass that fails, with what)
-    "jacobian, second loss": ("jacobian", 2, KeyboardInterrupt),
-    "gramian, Gramian": ("gramian", 1, KeyboardInterrupt),
-    "gramian, weighted gradient": ("gramian", 2, KeyboardInterrupt),
+    # name: (mode, the backward pass that fails, with what, share only the trunk)
+    "jacobian, second loss": ("jacobian", 2, KeyboardInterrupt, False),
+    "gramian, Gramian": ("gramian", 1, KeyboardInterrupt, False),
+    "gramian, weighted gradient": ("gramian", 2, KeyboardInterrupt, False),
     # The engine takes an error of its batched backward pass for vmap's, resets FSDP and goes
     # on with one backward pass per loss: the step happens.
-    "gramian, batched pass": ("gramian", 1, RuntimeError),
+    "gramian, batched pass": ("gramian", 1, RuntimeError, False),
+    # A multi-task model: the heads' ordinary gradient comes from a third backward pass.
+    "gramian multi-task, weighted gradient": ("gramian", 2, KeyboardInterrupt, True),
+    "gramian multi-task, heads' gradient": ("gramian", 3, KeyboardInterrupt, True),
 }
 
 
@@ -429,12 +439,13 @@ def _interrupted(rank: int) -> dict[str, Any]:
     """A backward pass that fails midway on every rank changes nothing, and the training goes
     on as if the step had not been tried."""
     results: dict[str, Any] = {}
-    for name, (mode, countdown, error) in INTERRUPTIONS.items():
+    for name, (mode, countdown, error, shared) in INTERRUPTIONS.items():
         for interrupt in (False, True):
             torch.manual_seed(0)
             net = _shard(_FragileNet())
             adam = torch.optim.Adam(net.parameters(), lr=0.01)
-            optimizer = JDOptimizer(adam, jdoptim.Random(seed=3), modules=net, mode=mode)
+            extra = {"shared_params": net.trunk} if shared else {}
+            optimizer = JDOptimizer(adam, jdoptim.Random(seed=3), modules=net, mode=mode, **extra)
             for step in range(3):
                 x, y = _batch(step, rank)
                 if step == 1:
@@ -497,6 +508,21 @@ def _errors(rank: int) -> dict[str, str]:
     messages["auto_mode_shared"] = optimizer(
         net, mode="auto", modules=net, shared_params=net.trunk
     ).resolved_mode
+
+    # Cutting the graph at the trunk would bypass FSDP's hooks: refused, not wrong.
+    trunk, heads = list(net.trunk.parameters()), list(net.heads.parameters())
+    messages["functional_multi_task"] = message(
+        lambda: jdoptim.functional.multi_task_backward(losses, trunk, UPGrad(), heads)
+    )
+    from jdoptim.gramian import GramianEngine
+
+    engine = GramianEngine(net.trunk)
+    features = net.trunk(x)
+    outputs = torch.cat([head(features) for head in net.heads], dim=1)
+    messages["task_gramian"] = message(
+        lambda: engine.task_gramian(_task_losses(outputs, y), shared=trunk, others=heads)
+    )
+    engine.close()
 
     other = _shard(_Net())
     messages["other_model"] = message(lambda: jd.step(_task_losses(other(x), y)))
@@ -625,8 +651,11 @@ def test_what_sharding_refuses_is_said_on_every_rank(rank_results):
         assert "different numbers of losses (from 2 to 3)" in messages["different_counts"]
         assert messages["different_counts_grads_none"] == "True"
         assert messages["auto_mode"] == "gramian"
-        assert messages["auto_mode_shared"] == "jacobian"
+        assert messages["auto_mode_shared"] == "gramian"
         assert "are the losses computed from this model" in messages["other_model"]
+        for name in ("functional_multi_task", "task_gramian"):
+            assert "sharded with fully_shard" in messages[name], messages[name]
+            assert "Use JDOptimizer with shared_params" in messages[name]
         assert "factors of a layer have different shapes" in messages["different_lengths"]
         assert "pad sequences to the same length" in messages["different_lengths"]
         assert "gradient reduction is turned off on module 'trunk.0'" in messages["no_sync"]

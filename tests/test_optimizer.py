@@ -264,7 +264,7 @@ class _NoVmap(torch.autograd.Function):
 def test_graphs_vmap_cannot_batch_fall_back_to_one_backward_per_loss():
     x, y = _data()
     model, reference = _model(), _model()
-    optimizer = JDOptimizer(SGD(model.parameters(), lr=0.1), UPGrad())
+    optimizer = JDOptimizer(SGD(model.parameters(), lr=0.1), UPGrad(), chunk_size=3)
     with pytest.warns(UserWarning, match="one backward pass per loss"):
         optimizer.step(((_NoVmap.apply(model(x)) - y) ** 2).mean(dim=0))
     optimizer.zero_grad()

@@ -155,3 +155,24 @@ def test_a_non_finite_loss_is_skipped_under_the_skip_policy(make):
         optimizer.step(losses)
     assert repr(optimizer.aggregator.state_dict()) == state
     assert all(torch.equal(a, b) for a, b in zip(params, model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("name", ["gradnorm", "imtl", "mgda-loss"])
+def test_multi_task_gramian_mode_steps_like_jacobian_mode(name: str):
+    def run(mode: str) -> list[Tensor]:
+        model = _Net()
+        optimizer = JDOptimizer(
+            SGD(model.parameters(), lr=0.05),
+            METHODS[name](),
+            shared_params=model.trunk,
+            mode=mode,
+            modules=model,
+        )
+        assert optimizer.resolved_mode == mode
+        for step in range(3):
+            optimizer.zero_grad()
+            optimizer.step(_losses(model, *_data(step)))
+        return [p.detach() for p in model.parameters()]
+
+    for a, b in zip(run("gramian"), run("jacobian"), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

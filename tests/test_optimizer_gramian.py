@@ -68,7 +68,7 @@ def test_auto_mode_chooses_gramian_only_where_it_applies():
     assert resolved(UPGrad(), modules=model) == "gramian"
     assert resolved(UPGrad()) == "jacobian"  # no model to hook
     assert resolved(jdoptim.build("config"), modules=model) == "jacobian"  # needs J
-    assert resolved(UPGrad(), modules=model, shared_params=model[0]) == "jacobian"
+    assert resolved(UPGrad(), modules=model, shared_params=model[0]) == "gramian"
     with_batch_norm = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
     assert resolved(UPGrad(), modules=with_batch_norm) == "jacobian"  # mixes samples
 
@@ -80,8 +80,6 @@ def test_gramian_mode_refuses_what_it_cannot_do():
         JDOptimizer(sgd, jdoptim.build("config"), mode="gramian", modules=model)
     with pytest.raises(ValueError, match="pass modules=model"):
         JDOptimizer(sgd, UPGrad(), mode="gramian")
-    with pytest.raises(ValueError, match="drop shared_params"):
-        JDOptimizer(sgd, UPGrad(), mode="gramian", modules=model, shared_params=model[0])
     batch_norm = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4))
     with pytest.raises(ValueError, match="BatchNorm"):
         JDOptimizer(

@@ -302,3 +302,20 @@ def test_functional_multi_task_backward_matches_the_optimizer():
     optimizer.backward(_task_losses(reference, x, y))
     for a, b in zip(model.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk_size", [0, -1, 1.5, True])
+def test_functional_multi_task_backward_refuses_a_bad_chunk_size(chunk_size):
+    from jdoptim.functional import multi_task_backward
+
+    x, y = _data()
+    model = _model()
+    with pytest.raises(ValueError, match=f"Invalid chunk_size value: {chunk_size!r}"):
+        multi_task_backward(
+            _task_losses(model, x, y),
+            list(model.trunk.parameters()),
+            UPGrad(),
+            list(model.heads.parameters()),
+            chunk_size=chunk_size,
+        )
+    assert all(p.grad is None for p in model.parameters())

@@ -475,8 +475,11 @@ def test_a_closure_that_fails_before_the_inner_optimizer_moves_changes_nothing()
     _assert_unchanged(before, _everything(model, optimizer))
 
 
-def test_the_fallback_to_one_backward_pass_per_loss_is_taken_only_for_vmap(monkeypatch):
+@pytest.mark.parametrize("shared", [False, True], ids=["all", "shared_params"])
+def test_the_fallback_to_one_backward_pass_per_loss_is_taken_only_for_vmap(monkeypatch, shared):
     model, optimizer = _make("upgrad")
+    if shared:  # the trap is in the shared part, batched over the losses
+        optimizer.shared_params = model.trunk
     monkeypatch.setattr(_Trap, "armed", RuntimeError)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

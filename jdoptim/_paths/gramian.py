@@ -3,6 +3,7 @@ then the weighted gradient, without the Jacobian (see `jdoptim.gramian.GramianEn
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,8 @@ from jdoptim.gramian import GramianEngine
 @dataclass
 class GramianPieces(Pieces):
     """The pieces of the Gramian path: the Gramian of the unscaled losses, and the parameters
-    its weighted gradient goes to. The engine keeps what that gradient needs."""
+    its weighted gradient goes to (``own`` holds the gradients added as they are). The engine
+    keeps what the weighted gradient needs."""
 
     gramian: Tensor | None = None
     params: list[Tensor] | None = None
@@ -45,28 +47,36 @@ class GramianPath(Path):
     def pieces(self, losses: Losses) -> GramianPieces:
         if not bool(torch.isfinite(losses.vector).all()):
             return GramianPieces(finite=False, reason=non_finite_reason(losses.vector, self.what))
-        # The engine reads the per-sample structure from the loss tensor's shape.
-        gramian = self.engine.gramian(losses.tensor, retain_graph=losses.retain_graph)
+        gramian, own, params = self._gramian(losses)
         if losses.scale != 1.0:
             gramian = gramian / losses.scale**2
-        if not all_finite([gramian]):
+        if not all_finite([gramian, *own.values()]):
             return GramianPieces(finite=False, reason=non_finite_reason(losses.vector, self.what))
         values = losses.vector.detach()
         return GramianPieces(
+            own=own,
             loss_values=values if losses.scale == 1.0 else values / losses.scale,
             gramian=gramian,
-            params=losses.params,
+            params=params,
         )
+
+    def _gramian(self, losses: Losses) -> tuple[Tensor, dict[Tensor, Tensor], list[Tensor]]:
+        """The Gramian of the (scaled) losses, the gradients added as they are, and the
+        parameters that receive the weighted gradient."""
+        # The engine reads the per-sample structure from the loss tensor's shape.
+        gramian = self.engine.gramian(losses.tensor, retain_graph=losses.retain_graph)
+        return gramian, {}, losses.params
 
     def aggregate(self, pieces: Pieces, *, scale: float, diagnostics: bool) -> Update:
         assert isinstance(pieces, GramianPieces) and pieces.gramian is not None
-        gramian, params = pieces.gramian, pieces.params
+        gramian, params = pieces.gramian, pieces.params or []
         weighting = self.method.weighting
         context = {"losses": pieces.loss_values} if weighting.needs_losses else {}
         weights = weighting(gramian, **context)
         if not all_finite([weights]):
             return Update(finite=False, reason=f"{self.method!r} returned non-finite weights")
-        grads = _captured(lambda: self.engine.backward(weights, params=params), params or [])
+        grads = captured(lambda: self.engine.backward(weights, params=params), params)
+        grads.update(pieces.own)
         report = {k: v.clone() for k, v in self.method.report().items()} if diagnostics else {}
 
         def diagnose_step():
@@ -78,7 +88,7 @@ class GramianPath(Path):
         self.engine.reset()
 
 
-def _captured(backward, params: list[Tensor]) -> dict[Tensor, Tensor]:
+def captured(backward: Callable[[], None], params: list[Tensor]) -> dict[Tensor, Tensor]:
     """The gradients that ``backward()`` writes into ``params``' ``.grad``, leaving ``.grad`` as
     it was."""
     saved = [p.grad for p in params]

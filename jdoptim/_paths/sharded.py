@@ -12,7 +12,9 @@ therefore run ordinary backward passes and read ``.grad``:
   computes the same weights from it, and updates its own shard with ``J_rᵀ w``. Only
   Gramian-based aggregators can work this way, without gathering ``J``.
 - `ShardedGramianPath`: the Gramian from every rank's gathered layer factors (`GramianEngine`
-  with ``gather``), the weights, one backward pass of the weighted losses.
+  with ``gather``), the weights, one backward pass of the weighted losses;
+  `ShardedMultiTaskGramianPath` the same with the Gramian of the shared parameters, and one more
+  backward pass, of the sum of the losses, for the others (the task heads).
 - `ShardedScalarizedPath`: one backward pass of the scalarised loss.
 
 They agree across ranks on everything that decides a step (the number of losses, finiteness),
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -289,6 +291,7 @@ class ShardedGramianPieces(Pieces):
 
     gramian: Tensor | None = None
     losses: Losses | None = None
+    head_weights: Tensor | None = None
 
 
 class ShardedGramianPath(Path):
@@ -356,7 +359,10 @@ class ShardedGramianPath(Path):
         # Per-sample losses are every rank's own objectives: their values are stacked.
         stacked = gramian.shape[0] == vector.numel() * self.sharding.size > vector.numel()
         values = global_values(self.sharding, vector, stacked=stacked) / losses.scale
-        return ShardedGramianPieces(loss_values=values, gramian=gramian, losses=losses)
+        heads = self.method.head_weights(values)  # before the weighting moves the state
+        return ShardedGramianPieces(
+            loss_values=values, gramian=gramian, losses=losses, head_weights=heads
+        )
 
     def aggregate(self, pieces: Pieces, *, scale: float, diagnostics: bool) -> Update:
         assert isinstance(pieces, ShardedGramianPieces) and pieces.losses is not None
@@ -366,15 +372,8 @@ class ShardedGramianPath(Path):
         if not all_finite([weights]):  # the same weights on every rank
             return Update(finite=False, reason=f"{self.method!r} returned non-finite weights")
         vector = losses.vector
-        if weights.numel() == vector.numel() * self.sharding.size:
-            # This rank's objectives; FSDP averages the weighted gradients over the ranks.
-            own = weights.view(self.sharding.size, -1)[self.sharding.index] * self.sharding.size
-        else:
-            own = weights
-        weighted = (own.to(vector.dtype) * vector).sum()
         with self.model.backward_passes(losses.params):
-            torch.autograd.backward(weighted, retain_graph=losses.retain_graph)
-            grads = {p: p.grad for p in losses.params if p.grad is not None}
+            grads = self._gradients(losses, weights, pieces.head_weights)
         if not grads:
             raise _not_reached(losses.params)
         finite = self.sharding.all_true(
@@ -390,6 +389,83 @@ class ShardedGramianPath(Path):
 
     def discard(self) -> None:
         self.engine.reset()
+
+    def _per_rank(self, losses: Losses, weights: Tensor) -> bool:
+        """Whether the objectives are each rank's own (per-sample losses), rather than the same
+        on every rank."""
+        return weights.numel() == losses.vector.numel() * self.sharding.size
+
+    def _gradients(
+        self, losses: Losses, weights: Tensor, heads: Tensor | None = None
+    ) -> dict[Tensor, Tensor]:
+        """The gradients that one backward pass of this rank's weighted losses through FSDP
+        gives the parameters (each rank's shard, reduced over the ranks); ``heads`` are the
+        weights of the losses for parameters outside the shared ones, where there are some."""
+        vector = losses.vector
+        if self._per_rank(losses, weights):
+            # This rank's objectives; FSDP averages the weighted gradients over the ranks.
+            own = weights.view(self.sharding.size, -1)[self.sharding.index] * self.sharding.size
+        else:
+            own = weights
+        weighted = (own.to(vector.dtype) * vector).sum()
+        torch.autograd.backward(weighted, retain_graph=losses.retain_graph)
+        return {p: p.grad for p in losses.params if p.grad is not None}
+
+
+class ShardedMultiTaskGramianPath(ShardedGramianPath):
+    """`ShardedGramianPath` for a multi-task model: the Gramian of the shared parameters, their
+    weighted gradient, and the ordinary gradient of the sum of the losses for the others (the
+    task heads), each through FSDP.
+
+    The engine hooks the modules that hold only shared parameters; the Gramian is that of their
+    parameters, from every rank's gathered factors. Two backward passes through FSDP follow:
+    one of the weighted losses, whose gradients the shared parameters keep, and one of the sum
+    of the losses, whose gradients the others keep (the sum of every rank's objectives for
+    per-sample losses, as one process on the global batch). The graph is not cut at the shared
+    part as `MultiTaskGramianPath` cuts it: FSDP gathers each layer's parameters in hooks of
+    the backward pass, which calling the graph's nodes directly would bypass.
+
+    Args:
+        method: A Gramian-based aggregator.
+        engine: The engine hooked on the modules holding the shared parameters, before the
+            forward pass.
+        sharding: How the parameters are sharded.
+        model: The FSDP modules of the model.
+        shared_params: The shared parameters.
+    """
+
+    def __init__(
+        self,
+        method: GramianWeightedAggregator,
+        engine: GramianEngine,
+        sharding: Sharding,
+        model: FsdpModel,
+        shared_params: Sequence[Tensor],
+    ) -> None:
+        super().__init__(method, engine, sharding, model)
+        self.shared_params = list(shared_params)
+
+    def _gradients(
+        self, losses: Losses, weights: Tensor, heads: Tensor | None = None
+    ) -> dict[Tensor, Tensor]:
+        shared_ids = {id(p) for p in self.shared_params}
+        weighted = super()._gradients(replace(losses, retain_graph=True), weights)
+        grads = {p: g for p, g in weighted.items() if id(p) in shared_ids}
+        for p in losses.params:
+            p.grad = None
+        # FSDP averages over the ranks: per-sample losses are every rank's own, and summed.
+        vector = losses.vector
+        per_rank = self._per_rank(losses, weights)
+        if heads is not None and per_rank:
+            heads = heads.view(self.sharding.size, -1)[self.sharding.index]
+        total = vector.sum() if heads is None else heads.to(vector) @ vector
+        if per_rank:
+            total = total * self.sharding.size
+        torch.autograd.backward(total, retain_graph=losses.retain_graph)
+        grads.update(
+            {p: p.grad for p in losses.params if p.grad is not None and id(p) not in shared_ids}
+        )
+        return grads
 
 
 class ShardedScalarizedPath(ScalarizedPath):

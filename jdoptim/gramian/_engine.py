@@ -15,8 +15,9 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 from torch.utils.hooks import RemovableHandle
 
+from jdoptim._split import CONVOLUTION_NODES, Split, split, through_shared
 from jdoptim.gramian._modules import Call, Handler, Layout, make_handler, module_problem
-from jdoptim.gramian._terms import Gather, Term, combine
+from jdoptim.gramian._terms import DenseTerm, Gather, Term, combine
 
 _KEYS = itertools.count()
 _ACCUMULATE_GRAD = type(torch.zeros(1, requires_grad=True).expand(1).grad_fn.next_functions[0][0])
@@ -277,21 +278,24 @@ class GramianEngine:
             out.grad_fn.metadata.setdefault(self._key, []).append((call, j))
         call.outputs = None
 
-    def _walk(self, losses: Tensor) -> tuple[list[Call], list[_Slot], list[Tensor]]:
+    def _walk(self, losses: Tensor) -> tuple[list[Call], list[_Slot], list[Tensor], bool]:
         """Find the recorded calls that the losses reach (in forward order), the graph edges of
-        their outputs, and the leaves the losses reach outside hooked modules."""
+        their outputs, the leaves the losses reach outside hooked modules, and whether the
+        graph holds convolutions."""
         key = self._key
         calls: dict[int, Call] = {}
         slots: list[_Slot] = []
         leaves: dict[int, Tensor] = {}
         unseen: list[Tensor] = []
         seen: set[Any] = set()
+        convolutions = False
         stack = [losses.grad_fn]
         while stack:
             node = stack.pop()
             if node in seen:
                 continue
             seen.add(node)
+            convolutions = convolutions or type(node).__name__ in CONVOLUTION_NODES
             entries = node.metadata.get(key)
             if entries:
                 jump = False
@@ -327,7 +331,7 @@ class GramianEngine:
             )
         ordered = sorted(calls.values(), key=lambda call: call.index)
         slots.sort(key=lambda slot: (slot[0].index, slot[1]))
-        return ordered, slots, list(leaves.values())
+        return ordered, slots, list(leaves.values()), convolutions
 
     def _layout(self, losses: Tensor, slots: list[_Slot], batched: bool | None) -> Layout:
         m = losses.numel()
@@ -348,55 +352,6 @@ class GramianEngine:
         if off:
             return Layout(False, self.batch_dim, 1, m, losses.dtype)
         return Layout(True, self.batch_dim, B, m // B, losses.dtype)
-
-    def _output_grads(
-        self,
-        losses: Tensor,
-        edges: list[GradientEdge],
-        layout: Layout,
-        keep: bool,
-        reset: Callable[[], None] | None,
-    ) -> Sequence[Tensor | None]:
-        if layout.per_sample and layout.T == 1:
-            return torch.autograd.grad(
-                losses, edges, torch.ones_like(losses), retain_graph=keep, allow_unused=True
-            )
-        n = layout.T if layout.per_sample else layout.S * layout.T
-        eye = torch.eye(n, dtype=losses.dtype, device=losses.device)
-        if layout.per_sample:
-            rows = eye.view(n, 1, *losses.shape[1:]).expand(n, *losses.shape)
-        else:
-            rows = eye.view(n, *losses.shape)
-        if self._batched_backward:
-            try:
-                # The graph is kept in case the batched pass fails midway and is replayed.
-                return torch.autograd.grad(
-                    losses,
-                    edges,
-                    rows,
-                    retain_graph=True,
-                    allow_unused=True,
-                    is_grads_batched=True,
-                )
-            except RuntimeError as error:
-                warnings.warn(
-                    f"The batched backward pass failed ({error}); the engine computes one "
-                    "backward pass per loss from now on.",
-                    stacklevel=3,
-                )
-                self._batched_backward = False
-                if reset is not None:
-                    reset()
-        per_row = [
-            torch.autograd.grad(
-                losses, edges, row, retain_graph=keep or i + 1 < n, allow_unused=True
-            )
-            for i, row in enumerate(rows)
-        ]
-        return [
-            None if parts[0] is None else torch.stack(parts)  # type: ignore[arg-type]
-            for parts in zip(*per_row, strict=True)
-        ]
 
     def gramian(
         self,
@@ -446,6 +401,79 @@ class GramianEngine:
                 from the losses', an input of a hooked module was modified in place, or a
                 hooked parameter is also used outside its module.
         """
+        return self._gramian(losses, batched, retain_graph, None, (), gather, reset)[0]
+
+    def task_gramian(
+        self,
+        losses: Tensor,
+        *,
+        shared: Sequence[Tensor] | None = None,
+        others: Sequence[Tensor] = (),
+        batched: bool | None = None,
+        retain_graph: bool = False,
+        own_weights: Tensor | None = None,
+    ) -> tuple[Tensor, dict[Tensor, Tensor]]:
+        r"""The Gramian of the losses with respect to the hooked parameters in ``shared``, and
+        the ordinary gradients of the ``others`` (multi-task learning).
+
+        With ``shared``, the graph of the losses is cut where it enters the part that leads only
+        to shared parameters (the trunk's output, for a model with task heads): each task's own
+        part (its head) is differentiated once, by one ordinary backward pass of the sum of the
+        losses, which gives every parameter in ``others`` its gradient; only the shared part is
+        batched over the tasks. `backward` then writes $\sum_k w_k \nabla L_k$ into the shared
+        parameters (pass them as its ``params``). Without ``shared``, this is `gramian`.
+
+        Args:
+            losses: As in `gramian`.
+            shared: The parameters shared by the losses (the trunk's); the hooked modules
+                should hold no other trainable parameter.
+            others: The parameters outside ``shared`` that receive the ordinary gradient of the
+                sum of the losses that reach them (the task heads').
+            batched: As in `gramian`.
+            retain_graph: As in `gramian`.
+            own_weights: Weights of the losses (shaped like them) in the gradients of the
+                ``others``, which then receive that of the weighted sum; ``None`` for the sum.
+
+        Returns:
+            The ``[m, m]`` Gramian and, for each parameter of ``others`` that the losses reach,
+            its gradient.
+
+        Raises:
+            ValueError: As `gramian`.
+
+        Examples:
+            >>> import torch
+            >>> from torch import nn
+            >>> from jdoptim import UPGradWeighting
+            >>> from jdoptim.gramian import GramianEngine
+            >>> _ = torch.manual_seed(0)
+            >>> trunk, heads = nn.Linear(3, 4), nn.ModuleList(nn.Linear(4, 1) for _ in range(2))
+            >>> engine = GramianEngine(trunk)
+            >>> features = trunk(torch.randn(5, 3))
+            >>> losses = torch.stack([head(features).pow(2).mean() for head in heads])  # [2]
+            >>> G, own = engine.task_gramian(
+            ...     losses, shared=list(trunk.parameters()), others=list(heads.parameters())
+            ... )
+            >>> G.shape, len(own)  # the trunk's Gramian; the heads' ordinary gradients
+            (torch.Size([2, 2]), 4)
+            >>> engine.backward(UPGradWeighting()(G), params=trunk.parameters())
+            >>> trunk.weight.grad.shape
+            torch.Size([4, 3])
+        """
+        return self._gramian(losses, batched, retain_graph, shared, others, None, None, own_weights)
+
+    def _gramian(
+        self,
+        losses: Tensor,
+        batched: bool | None,
+        retain_graph: bool,
+        shared: Sequence[Tensor] | None,
+        others: Sequence[Tensor],
+        gather: Gather | None,
+        reset: Callable[[], None] | None,
+        own_weights: Tensor | None = None,
+    ) -> tuple[Tensor, dict[Tensor, Tensor]]:
+        """`task_gramian`, with `gramian`'s ``gather`` and ``reset``."""
         if not isinstance(losses, Tensor):
             raise TypeError(f"losses must be a tensor, got {type(losses).__name__}.")
         if losses.ndim == 0 or losses.numel() == 0:
@@ -461,23 +489,28 @@ class GramianEngine:
                 "compute them from the model's outputs with grad enabled."
             )
         self._pending = None
-        calls, slots, leaves = self._walk(losses)
+        calls, slots, leaves, convolutions = self._walk(losses)
         for call in calls:
             call.check_unmodified()
         layout = self._layout(losses, slots, batched)
+        if shared is not None:
+            shared_ids = {id(p) for p in shared}
+            leaves = [leaf for leaf in leaves if id(leaf) in shared_ids]
         keep = retain_graph or bool(leaves)  # `backward` needs the graph for the leaves
-        edges = [edge for _, _, edge in slots]
-        grads = list(self._output_grads(losses, edges, layout, keep, reset))
+        owners = Counter(id(p) for call in calls for p in call.params if p is not None)
+        looped = convolutions or not self._batched_backward
+        grads, direct, own = self._cotangents(
+            losses, calls, slots, layout, keep, owners, shared, others, looped, reset, own_weights
+        )
         cotangents: dict[int, list[Tensor | None]] = {
             id(call): [None] * len(call.out_nrs) for call in calls
         }
         for (call, j, _), grad in zip(slots, grads, strict=True):
             cotangents[id(call)][j] = grad
         del slots, grads  # each call's output gradients are released once it is processed
-        owners = Counter(id(p) for call in calls for p in call.params if p is not None)
         m = losses.numel()
         terms: list[Term] = []
-        shared: list[Term] = []
+        shared_terms: list[Term] = []
         self._recording = False
         try:
             with torch.no_grad():
@@ -485,15 +518,19 @@ class GramianEngine:
                 G = torch.zeros(size, size, dtype=losses.dtype, device=losses.device)
                 for call in calls:
                     outputs = cotangents.pop(id(call))
-                    if all(g is None for g in outputs):
+                    if id(call) in direct:
+                        call_terms = direct.pop(id(call))
+                    elif all(g is None for g in outputs):
                         continue
-                    for term in call.handler.terms(call, outputs, layout):
+                    else:
+                        call_terms = call.handler.terms(call, outputs, layout)
+                    for term in call_terms:
                         if all(owners[id(p)] == 1 for p in term.params):
                             (term if gather is None else term.gathered(gather)).add_gramian(G)
                             terms.append(term)
                         else:
-                            shared.append(term)
-                for term in combine(shared):
+                            shared_terms.append(term)
+                for term in combine(shared_terms):
                     (term if gather is None else term.gathered(gather)).add_gramian(G)
                     terms.append(term)
                 if size != m and not layout.per_sample:  # the Gramian of the ranks' average
@@ -502,7 +539,109 @@ class GramianEngine:
         finally:
             self._recording = True
         self._pending = _Pending(losses, terms, leaves, losses.dtype, retain_graph)
-        return G
+        return G, own
+
+    def _rows(self, losses: Tensor, layout: Layout) -> Tensor:
+        """The cotangents of the losses, one row per objective (or per task, per sample)."""
+        if layout.per_sample and layout.T == 1:
+            return torch.ones_like(losses).unsqueeze(0)
+        n = layout.T if layout.per_sample else layout.S * layout.T
+        eye = torch.eye(n, dtype=losses.dtype, device=losses.device)
+        if layout.per_sample:
+            return eye.view(n, 1, *losses.shape[1:]).expand(n, *losses.shape)
+        return eye.view(n, *losses.shape)
+
+    def _cotangents(
+        self,
+        losses: Tensor,
+        calls: list[Call],
+        slots: list[_Slot],
+        layout: Layout,
+        keep: bool,
+        owners: Counter,
+        shared: Sequence[Tensor] | None,
+        others: Sequence[Tensor],
+        looped: bool,
+        reset: Callable[[], None] | None,
+        own_weights: Tensor | None = None,
+    ) -> tuple[list[Tensor | None], dict[int, list[Term]], dict[Tensor, Tensor]]:
+        """The gradients of the rows at the hooked calls' outputs (one per slot), the terms of
+        the calls whose parameters' gradients are taken directly from the backward pass, and
+        the others' ordinary gradients (with ``shared``, the graph is cut at the shared part:
+        see `jdoptim._split`).
+
+        The rows are vectorised, except through convolutions, whose vectorised backward pass
+        torch runs one row at a time with copies: a loop over the rows is then faster, and gives
+        each objective's parameter gradients at the cost of an ordinary backward pass. If the
+        vectorised pass fails, ``reset`` (if given) is called before the loop.
+        """
+        rows = self._rows(losses, layout)
+        edges = [edge for _, _, edge in slots]
+        batched = self._batched_backward
+        # A vectorised pass keeps the graph in case it fails midway and is replayed.
+        retain = keep or (not looped and rows.shape[0] > 1)
+        try:
+            if shared is None:
+                cut = Split.at(losses, rows)
+            else:
+                cut = split(
+                    losses,
+                    rows,
+                    shared,
+                    others,
+                    capture=edges,
+                    own_weights=own_weights,
+                    retain_graph=retain,
+                    batched=batched,
+                )
+            m = losses.numel()
+            direct = [
+                call
+                for call in calls
+                if not layout.per_sample
+                and all(owners[id(p)] == 1 for p in call.params if p is not None)
+                and all(cut.is_shared(edge) for c, _, edge in slots if c is call)
+                and call.handler.prefers_direct(call, m, looped)
+            ]
+            skipped = {id(call) for call in direct}
+            params = [p for call in direct for p in call.params if p is not None]
+            inside = [
+                edge for call, _, edge in slots if id(call) not in skipped and cut.is_shared(edge)
+            ]
+            found = through_shared(cut, [*inside, *params], retain_graph=retain, batched=not looped)
+        except RuntimeError as error:
+            if looped:
+                raise
+            warnings.warn(
+                f"The batched backward pass failed ({error}); the engine computes one "
+                "backward pass per loss from now on.",
+                stacklevel=4,
+            )
+            self._batched_backward = False
+            if reset is not None:
+                reset()
+            return self._cotangents(
+                losses, calls, slots, layout, keep, owners, shared, others, True, reset, own_weights
+            )
+        by_edge = {
+            (e.node, e.output_nr): g for e, g in zip(inside, found[: len(inside)], strict=True)
+        }
+        by_param = dict(zip(map(id, params), found[len(inside) :], strict=True))
+        grads: list[Tensor | None] = []
+        for _, _, edge in slots:
+            key = (edge.node, edge.output_nr)
+            grad = by_edge.get(key) if cut.is_shared(edge) else cut.captured.get(key)
+            if grad is not None and layout.per_sample and layout.T == 1:
+                grad = grad[0]
+            grads.append(grad)
+        terms = {}
+        for call in direct:
+            reached = [(p, by_param[id(p)]) for p in call.params if p is not None]
+            reached = [(p, g) for p, g in reached if g is not None]
+            if reached:
+                values = [g.reshape(m, -1).to(layout.dtype) for _, g in reached]
+                terms[id(call)] = [DenseTerm([p for p, _ in reached], values)]
+        return grads, terms, cut.own
 
     def backward(
         self,

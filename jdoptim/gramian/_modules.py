@@ -24,7 +24,8 @@ from jdoptim.gramian._terms import (
     EmbeddingTerm,
     FactoredTerm,
     Term,
-    prefer_ghost,
+    cheapest,
+    route_costs,
 )
 
 _BATCH_NORMS = (nn.modules.batchnorm._BatchNorm,)
@@ -48,6 +49,7 @@ class Call:
         "out_batch",
         "out_nrs",
         "out_positions",
+        "out_shapes",
         "outputs",
         "params",
         "spec",
@@ -73,6 +75,7 @@ class Call:
         ]
         self.outputs: list[Tensor] | None = list(outputs)  # dropped once attached to the graph
         self.out_nrs = [out.output_nr for out in outputs]
+        self.out_shapes = [tuple(out.shape) for out in outputs]
         self.out_batch = [
             None if batch_dim is None or out.ndim <= batch_dim else out.shape[batch_dim]
             for out in outputs
@@ -178,6 +181,14 @@ class Handler:
         """Build the terms of a call from the gradients of its outputs."""
         raise NotImplementedError
 
+    def prefers_direct(self, call: Call, objectives: int, looped: bool) -> bool:
+        """Whether the per-objective gradients of the call's parameters, as the backward pass
+        computes them, are the cheapest route to its Gramian, for ``objectives`` objectives
+        that are not per sample. ``looped``: the backward pass runs once per objective (so it
+        computes each objective's gradients at the cost of an ordinary backward pass);
+        otherwise it is vectorised over the objectives."""
+        return False
+
 
 class LinearHandler(Handler):
     """``nn.Linear``, with any leading dimensions (those besides the batch are positions)."""
@@ -197,6 +208,12 @@ class LinearHandler(Handler):
         weight, bias = call.params
         return [FactoredTerm(weight, bias, A, D)]
 
+    def prefers_direct(self, call: Call, objectives: int, looped: bool) -> bool:
+        module: Any = self.module
+        positions = call.inputs[0].numel() // module.in_features
+        costs = route_costs(1, objectives, 1, positions, module.in_features, module.out_features)
+        return looped and call.params[0] is not None and cheapest(costs) == "materialize"
+
 
 def _numel(shape: Sequence[int]) -> int:
     n = 1
@@ -208,9 +225,10 @@ def _numel(shape: Sequence[int]) -> int:
 class ConvHandler(Handler):
     """``nn.Conv1d`` and ``nn.Conv2d`` (stride, padding of any mode, dilation, groups).
 
-    Per-sample weight gradients come from one grouped convolution backward pass (the samples
-    become groups), or, when the layer has few positions and many weights, ghost inner products
-    of its unfolded input patches (im2col) are cheaper.
+    Per-objective weight gradients come from one grouped convolution backward pass (the samples
+    become groups, the tasks output channels), without unfolding the input; when the layer has
+    few positions and many weights, the inner products of its unfolded input patches (im2col)
+    with each other (ghost, or the kernel of the inputs for task losses) are cheaper.
     """
 
     def terms(self, call: Call, cotangents: list[Tensor | None], layout: Layout) -> list[Term]:
@@ -231,12 +249,11 @@ class ConvHandler(Handler):
         d_in = module.in_channels // groups * _numel(module.kernel_size)
         positions = _numel(D.shape[D.ndim - spatial :])
         weight, bias = call.params
-        if (
-            weight is not None
-            and lead == 1
-            and not prefer_ghost(S, T, groups, positions, d_in, d_out)
-        ):
+        costs = route_costs(S, T, groups, lead * positions, d_in, d_out)
+        if weight is not None and cheapest(costs) == "materialize":
             config = (list(module.stride), list(padding), list(module.dilation), groups)
+            x = x.view(S, lead, *x.shape[1:])
+            D = D.reshape(S, T, lead, *D.shape[D.ndim - spatial - 1 :])
             return [ConvTerm(weight, bias, x, D, config)]
         kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
         if spatial == 1:
@@ -255,6 +272,17 @@ class ConvHandler(Handler):
             .reshape(S, T, groups, lead * positions, d_out)
         )
         return [FactoredTerm(weight, bias, A, D)]
+
+    def prefers_direct(self, call: Call, objectives: int, looped: bool) -> bool:
+        module: Any = self.module
+        groups = module.groups
+        d_in = module.in_channels // groups * _numel(module.kernel_size)
+        spatial = len(module.kernel_size)
+        positions = _numel(call.out_shapes[0][: -spatial - 1]) * _numel(
+            call.out_shapes[0][-spatial:]
+        )
+        costs = route_costs(1, objectives, groups, positions, d_in, module.out_channels // groups)
+        return looped and call.params[0] is not None and cheapest(costs) == "materialize"
 
 
 class EmbeddingHandler(Handler):
@@ -325,6 +353,9 @@ class NormHandler(Handler):
             grads.append(D.sum(dim=sum_dims).reshape(S * T, -1))
         return [DenseTerm(params, grads)]
 
+    def prefers_direct(self, call: Call, objectives: int, looped: bool) -> bool:
+        return looped  # the normalised input need not be recomputed nor the gradients kept
+
 
 class FunctionalHandler(Handler):
     """Any other module with parameters: per-sample gradients of its parameters by
@@ -350,6 +381,9 @@ class FunctionalHandler(Handler):
 
     def covered(self) -> list[Tensor]:
         return list(self.module.parameters(recurse=self.whole))
+
+    def prefers_direct(self, call: Call, objectives: int, looped: bool) -> bool:
+        return True  # the backward pass gives them without replaying the module
 
     def capture(self, args: tuple, kwargs: dict, output: Any, index: int) -> Call | None:
         named = [

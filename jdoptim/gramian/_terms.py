@@ -20,9 +20,12 @@ $$ \\langle \\nabla_k W, \\nabla_l W\\rangle = \\sum_{p,q} (a_{s(k)p}\\cdot a_{s
 
 computed either from the two small Gramians of inputs and output gradients ("ghost" inner
 products, cheap when positions are few) or from materialised per-objective gradients (cheap when
-positions are many). `EmbeddingTerm` does the same for an embedding table, whose inputs are
-one-hot: ``a_p·a_q`` is ``1`` when the two indices are equal. `DenseTerm` holds materialised
-gradients.
+positions are many), or, for one sample (task losses averaged over the batch), from the kernel
+``K = A Aᵀ`` of the inputs as ``⟨D_s, K D_t⟩``; `route_costs` counts each. `ConvTerm`
+materialises a convolution's gradients without unfolding its input. `EmbeddingTerm` does the
+same for an embedding table, whose inputs are one-hot: ``a_p·a_q`` is ``1`` when the two indices
+are equal, and the per-objective gradients live on the rows looked up. `DenseTerm` holds
+materialised gradients.
 """
 
 from __future__ import annotations
@@ -91,18 +94,80 @@ def _ghost(AA: Tensor, D: Tensor, G: Tensor) -> None:
     G.add_(DD.sum(dim=(0, 3, 6)).view(m, m))
 
 
-def prefer_ghost(S: int, T: int, groups: int, P: int, d_in: int, d_out: int) -> bool:
-    """Whether ghost inner products cost fewer operations than materialised gradients, for
-    ``S·T`` objectives, ``Γ`` groups and ``P`` positions of a ``d_in → d_out`` map."""
+BLOCK = 256
+"""Samples per block of `_ghost_blocks`: from two blocks on, the Gramian is built block by block,
+and only the blocks on and above the diagonal are computed."""
+
+
+def _ghost_blocks(A: Tensor, D: Tensor, bias: bool, G: Tensor) -> None:
+    """Add ``(A Aᵀ + bias) ⊙ (D Dᵀ)`` into ``G``, over samples: ``G[(s,t),(s',t')]`` gets
+    ``(a_s·a_s' + bias)(δ_st·δ_s't')``.
+
+    The product is symmetric, so blocks of `BLOCK` samples below the diagonal are copied from
+    those above it instead of being computed: about half the multiply-adds for many samples.
+
+    Args:
+        A: Inputs, ``[S, d_in]``.
+        D: Output gradients, ``[S, T, d_out]``.
+        bias: Whether the layer has a bias (whose gradient is ``δ``: ``+1`` to the inputs' inner
+            products).
+        G: The ``[S·T, S·T]`` Gramian.
+    """
+    S, T, d_out = D.shape
+    G4 = G.view(S, T, S, T)
+    D2 = D.reshape(S * T, d_out)
+    for i in range(0, S, BLOCK):
+        rows = slice(i, i + BLOCK)
+        for j in range(i, S, BLOCK):
+            cols = slice(j, j + BLOCK)
+            AA = A[rows] @ A[cols].T
+            if bias:
+                AA.add_(1.0)
+            DD = D2[i * T : (i + BLOCK) * T] @ D2[j * T : (j + BLOCK) * T].T
+            block = DD.view(AA.shape[0], T, AA.shape[1], T).mul_(AA[:, None, :, None])
+            G4[rows, :, cols, :].add_(block)
+            if j != i:
+                G4[cols, :, rows, :].add_(block.permute(2, 3, 0, 1))
+
+
+MEMORY = 4
+"""Multiply-adds that writing an element of an intermediate tensor and reading it back costs
+about as much as, in `route_costs` (measured on CPUs, for sizes where the routes are close)."""
+
+
+def route_costs(S: int, T: int, groups: int, P: int, d_in: int, d_out: int) -> dict[str, int]:
+    """Cost of each exact route to the Gramian of a linear map applied at ``P`` positions in
+    ``Γ`` groups (``d_in → d_out``), for ``S`` samples of ``T`` objectives (``m = S·T``), in
+    multiply-adds plus `MEMORY` per element of the intermediates:
+
+    - ``"ghost"``: the Gramians of inputs and of output gradients over all positions,
+      ``(S·P)²·d_in + (m·P)²·(d_out + 1)``, intermediates ``(S·P)² + (m·P)²``;
+    - ``"materialize"``: the per-objective gradients, then their Gramian,
+      ``m·P·d_in·d_out + m²·d_in·d_out``, intermediates ``m·P·d_out + m·d_in·d_out``;
+    - ``"kernel"`` (one sample, ``S = 1``: task losses over the batch): the kernel
+      ``K = A Aᵀ`` of the inputs at the ``P`` positions, then ``⟨D_s, K D_t⟩`` for every pair of
+      objectives, ``P²·d_in + T·P²·d_out + T²·P·d_out``, intermediates ``P² + T·P·d_out``.
+    """
     m = S * T
-    ghost = groups * ((S * P) ** 2 * d_in + (m * P) ** 2 * (d_out + 1))
-    materialize = groups * (m * P * d_in * d_out + m * m * d_in * d_out)
-    return ghost < materialize
+    costs = {
+        "ghost": (S * P) ** 2 * d_in + (m * P) ** 2 * (d_out + 1 + MEMORY) + MEMORY * (S * P) ** 2,
+        "materialize": m * d_in * d_out * (P + m + MEMORY) + MEMORY * m * P * d_out,
+    }
+    if S == 1:
+        costs["kernel"] = P * P * (d_in + T * d_out + MEMORY) + T * P * d_out * (T + MEMORY)
+    return {route: groups * cost for route, cost in costs.items()}
+
+
+def cheapest(costs: dict[str, int]) -> str:
+    """The route of least cost (the first listed among equals)."""
+    return min(costs, key=costs.__getitem__)
 
 
 class FactoredTerm(Term):
     """Gradients ``∇_k W[γ] = Σ_p D[k, γ, p]ᵀ A[s(k), γ, p]`` of a weight (and ``Σ_p D`` of its
     bias), for linear maps applied at ``P`` positions in ``Γ`` groups.
+
+    The Gramian takes the cheapest of the routes of `route_costs`; ``route`` forces one.
 
     Args:
         weight: The weight, whose gradient ``[Γ, d_out, d_in]`` is reshaped to its shape; or
@@ -111,6 +176,9 @@ class FactoredTerm(Term):
         A: Inputs, ``[S, Γ, P, d_in]`` (any strides).
         D: Output gradients, ``[S, T, Γ, P, d_out]`` (any strides).
     """
+
+    route: str | None = None
+    """Forces a route of `route_costs` for the Gramian (the cheapest by default)."""
 
     def __init__(self, weight: Tensor | None, bias: Tensor | None, A: Tensor, D: Tensor) -> None:
         self.weight = weight
@@ -141,23 +209,39 @@ class FactoredTerm(Term):
         D = torch.cat([t.D for t in terms], dim=3)
         return cls(first.weight, first.bias, A, D)
 
-    def _use_ghost(self) -> bool:
+    def _route(self) -> str:
+        if self.route is not None:
+            return self.route
+        if self.weight is None:
+            return "materialize"  # the bias alone: Σ_p D, already the smallest form
         S, T, groups, P, d_out = self.D.shape
-        return self.weight is not None and prefer_ghost(S, T, groups, P, self.A.shape[-1], d_out)
+        return cheapest(route_costs(S, T, groups, P, self.A.shape[-1], d_out))
+
+    def _input_kernel(self) -> Tensor:
+        """``A Aᵀ`` over all positions of all samples (plus 1 for the bias): ``[Γ, S·P, S·P]``."""
+        S, groups, P, d_in = self.A.shape
+        if P == 1 and groups == 1:
+            A2 = self.A.reshape(S, d_in)
+            AA = (A2 @ A2.T).unsqueeze(0)
+        else:
+            Ag = self.A.permute(1, 0, 2, 3).reshape(groups, S * P, d_in)
+            AA = torch.bmm(Ag, Ag.transpose(1, 2))
+        if self.bias is not None:
+            AA.add_(1.0)
+        return AA
 
     def add_gramian(self, G: Tensor) -> None:
-        S, _, groups, P, _ = self.D.shape
-        d_in = self.A.shape[-1]
-        if self._use_ghost():
-            if P == 1 and groups == 1:
-                A2 = self.A.reshape(S, d_in)
-                AA = (A2 @ A2.T).unsqueeze(0)
-            else:
-                Ag = self.A.permute(1, 0, 2, 3).reshape(groups, S * P, d_in)
-                AA = torch.bmm(Ag, Ag.transpose(1, 2))
-            if self.bias is not None:
-                AA.add_(1.0)
-            _ghost(AA, self.D, G)
+        route = self._route()
+        S, T, groups, P, d_out = self.D.shape
+        if route == "ghost" and P == 1 and groups == 1:
+            A = self.A.reshape(S, -1)
+            _ghost_blocks(A, self.D.reshape(S, T, d_out), self.bias is not None, G)
+            return
+        if route == "ghost":
+            _ghost(self._input_kernel(), self.D, G)
+            return
+        if route == "kernel":
+            self._add_kernel_gramian(G)
             return
         M, Mb = self.materialize_parts()
         for grads in (M, Mb):
@@ -167,6 +251,17 @@ class FactoredTerm(Term):
         if M is None or M.numel() <= self.A.numel() + self.D.numel():
             self._M, self._Mb = M, Mb
             self.A = self.D = None  # type: ignore[assignment]
+
+    def _add_kernel_gramian(self, G: Tensor) -> None:
+        """Add ``Σ_γ ⟨D_s[γ], K[γ] D_t[γ]⟩`` for one sample (``S = 1``): with ``K = A Aᵀ``, the
+        inner product of two objectives' weight gradients ``D_sᵀ A`` and ``D_tᵀ A``."""
+        _, T, groups, P, d_out = self.D.shape
+        K = self._input_kernel()  # [Γ, P, P]
+        D = self.D[0].transpose(0, 1)  # [Γ, T, P, d_out]
+        for g in range(groups):
+            Dg = D[g] if D[g].is_contiguous() else D[g].contiguous()
+            KD = torch.matmul(K[g], Dg)  # [T, P, d_out]
+            G.addmm_(Dg.view(T, P * d_out), KD.view(T, P * d_out).T)
 
     def _weight_grads(self) -> Tensor:
         S, T, groups, P, d_out = self.D.shape
@@ -229,13 +324,15 @@ class FactoredTerm(Term):
 
 class ConvTerm(Term):
     """Gradients of a convolution's weight (and bias), per sample and task, from one grouped
-    convolution backward pass in which every sample (and convolution group) is a group.
+    convolution backward pass in which every sample (and convolution group) is a group and the
+    tasks are output channels, without unfolding the input (im2col).
 
     Args:
         weight: The weight ``[C_out, C_in/Γ, *kernel]``.
         bias: The bias ``[C_out]``, or ``None``.
-        x: The (already padded) inputs, ``[S, C_in, *spatial]``.
-        D: Output gradients, ``[S, T, C_out, *spatial_out]``.
+        x: The (already padded) inputs, ``[S, N, C_in, *spatial]``: ``N`` inputs per sample whose
+            gradients are summed (the batch, for task losses; ``N = 1`` per sample).
+        D: Output gradients, ``[S, T, N, C_out, *spatial_out]``.
         config: ``(stride, padding, dilation, groups)`` of the convolution.
     """
 
@@ -277,19 +374,20 @@ class ConvTerm(Term):
     def materialize(self) -> list[Tensor]:
         if self._grads is not None:
             return self._grads
-        S, T, C_out = self.D.shape[:3]
-        out_spatial = self.D.shape[3:]
+        S, T, N, C_out = self.D.shape[:4]
+        out_spatial = self.D.shape[4:]
         groups = self.config[3]
-        D = self.D
-        if T > 1:  # group-major output channels: [S, Γ, T, C_out/Γ]
-            D = D.reshape(S, T, groups, C_out // groups, *out_spatial).transpose(1, 2)
-        grad_output = D.reshape(1, S * T * C_out, *out_spatial)
-        inputs = self.x.reshape(1, -1, *self.x.shape[2:])
+        # Output channels ordered (sample, group, task, channel): [N, S·Γ·T·C_out/Γ, ...].
+        D = self.D.reshape(S, T, N, groups, C_out // groups, *out_spatial)
+        grad_output = D.permute(2, 0, 3, 1, *range(4, D.ndim)).reshape(
+            N, S * T * C_out, *out_spatial
+        )
+        inputs = self.x.transpose(0, 1).reshape(N, -1, *self.x.shape[3:])
         grads = self._weight_grads(grad_output, inputs, S * groups)
         grads = grads.view(S, groups, T, -1).transpose(1, 2).reshape(S * T, -1)
         if self.bias is None:
             return [grads]
-        return [grads, self.D.reshape(S * T, C_out, -1).sum(dim=2)]
+        return [grads, self.D.transpose(2, 3).reshape(S * T, C_out, -1).sum(dim=2)]
 
     def add_gramian(self, G: Tensor) -> None:
         grads = self.materialize()
@@ -309,7 +407,9 @@ class ConvTerm(Term):
             Dw = self.D[:, 0] * w.view(S, *[1] * (self.D.ndim - 2))
         else:
             Dw = torch.einsum("st,st...->s...", w.view(S, T), self.D)
-        write(self.weight, self._weight_grads(Dw, self.x, self.config[3]))
+        Dw = Dw.reshape(-1, *Dw.shape[2:])  # [S·N, C_out, ...]: the gradients are summed
+        x = self.x.reshape(-1, *self.x.shape[2:])
+        write(self.weight, self._weight_grads(Dw, x, self.config[3]))
         if self.bias is not None:
             write(self.bias, Dw.transpose(0, 1).reshape(Dw.shape[1], -1).sum(dim=1))
 
@@ -328,6 +428,9 @@ class EmbeddingTerm(Term):
         D: Output gradients, ``[S, T, P, d]``.
         padding_idx: An index whose row receives no gradient, or ``None``.
     """
+
+    route: str | None = None
+    """Forces a route of `route_costs` for the Gramian (the cheapest by default)."""
 
     def __init__(self, weight: Tensor, indices: Tensor, D: Tensor, padding_idx: int | None) -> None:
         self.weight = weight
@@ -348,20 +451,40 @@ class EmbeddingTerm(Term):
         D = torch.cat([t.D for t in terms], dim=2)
         return cls(first.weight, indices, D, first.padding_idx)
 
-    def add_gramian(self, G: Tensor) -> None:
+    def route_costs(self) -> dict[str, int]:
+        """Multiply-adds of the exact routes to the Gramian: ``"ghost"`` (index equality between
+        all positions, times the inner products of their output gradients), ``"rows"`` (the
+        per-objective gradients restricted to the rows looked up, then their Gramian)."""
         S, T, P, d = self.D.shape
-        V = self.weight.shape[0]
         m = S * T
+        used = min(S * P, self.weight.shape[0])
         ghost = (S * P) ** 2 + (m * P) ** 2 * (d + 1)
-        if ghost > m * P * d + m * m * V * d:
-            M = self.materialize()[0]
+        return {"ghost": ghost, "rows": m * P * d + m * m * used * d}
+
+    def add_gramian(self, G: Tensor) -> None:
+        route = self.route or cheapest(self.route_costs())
+        flat = self.indices.reshape(-1)
+        if route == "rows":
+            M = self._used_rows_grads(flat)
             G.addmm_(M, M.T)
             return
-        flat = self.indices.reshape(-1)
         same = flat[:, None] == flat[None, :]
         if self.padding_idx is not None:
             same &= (flat != self.padding_idx)[:, None]
         _ghost(same.to(G.dtype).unsqueeze(0), self.D.unsqueeze(2), G)
+
+    def _used_rows_grads(self, flat: Tensor) -> Tensor:
+        """The per-objective gradients of the rows looked up, ``[m, n_used·d]``."""
+        S, T, P, d = self.D.shape
+        used, inverse = torch.unique(flat, return_inverse=True)
+        n = used.shape[0]
+        offsets = n * torch.arange(S * T, device=flat.device).view(S, T, 1)
+        rows = inverse.view(S, 1, P) + offsets
+        M = self.D.new_zeros(S * T * n, d).index_add_(0, rows.reshape(-1), self.D.reshape(-1, d))
+        M = M.view(S * T, n, d)
+        if self.padding_idx is not None:
+            M[:, used == self.padding_idx] = 0
+        return M.view(S * T, n * d)
 
     def materialize(self) -> list[Tensor]:
         S, T, _, d = self.D.shape

@@ -1,6 +1,6 @@
 """jdoptim's Gramian engine against TorchJD's, on the workloads of ``bench_gramian.py``.
 
-One cross-entropy loss per sample (m = batch = 128) for the MLP 64-256-256-10 and the small CNN
+One cross-entropy loss per sample (m = batch = 128) for the MLP 784-256-256-10 and the CNN
 of ``bench_gramian.py``. Variants, interleaved in the same rounds of one process on one torch
 thread, each from the same model and data:
 

@@ -8,12 +8,7 @@ the same rounds:
 - ``jd-mean``: `JDOptimizer` with `Mean` (the Jacobian machinery alone);
 - ``jd-upgrad``: `JDOptimizer` with `UPGrad`;
 - ``jd-upgrad-shared``: UPGrad on the trunk only, heads get their own gradient;
-- ``jd-upgrad-rep``: UPGrad on the Jacobian of the trunk's output (``rep_grad=True``, an
-  approximation), heads get their own gradient;
 - ``jd-upgrad-diag``: UPGrad with diagnostics on.
-
-``--width`` sets the trunk's width (256 by default): the wider the trunk, the more
-``rep_grad=True`` saves, since it never differentiates the trunk once per task.
 
 Run: ``python tests/benchmarks/bench_training.py [--rounds 30]``. Prints the median time per step,
 its ratio to ``sgd``, and the peak resident memory growth of each variant run alone in a fresh
@@ -37,34 +32,28 @@ TASKS = 8
 
 
 class MultiTask(nn.Module):
-    def __init__(self, width: int = 256) -> None:
+    def __init__(self) -> None:
         super().__init__()
         self.trunk = nn.Sequential(
-            nn.Linear(64, width),
-            nn.ReLU(),
-            nn.Linear(width, width),
-            nn.ReLU(),
-            nn.Linear(width, width),
+            nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256)
         )
-        self.heads = nn.ModuleList(nn.Linear(width, 1) for _ in range(TASKS))
+        self.heads = nn.ModuleList(nn.Linear(256, 1) for _ in range(TASKS))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.trunk(x)
         return torch.cat([head(features) for head in self.heads], dim=1)
 
 
-def make(variant: str, width: int = 256):
+def make(variant: str):
     torch.manual_seed(0)
-    model = MultiTask(width)
+    model = MultiTask()
     sgd = torch.optim.SGD(model.parameters(), lr=1e-3)
     if variant == "sgd":
         return model, sgd
     aggregator = Mean() if variant == "jd-mean" else UPGrad()
     options = {}
-    if variant in ("jd-upgrad-shared", "jd-upgrad-rep"):
+    if variant == "jd-upgrad-shared":
         options["shared_params"] = model.trunk
-    if variant == "jd-upgrad-rep":
-        options["rep_grad"] = True
     if variant == "jd-upgrad-diag":
         options["diagnostics"] = True
     return model, JDOptimizer(sgd, aggregator, **options)
@@ -80,10 +69,10 @@ def step(variant: str, model, optimizer, x, y) -> None:
         optimizer.step(losses)
 
 
-VARIANTS = ["sgd", "jd-mean", "jd-upgrad", "jd-upgrad-shared", "jd-upgrad-rep", "jd-upgrad-diag"]
+VARIANTS = ["sgd", "jd-mean", "jd-upgrad", "jd-upgrad-shared", "jd-upgrad-diag"]
 
 
-def peak_rss_growth(variant: str, width: int) -> float:
+def peak_rss_growth(variant: str) -> float:
     """Run one variant alone in a fresh process; return how far five steps raise the peak
     resident memory above the resident memory just before them, in MiB (Linux only)."""
     code = f"""
@@ -94,7 +83,7 @@ import bench_training as b
 def rss(field):
     with open("/proc/self/status") as status:
         return next(int(line.split()[1]) for line in status if line.startswith(field))
-model, opt = b.make({variant!r}, {width})
+model, opt = b.make({variant!r})
 x, y = torch.randn(64, 64), torch.randn(64, {TASKS})
 with open("/proc/self/clear_refs", "w") as refs:
     refs.write("5")  # resets the peak (VmHWM) to the current resident size
@@ -110,13 +99,11 @@ print(rss("VmHWM:") - base)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--width", type=int, default=256, help="the trunk's width")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, threads: {torch.get_num_threads()}")
-    w = args.width
-    print(f"MTL: trunk 64-{w}-{w}-{w}, {TASKS} heads, batch 64; {args.rounds} interleaved rounds")
-    setups = {variant: make(variant, w) for variant in VARIANTS}
+    print(f"MTL: trunk 64-256-256-256, {TASKS} heads, batch 64; {args.rounds} interleaved rounds")
+    setups = {variant: make(variant) for variant in VARIANTS}
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(64, 64, generator=generator)
     y = torch.randn(64, TASKS, generator=generator)
@@ -132,7 +119,7 @@ def main() -> None:
     print(f"{'variant':<18} {'median ms':>10} {'x SGD':>7} {'peak RSS growth MiB':>20}")
     for variant in VARIANTS:
         median = statistics.median(times[variant])
-        rss = peak_rss_growth(variant, w)
+        rss = peak_rss_growth(variant)
         print(f"{variant:<18} {1e3 * median:>10.2f} {median / reference:>7.2f} {rss:>20.1f}")
 
 

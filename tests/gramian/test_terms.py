@@ -6,7 +6,15 @@ import pytest
 import torch
 from torch import Tensor
 
-from jdoptim.gramian._terms import DenseTerm, EmbeddingTerm, FactoredTerm, combine
+from jdoptim.gramian._terms import (
+    ConvTerm,
+    DenseTerm,
+    EmbeddingTerm,
+    FactoredTerm,
+    cheapest,
+    combine,
+    route_costs,
+)
 from tests.gramian._reference import assert_close
 
 DTYPE = torch.float64
@@ -23,10 +31,27 @@ def collect(term, w: Tensor) -> dict[int, Tensor]:
     return written
 
 
-@pytest.mark.parametrize("ghost", [True, False])
-@pytest.mark.parametrize(("S", "T", "groups", "P"), [(5, 1, 1, 1), (4, 3, 1, 1), (3, 2, 2, 4)])
+FACTORED_SHAPES = [
+    (5, 1, 1, 1),
+    (4, 3, 1, 1),
+    (3, 2, 2, 4),
+    (1, 4, 1, 6),
+    (1, 3, 2, 5),
+    (1, 1, 1, 3),
+]
+
+
+@pytest.mark.parametrize(
+    ("route", "S", "T", "groups", "P"),
+    [
+        (route, *shape)
+        for shape in FACTORED_SHAPES
+        for route in ("ghost", "materialize", "kernel")
+        if route != "kernel" or shape[0] == 1  # the kernel route is for one sample
+    ],
+)
 @pytest.mark.parametrize("bias", [True, False])
-def test_factored_term(ghost: bool, S: int, T: int, groups: int, P: int, bias: bool) -> None:
+def test_factored_term(route: str, S: int, T: int, groups: int, P: int, bias: bool) -> None:
     generator = torch.Generator().manual_seed(S * 100 + T * 10 + P)
     d_in, d_out = 3, 2
     A = torch.randn(S, groups, P, d_in, dtype=DTYPE, generator=generator)
@@ -38,7 +63,7 @@ def test_factored_term(ghost: bool, S: int, T: int, groups: int, P: int, bias: b
     grads_b = D.sum(dim=3).reshape(m, -1)
     flat = torch.cat([grads_w, grads_b], dim=1) if bias else grads_w
     term = FactoredTerm(weight, b, A, D)
-    term._use_ghost = lambda: ghost  # type: ignore[method-assign]
+    term.route = route
     G = torch.zeros(m, m, dtype=DTYPE)
     term.add_gramian(G)
     assert_close(G, flat @ flat.T, "Gramian")
@@ -52,11 +77,63 @@ def test_factored_term(ghost: bool, S: int, T: int, groups: int, P: int, bias: b
         assert_close(grads, expected, "materialised")
 
 
-@pytest.mark.parametrize("ghost", [True, False])
+def test_route_costs_prefer_the_kernel_for_task_losses_on_wide_layers() -> None:
+    # One 1024 x 1024 layer, batch 64, 128 task losses: the kernel form costs far less.
+    costs = route_costs(1, 128, 1, 64, 1024, 1024)
+    assert cheapest(costs) == "kernel"
+    assert costs["materialize"] > 10 * costs["kernel"]
+    # One loss per sample on a linear layer: the Gramians of inputs and output gradients.
+    assert "kernel" not in route_costs(64, 1, 1, 1, 1024, 1024)
+    assert cheapest(route_costs(64, 1, 1, 1, 1024, 1024)) == "ghost"
+    # Many positions (a convolution over the batch), few weights: the gradients themselves.
+    assert cheapest(route_costs(1, 40, 1, 65536, 27, 32)) == "materialize"
+
+
+@pytest.mark.parametrize(
+    ("S", "T", "N", "groups"), [(3, 1, 1, 1), (2, 3, 1, 2), (1, 4, 5, 1), (1, 2, 3, 2)]
+)
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv_term(S: int, T: int, N: int, groups: int, bias: bool) -> None:
+    generator = torch.Generator().manual_seed(S * 100 + T * 10 + N)
+    C_in, C_out = 2 * groups, 3 * groups
+    conv = torch.nn.Conv2d(C_in, C_out, 3, stride=2, padding=1, groups=groups, bias=bias)
+    conv = conv.to(DTYPE)
+    x = torch.randn(S, N, C_in, 7, 6, dtype=DTYPE, generator=generator)
+    out_shape = conv(x[0]).shape[1:]
+    D = torch.randn(S, T, N, *out_shape, dtype=DTYPE, generator=generator)
+    rows = []
+    for s in range(S):
+        for t in range(T):
+            inputs = x[s].clone()
+            params = [p for p in conv.parameters()]
+            grads = torch.autograd.grad(conv(inputs), params, D[s, t])
+            rows.append(torch.cat([g.reshape(-1) for g in grads]))
+    flat = torch.stack(rows)
+    padded = torch.nn.functional.pad(x.reshape(S * N, C_in, 7, 6), (1, 1, 1, 1))
+    term = ConvTerm(
+        conv.weight,
+        conv.bias,
+        padded.view(S, N, C_in, 9, 8),
+        D,
+        ([2, 2], [0, 0], [1, 1], groups),
+    )
+    G = torch.zeros(S * T, S * T, dtype=DTYPE)
+    term.add_gramian(G)
+    assert_close(G, flat @ flat.T, "Gramian")
+    w = torch.randn(S * T, dtype=DTYPE, generator=generator)
+    written = collect(term, w)
+    update = w @ flat
+    assert_close(written[id(conv.weight)], update[: conv.weight.numel()].view_as(conv.weight), "w")
+    if bias:
+        assert_close(written[id(conv.bias)], update[conv.weight.numel() :], "bias")
+
+
+@pytest.mark.parametrize("route", ["ghost", "rows", "materialize"])
+@pytest.mark.parametrize("S", [1, 4])
 @pytest.mark.parametrize("padding_idx", [None, 2])
-def test_embedding_term(ghost: bool, padding_idx: int | None) -> None:
+def test_embedding_term(route: str, S: int, padding_idx: int | None) -> None:
     generator = torch.Generator().manual_seed(1)
-    S, T, P, V, d = 4, 2, 5, 6, 3
+    T, P, V, d = 2, 5, 6, 3
     indices = torch.randint(0, V, (S, P), generator=generator)
     indices[0, :2] = 2
     D = torch.randn(S, T, P, d, dtype=DTYPE, generator=generator)
@@ -67,11 +144,12 @@ def test_embedding_term(ghost: bool, padding_idx: int | None) -> None:
     grads = torch.einsum("stpd,spv->stvd", D, one_hot).reshape(S * T, -1)
     term = EmbeddingTerm(weight, indices, D, padding_idx)
     G = torch.zeros(S * T, S * T, dtype=DTYPE)
-    if ghost:
-        term.add_gramian(G)
-    else:
+    if route == "materialize":
         M = term.materialize()[0]
         G.addmm_(M, M.T)
+    else:
+        term.route = route
+        term.add_gramian(G)
     assert_close(G, grads @ grads.T, "Gramian")
     w = torch.randn(S * T, dtype=DTYPE, generator=generator)
     assert_close(collect(term, w)[id(weight)], (w @ grads).view(V, d), "weighted")
@@ -119,3 +197,23 @@ def test_combine_sums_per_call_gradients_before_inner_products() -> None:
     merged.add_gramian(G)
     summed = calls[0].materialize()[0] + calls[1].materialize()[0]
     assert_close(G, summed @ summed.T, "merged Gramian")
+
+
+@pytest.mark.parametrize(("S", "T"), [(5, 1), (7, 3)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_ghost_gramian_by_blocks_fills_both_triangles(monkeypatch, S: int, T: int, bias: bool):
+    monkeypatch.setattr("jdoptim.gramian._terms.BLOCK", 2)  # blocks of 2, 2 and 1 (or 1) samples
+    generator = torch.Generator().manual_seed(S + T)
+    A = torch.randn(S, 1, 1, 4, dtype=DTYPE, generator=generator)
+    D = torch.randn(S, T, 1, 1, 3, dtype=DTYPE, generator=generator)
+    weight = torch.zeros(3, 4, dtype=DTYPE)
+    term = FactoredTerm(weight, torch.zeros(3, dtype=DTYPE) if bias else None, A, D)
+    term.route = "ghost"
+    grads = [torch.einsum("stgpo,sgpi->stgoi", D, A).reshape(S * T, -1)]
+    if bias:
+        grads.append(D.reshape(S * T, 3))
+    flat = torch.cat(grads, dim=1)
+    G = torch.zeros(S * T, S * T, dtype=DTYPE)
+    term.add_gramian(G)
+    assert_close(G, flat @ flat.T, "Gramian")
+    assert torch.equal(G, G.T)
