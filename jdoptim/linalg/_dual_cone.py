@@ -10,9 +10,10 @@ $$
 (Proposition 1 of [arXiv 2406.16232](https://arxiv.org/abs/2406.16232)). UPGrad solves it for
 every row of $\operatorname{diag}(u)$, DualProj for $u$ itself. Two solvers are available:
 
-- ``"active_set"``: `project_weights_active_set`, all problems at once in torch, on $G$'s
-  device (in float64 for up to 40 rows, in $G$'s dtype above); exact at convergence and valid
-  for singular $G$.
+- ``"active_set"``: `project_weights_active_set`, the default: all problems at once in torch,
+  on $G$'s device, each solution certified in float64, and an exact, terminating method for
+  rank-deficient Gramians and for whatever the fast iterations leave. It never raises, and
+  needs no regularisation of singular or slightly indefinite Gramians.
 - ``"quadprog"``: `jdoptim.linalg._quadprog.project_weights_quadprog`, the reference: one
   quadratic program at a time on the CPU in float64; it needs $G$ positive definite.
 """
@@ -21,6 +22,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
+import quadprog
 import torch
 from torch import Tensor
 
@@ -45,34 +48,6 @@ _STALL_CHECKS = 16
 """KKT tests without progress after which a problem is declared stuck."""
 
 
-class DualConeConvergenceError(RuntimeError):
-    """The active-set dual-cone solver stopped before the KKT conditions held.
-
-    It stops after ``max_iters`` iterations, or earlier when a problem stops making progress
-    far from a solution (rows parallel to within about the square root of the machine epsilon
-    can do this: the Gramian no longer resolves them; adding a small multiple of the identity,
-    such as UPGrad's ``reg_eps``, avoids it).
-
-    Attributes:
-        iterations: Iterations performed (factorised solves and conjugate-gradient steps).
-        unsolved: Number of projections whose KKT conditions did not hold.
-        residuals: Largest relative KKT residuals over those projections, by name
-            (``"stationarity"``, ``"dual_feasibility"``, ``"primal_feasibility"``).
-    """
-
-    def __init__(self, iterations: int, unsolved: int, residuals: dict[str, float]) -> None:
-        self.iterations = iterations
-        self.unsolved = unsolved
-        self.residuals = residuals
-        details = ", ".join(f"{name} {value:.3g}" for name, value in residuals.items())
-        super().__init__(
-            f"The active-set dual-cone solver did not converge in {iterations} iterations: "
-            f"{unsolved} projection(s) still violate the KKT conditions (largest relative "
-            f"residuals: {details}; the tolerance is 4·max(m, 16)·eps). Nearly parallel rows "
-            "cause this; adding a small multiple of the identity to the Gramian avoids it."
-        )
-
-
 def project_weights(U: Tensor, G: Tensor, solver: Solver) -> Tensor:
     r"""Solve $\min_v v^\top G v$ subject to $v \ge u$ for every row $u$ of $U$.
 
@@ -86,8 +61,8 @@ def project_weights(U: Tensor, G: Tensor, solver: Solver) -> Tensor:
         The minimisers, with ``U``'s shape, device and dtype.
 
     Raises:
-        ValueError: On an unknown solver or mismatched shapes.
-        DualConeConvergenceError: If the ``"active_set"`` solver does not converge.
+        ValueError: On an unknown solver or mismatched shapes. The ``"active_set"`` solver
+            itself never raises (see `project_weights_active_set`).
 
     Examples:
         >>> import torch
@@ -127,75 +102,57 @@ def project_weights_active_set(U: Tensor, G: Tensor, *, max_iters: int | None = 
 
     whose solutions are exactly the minimisers (the KKT conditions of the convex problem;
     $\lambda$ are the multipliers of $v \ge u$, and $\lambda_i = g_i^\top J^\top v$ measures
-    how much the projection agrees with row $i$). All problems are solved together, as rows of
-    one batch, with no loop over them; problems without conflict ($Gu \ge 0$) are solved by
-    $w = 0$. Three regimes:
+    how much the projection agrees with row $i$). It never raises: every problem ends with a
+    solution certified in float64, or with the exact solution of a terminating method.
 
-    - $m \le 2$: in closed form. A feasible $v$ is a minimiser if and only if each coordinate
-      minimises the objective with the others fixed, and for two coordinates this leaves two
-      cases to compare.
-    - $3 \le m \le 40$: block principal pivoting (J. Kim and H. Park, *Fast nonnegative matrix
+    Everything is computed on the Gramian scaled to a unit diagonal (rows of $J$ scaled to unit
+    norm), in float64; zero rows are left out (their multiplier is 0 whatever $v$ is, and they
+    keep $v_i = u_i$), and problems without conflict ($Gu \ge 0$) are solved by $w = 0$. The
+    other problems take one of two routes:
+
+    - **Rank-deficient Gramians** (a pivoted Cholesky factorisation $G \approx L L^\top$ stops
+      at a rank $r \le 3m/4$): the exact method below, straight away. This covers many
+      objectives on few parameters (10,000 losses of a 3-parameter model have $r = 3$) and the
+      degenerate Jacobians of separable data, where the iterations below slow down.
+    - **Otherwise** the iterations of the fast regimes: a closed form for $m \le 2$; for
+      $3 \le m \le 40$ block principal pivoting (J. Kim and H. Park, *Fast nonnegative matrix
       factorization: an active-set-like method and comparisons*, SIAM J. Sci. Comput. 33(6),
-      2011) with Cholesky solves. Each problem keeps a passive set $P$ of indices where $w$ is
-      free ($w = 0$ elsewhere) and solves $(G(u + w))_P = 0$ on it; every index with
-      $w_i < 0$ or $\lambda_i < 0$ then changes sides at once, for as long as this reduces
-      the number of infeasible indices (with three exchanges of grace). The equations are
-      solved with $G_{PP} + \delta I$, $\delta = \tau / 4$ (below), which leaves the
-      multipliers on $P$ at $|\lambda_P| = \delta |w_P|$, within the tolerance, and keeps the
-      factorisation defined where rows of $P$ are dependent. These solves run in float64; for
-      lower-precision input one step of iterative refinement follows. A solution is accepted
-      where the factorisation is positive definite with pivots of at least $\sqrt{\delta/2}$,
-      that is, where rounding has not made $G_{PP}$ indefinite; the problems left (also those
-      whose exchanges stall: dependent rows can make block pivoting cycle) go to the third
-      regime.
-    - $m > 40$: the same exchanges, interleaved with conjugate-gradient iterations on the
-      equations, each one product of the batch with $G$: no factorisation and no
-      regularisation, since the equations are consistent even when $G$ is singular. Where
-      the exchanges stall, a feasible, monotone active-set method takes over (after the NNLS
-      algorithm of Lawson and Hanson), from $w$ clipped to $w \ge 0$: each step is an exact
-      line search cut short where some $w_i$ reaches 0 (which then leaves $P$), and indices
-      with $\lambda_i < 0$ join $P$; the objective never increases, which keeps this phase
-      from cycling. In float64, rounds of 8 iterations run in float32 on the equations for a
-      correction of $w$, and the multipliers are recomputed exactly in float64 after each
-      round (mixed-precision iterative refinement: twice as fast, as accurate); the monotone
-      phase, and a round that fails to halve some residual, switch to float64 throughout.
-    - Last, the problems the iterations leave unsolved (stuck, or still unsolved after half
-      of the iterations left, for float64 input, or after ``max_iters``) are finished by
-      `_lawson_hanson`: one index enters $P$ at a time, only if its row is independent of the
-      rows of $P$, so the factorised $G_{PP}$ is never singular, whatever the rank of $G$.
-      This is slower (one factorisation per problem and iteration) but sure: rank-deficient
-      Gramians with $m > 40$ can make the exchanges above stall on some projections.
+      2011) with regularised Cholesky solves in float64; above, the same exchanges with
+      conjugate-gradient iterations in the input precision (float32 for half precision), in
+      float32 rounds with float64 refinement for float64 input, and a monotone feasible phase
+      where the exchanges stall. Each solution is then *certified* in float64: $w \ge 0$, every
+      multiplier $\lambda_i \ge -\tau s$, every $|\lambda_i| \le \tau s$ where $w_i > 0$, with
+      $s = \sum_j |u_j| + \sum_j w_j$ (in the unit-diagonal scaling) and
+      $\tau = 4 \max(m, 16)\,\varepsilon$ for the input's precision (float32's for half
+      precision), and $s$ at most $10^4$ times $\sum_j |u_j|$: a solution whose $w$ grows
+      along a positive combination of the rows that vanishes (a weakly stationary Jacobian)
+      satisfies the tests while its projection $J^\top v$ may be far from the true one.
+      Problems not certified go to the exact method.
 
-    Everything is computed on the Gramian scaled to a unit diagonal (rows scaled to unit norm;
-    zero rows are left out: their multiplier is 0 whatever $v$ is, and they keep $v_i = u_i$).
-    A problem is solved once the KKT conditions hold to rounding, relative to its scale: with
-    $\hat\lambda_i = \lambda_i / \lVert g_i \rVert$ and
-    $\sigma = \sum_j \lVert g_j \rVert\, (|u_j| + |w_j|)$ (the size of the terms of $J^\top v$),
-    $\hat\lambda_i \ge -\tau\sigma$ everywhere, $|\hat\lambda_i| \le \tau\sigma$ where
-    $i \in P$, $w_i \ge -\tau\sigma / \lVert g_i \rVert$ (the output is clipped to $v \ge u$),
-    with $\tau = 4 \max(m, 16)\, \varepsilon$ for the input's machine epsilon $\varepsilon$.
-    The minimiser $v$ is not unique when $G$ is singular, but $J^\top v$, the projection, is.
-    A problem whose residual stops decreasing under conjugate gradients (rows parallel to
-    within about $\sqrt\varepsilon$, which the Gramian cannot tell apart) is accepted if its
-    residual is below $\sqrt\varepsilon$ instead of $\tau$; otherwise Lawson and Hanson's
-    method takes it over.
+    The exact method works in the space of the rows' coordinates: with $G \approx L L^\top$
+    ($L$ of size $m \times r$), the projection of $y = L^\top u$ onto the cone
+    $\{x : L x \ge 0\}$ is a strictly convex quadratic program in $r$ variables whose Hessian
+    is the identity, solved by the dual active-set method of D. Goldfarb and A. Idnani
+    (*A numerically stable dual method for solving strictly convex quadratic programs*, Math.
+    Programming 27, 1983) through quadprog, on the CPU, in float64. It terminates, needs no
+    regularisation whatever the rank of $G$ (dependent constraints are dropped by the method),
+    and its multipliers are $w$: $x - y = L^\top w$. Should quadprog refuse a problem (it
+    reports rounding-induced inconsistency on some degenerate ones), Lawson and Hanson's
+    nonnegative least squares on the same square root finishes it (C. L. Lawson and R. J.
+    Hanson, *Solving Least Squares Problems*, 1974, chapter 23).
 
     Args:
         U: Lower bounds, shape ``[k, m]``.
-        G: Symmetric positive semi-definite Gramian, shape ``[m, m]``.
-        max_iters: Largest number of iterations (a factorised solve or a conjugate-gradient
-            step each), all phases together; ``100 + 20·m`` when ``None``.
+        G: Symmetric positive semi-definite Gramian, shape ``[m, m]``; rounding may make it
+            slightly indefinite (as a Gramian formed in float32 is).
+        max_iters: Largest number of iterations of the fast regimes (a factorised solve or a
+            conjugate-gradient step each) before the exact method takes the problems left;
+            ``50 + 4·m`` when ``None``.
 
     Returns:
-        The minimisers, shape ``[k, m]``, with ``U``'s dtype and device. The computation runs
-        on ``G``'s device, in the common dtype of ``U`` and ``G`` (or higher, as above), with
-        one host synchronisation per factorised solve or per round of conjugate-gradient
-        iterations (none per problem).
-
-    Raises:
-        DualConeConvergenceError: If the KKT conditions do not hold after ``max_iters``
-            iterations, or if Lawson and Hanson's method ends with a residual above the
-            tolerance (above $\sqrt\varepsilon$ for rows it found parallel to others).
+        The minimisers, shape ``[k, m]``, with ``U``'s dtype and device. The fast regimes run
+        on ``G``'s device; the factorisation and the certificate synchronise with the host
+        once per pivot and once per round of iterations; the exact method runs on the CPU.
 
     Examples:
         >>> import torch
@@ -208,61 +165,159 @@ def project_weights_active_set(U: Tensor, G: Tensor, *, max_iters: int | None = 
     """
     k, m = U.shape
     if max_iters is None:
-        max_iters = 100 + 20 * m
-    dtype = torch.promote_types(U.dtype, G.dtype)
-    device = G.device
+        max_iters = 50 + 4 * m
     if k == 0 or m == 0:
-        return U.clone()
-    # Factorised solves run in float64: their cost is in the number of operations, not in
-    # their size, and float64 keeps them accurate where the passive rows are nearly dependent.
-    dense = 2 < m <= _DENSE_MAX
-    work = torch.promote_types(dtype, torch.float64) if dense else dtype
+        return U.detach().clone()
+    dtype = torch.promote_types(U.dtype, G.dtype)
+    # Half precision is solved in float32 or better, and its tolerances are float32's.
+    precision = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    tau = 4.0 * max(m, 16) * torch.finfo(precision).eps
+    device = G.device
     # The solution is not differentiated through (nor is quadprog's).
-    U_work = U.detach().to(device=device, dtype=work)
-    G = G.detach().to(work)
+    U64 = U.detach().to(device=device, dtype=torch.float64)
+    G64 = G.detach().to(torch.float64)
+    diagonal = G64.diagonal()
+    live = diagonal > 0
+    if not bool(live.all()):
+        # Zero rows keep v_i = u_i: solve the problem of the other rows.
+        index = live.nonzero().squeeze(1)
+        V = U64.clone()
+        if index.numel():
+            sub = G64[index][:, index]
+            V[:, index] = project_weights_active_set(U64[:, index], sub, max_iters=max_iters)
+        return V.to(device=U.device, dtype=U.dtype)
     if m <= 2:
-        return _solve_coordinatewise(U_work, G).to(device=U.device, dtype=U.dtype)
-    tau = 4.0 * max(m, 16) * torch.finfo(dtype).eps
+        return _solve_coordinatewise(U64, G64).to(device=U.device, dtype=U.dtype)
 
-    # Scale the rows of J to unit norm: G_hat = S⁻¹ G S⁻¹ and u_hat = S u, with S = diag(‖g_i‖).
-    # Zero rows get zero rows and columns in G_hat: their multiplier is 0 whatever v is. The
-    # multipliers of w = 0 are lam = u_hat G_hat = S⁻¹ G u; the first exchange, from the empty
-    # passive set, takes every index with lam < -τ Σ_j ‖g_j‖ |u_j|; problems with none are
+    # Rows of J scaled to unit norm: G_hat = S⁻¹ G S⁻¹ and u_hat = S u, S = diag(‖g_i‖). The
+    # multipliers of w = 0 are lam = u_hat G_hat; problems with none below -τ Σ_j |u_hat_j| are
     # solved by v = u.
-    inv_norms = G.diagonal().rsqrt().nan_to_num_(0.0, 0.0)
-    norms = G.diagonal() * inv_norms
-    lam = torch.mm(U_work, G).mul_(inv_norms)
-    threshold = torch.mv(U_work.abs(), norms).mul_(-tau).unsqueeze(1)
-    passive = lam < threshold
-    if dense:
-        if not bool(passive.any()):
-            return U.detach().clone()
-    else:
-        unsolved = passive.any(dim=1).nonzero().squeeze(1)
-        if not unsolved.numel():
-            return U.detach().clone()
-    G_hat = G * torch.outer(inv_norms, inv_norms)
-    u_hat = U_work * norms
+    norms = diagonal.sqrt()
+    G_hat = G64 / torch.outer(norms, norms)
+    G_hat.diagonal().fill_(1.0)
+    u_hat = U64 * norms
+    size = u_hat.abs().sum(dim=1, keepdim=True)
+    lam = u_hat @ G_hat
+    conflicting = (lam < -tau * size).any(dim=1).nonzero().squeeze(1)
+    if not conflicting.numel():
+        return U.detach().clone()
+    u_hat, lam = u_hat[conflicting], lam[conflicting]
 
-    if dense:
-        W, solved, iterations = _factorised_exchanges(
-            lam, G_hat, threshold, passive, tau, max_iters, refine=dtype != work
-        )
-        unsolved = None if bool(solved.all()) else (~solved).nonzero()[:, 0]
+    root = _SquareRoot(G_hat, precision)
+    if root.factor(limit=(3 * m) // 4):
+        W = _goldfarb_idnani(u_hat, root.lower)
     else:
-        W = torch.zeros_like(u_hat)
-        iterations = 0
-    if unsolved is not None:
-        W[unsolved] = _conjugate_gradients(
-            u_hat[unsolved],
-            lam[unsolved],
-            G_hat,
-            tau,
-            max_iters,
-            iterations,
-            handoff=dtype == torch.float64,
+        W = _fast_regimes(u_hat, lam, G_hat, dtype, precision, tau, max_iters)
+        failed = ~_certified(u_hat, W, G_hat, tau)
+        if bool(failed.any()):
+            root.factor(limit=m)
+            W[failed] = _goldfarb_idnani(u_hat[failed], root.lower)
+    V = U64.clone()
+    V[conflicting] += W / norms
+    return V.to(device=U.device, dtype=U.dtype)
+
+
+_GROWTH = 1e4
+"""Largest ``Σ_j w_j`` of a certified solution, relative to ``Σ_j |u_j|`` (unit-diagonal scale)."""
+
+
+def _fast_regimes(
+    u_hat: Tensor,
+    lam: Tensor,
+    G_hat: Tensor,
+    dtype: torch.dtype,
+    precision: torch.dtype,
+    tau: float,
+    max_iters: int,
+) -> Tensor:
+    """Run the iterations of the fast regimes on the conflicting problems; return ``w``.
+
+    The unsolved problems come back as they are; the certificate decides.
+    """
+    m = G_hat.shape[0]
+    if m <= _DENSE_MAX:
+        threshold = -tau * u_hat.abs().sum(dim=1, keepdim=True)
+        passive = lam < threshold
+        W, _, _ = _factorised_exchanges(
+            lam, G_hat, threshold, passive, tau, max_iters, refine=precision != torch.float64
         )
-    return torch.addcmul(U_work, W.clamp(min=0.0), inv_norms).to(device=U.device, dtype=U.dtype)
+        return W.clamp(min=0.0)
+    work = precision
+    W, _ = _conjugate_gradients(
+        u_hat.to(work),
+        lam.to(work),
+        G_hat.to(work),
+        tau,
+        max_iters,
+        0,
+        handoff=work == torch.float64,
+    )
+    return W.to(torch.float64).clamp(min=0.0)
+
+
+def _certified(u_hat: Tensor, W: Tensor, G_hat: Tensor, tau: float) -> Tensor:
+    """Which solutions ``w`` (one per row) satisfy the KKT conditions to the tolerance.
+
+    See `project_weights_active_set` for the tests; all in float64 on the unit-diagonal scale.
+    """
+    size = u_hat.abs().sum(dim=1)
+    total = size + W.sum(dim=1)
+    lam = (u_hat + W) @ G_hat
+    bound = (tau * total).unsqueeze(1)
+    feasible = (lam >= -bound).all(dim=1)
+    stationary = torch.where(W > 0, lam.abs() <= bound, True).all(dim=1)
+    return feasible & stationary & (W >= 0).all(dim=1) & (total <= _GROWTH * size)
+
+
+class _SquareRoot:
+    r"""A pivoted Cholesky factorisation $G \approx L L^\top$ of a unit-diagonal Gramian, grown
+    on demand (N. J. Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed., §10.3).
+
+    Each step takes the row with the largest residual diagonal; it stops once that is at most
+    ``rank_tol`` (the rows left are combinations of those taken, up to that residual), which
+    makes ``L.shape[1]`` the numerical rank. The tolerance is $4\varepsilon$ of the input's
+    precision, and at least $8 m$ float64 epsilons (the rounding of the residual diagonal):
+    a row's distance to the span of the pivots is at most its square root.
+    """
+
+    def __init__(self, G: Tensor, precision: torch.dtype) -> None:
+        m = G.shape[0]
+        self.G = G
+        self.rank_tol = max(4 * torch.finfo(precision).eps, 8 * m * torch.finfo(torch.float64).eps)
+        self.residual = G.diagonal().clone()
+        self.buffer = G.new_zeros(m, min(m, 64))
+        self.rank = 0
+        self.done = False
+
+    @property
+    def lower(self) -> Tensor:
+        """The factor found so far, ``[m, rank]``."""
+        return self.buffer[:, : self.rank]
+
+    def factor(self, limit: int) -> bool:
+        """Take pivots until the rank is found (return True) or ``limit`` columns are taken."""
+        G, d = self.G, self.residual
+        m = G.shape[0]
+        while not self.done and self.rank < limit:
+            pivot = int(d.argmax())
+            top = float(d[pivot])
+            if top <= self.rank_tol:
+                self.done = True
+                break
+            if self.rank == self.buffer.shape[1]:
+                grown = G.new_zeros(m, min(m, 2 * self.rank))
+                grown[:, : self.rank] = self.buffer
+                self.buffer = grown
+            L = self.lower
+            column = self.buffer[:, self.rank]
+            torch.sub(G[:, pivot], L @ L[pivot], out=column)
+            column /= top**0.5
+            column[pivot] = top**0.5
+            d.sub_(column * column)
+            d[pivot] = 0.0
+            self.rank += 1
+        self.done = self.done or self.rank == m
+        return self.done
 
 
 def _solve_coordinatewise(U: Tensor, G: Tensor) -> Tensor:
@@ -363,13 +418,14 @@ def _conjugate_gradients(
     max_iters: int,
     iterations: int,
     handoff: bool,
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
     """Block principal pivoting, then the monotone phase, with conjugate-gradient solves.
 
     ``u`` and ``lam = u @ G`` hold the problems to solve, one per row, on the unit-diagonal
-    Gramian ``G``; ``iterations`` counts the iterations spent before. Returns ``w``. Problems
-    that are stuck, or unsolved after ``max_iters``, go to `_lawson_hanson`; with ``handoff``
-    (for float64 input) those unsolved after half of the iterations left too.
+    Gramian ``G``; ``iterations`` counts the iterations spent before. Returns ``w`` and which
+    problems are left unsolved: those stuck above √ε, or unsolved after ``max_iters`` (with
+    ``handoff``, for float64 input, after half of the iterations left); the exact method
+    (`_goldfarb_idnani`) finishes them.
 
     The iterations write into buffers allocated once (again only when rows leave the batch or
     the precision changes): fresh tensors of this size are page-faulted in by the operating
@@ -380,8 +436,7 @@ def _conjugate_gradients(
     n, m = u.shape
     dtype, device = u.dtype, u.device
     accept_stuck = torch.finfo(dtype).eps ** 0.5
-    # Problems left after this many iterations, or stuck earlier, go to Lawson and Hanson (who
-    # solve them surely, but with one factorisation per problem and iteration).
+    # Problems left after this many iterations, or stuck earlier, go to the exact method.
     limit = max_iters
     if handoff:
         # In lower precision the Gramian's rounding blurs which rows are independent, and the
@@ -391,6 +446,7 @@ def _conjugate_gradients(
     scale = u.abs().sum(dim=1, keepdim=True)
     lam_u = lam / scale
     W = torch.zeros_like(u)
+    unsolved = torch.zeros(n, dtype=torch.bool, device=device)
     rows = torch.arange(n, device=device)
 
     # In float64, rounds of iterations run in float32 (twice as fast) on the equations for a
@@ -451,8 +507,8 @@ def _conjugate_gradients(
         target = w if work == dtype else step.zero_()
 
         if iterations >= limit:
-            W[rows] = _lawson_hanson(lam_u, G, tau, max_iters, iterations)
-            return W * scale
+            unsolved[rows] = True
+            return W * scale, unsolved
         for iteration in range(check_every):
             # One conjugate-gradient step on each passive set (d is 0 off the set): the exact
             # line search along d, g·d / dGd, which is gg / dGd once d is conjugate to the
@@ -533,7 +589,7 @@ def _conjugate_gradients(
             [flags.sum(dim=0), largest]
         ).tolist()
         if failed:
-            limit = iterations  # the rows left go to Lawson and Hanson at the next round
+            limit = iterations  # the rows left go to the exact method at the next round
         if changed:
             delta = product_exact.copy_(w)
             mask.copy_(passive)
@@ -553,7 +609,7 @@ def _conjugate_gradients(
             done = done.squeeze(1)
             W[rows[done]] = w[done]
             if solved == rows.numel():
-                return W * scale
+                return W * scale, unsolved
             keep = (~done).nonzero().squeeze(1)
             rows = rows[keep]
             (lam_u, passive, mask, lam, w, d, gg, size, restart, monotone) = (
@@ -565,127 +621,62 @@ def _conjugate_gradients(
             buffers = None
 
 
-def _lawson_hanson(lam_u: Tensor, G: Tensor, tau: float, max_iters: int, iterations: int) -> Tensor:
-    r"""The active-set algorithm of Lawson and Hanson for the problems left unsolved.
+def _goldfarb_idnani(u_hat: Tensor, L: Tensor) -> Tensor:
+    r"""The exact multipliers $w$ of each problem (one per row of ``u_hat``), in float64.
 
-    C. L. Lawson and R. J. Hanson, *Solving Least Squares Problems*, Prentice-Hall, 1974,
-    chapter 23: $P$ starts empty and at most one index enters it per iteration, the one with
-    the most negative multiplier, and only if its row is independent of the rows of $P$
-    (the factorisation of $G_{PP}$ stays positive definite with pivots of at least
-    $\sqrt{10^3\tau}$) and its value in the solution on $P \cup \{j\}$ is positive; otherwise
-    it is set aside until the next entry. When the solution $z$ of $(G(u + z))_P = 0$ has
-    non-positive values, $w$ moves towards $z$ until the first of them reaches 0 and that index
-    leaves $P$. Since the rows of $P$ stay independent, $G_{PP}$ is never singular, whatever the
-    rank of $G$, and the objective decreases at every step, so the method terminates. Each
-    iteration is one Cholesky factorisation per problem, of $G_{PP}$ only (gathered to the
-    largest $|P|$, at most the rank of $G$ plus one), in float64.
-
-    ``lam_u = u @ G`` holds the problems, one per row, for bounds of unit size, on the
-    unit-diagonal Gramian ``G``; ``iterations`` counts those spent before. Returns ``w`` in
-    ``lam_u``'s dtype.
-
-    Raises:
-        DualConeConvergenceError: After ``max_iters`` iterations in all, or where the KKT
-            conditions do not hold at termination: to the tolerance $\tau$, and to
-            $\sqrt\varepsilon$ on rows set aside (parallel to rows of $P$ to within rounding,
-            their multiplier should be 0).
+    For $G = L L^\top$ and $y = L^\top u$, the projection $x$ of $y$ onto $\{x : Lx \ge 0\}$
+    minimises $\tfrac12 x^\top x - y^\top x$ subject to $L x \ge 0$; its multipliers $w \ge 0$
+    satisfy $x = L^\top (u + w)$, so that $v = u + w$. quadprog solves it on the CPU (a
+    factorised identity Hessian; nothing to regularise); where it refuses, `_nnls` does.
     """
-    dtype = lam_u.dtype
-    accept = torch.finfo(dtype).eps ** 0.5
-    lam_u, G = lam_u.to(torch.float64), G.to(torch.float64)
-    n, m = lam_u.shape
-    device = lam_u.device
-    min_pivot2 = 1e3 * tau
-    W = torch.zeros_like(lam_u)
-    rows = torch.arange(n, device=device)
-    passive = torch.zeros(n, m, dtype=torch.bool, device=device)
-    aside = torch.zeros_like(passive)
-    w = torch.zeros_like(lam_u)
-    # Whether w solves the equations on its passive set (with w_P > 0): then an index may enter.
-    settled = torch.ones(n, dtype=torch.bool, device=device)
-    positions = torch.arange(m, device=device)
-    while True:
-        lam = torch.addmm(lam_u, w, G)
-        size = 1 + w.abs().sum(dim=1)
-        best, j = torch.where(passive | aside, torch.inf, lam).min(dim=1)
-        finished = settled & (best >= -tau * size)
-        if bool(finished.any()):
-            # The KKT conditions: to the tolerance on P and off the indices set aside, to √ε on
-            # these (their rows are parallel to rows of P to within rounding).
-            stationarity = torch.where(passive, lam, 0.0).abs().amax(dim=1)
-            dual = torch.where(passive | aside, 0.0, -lam).amax(dim=1)
-            dual_aside = torch.where(aside, -lam, 0.0).amax(dim=1)
-            wrong = (torch.maximum(stationarity, dual) > tau * size) | (dual_aside > accept * size)
-            bad = finished & wrong
-            if bool(bad.any()):
-                raise _convergence_error(iterations, w[bad], lam_u[bad], G, passive[bad])
-            W[rows[finished]] = w[finished]
-            if bool(finished.all()):
-                return W.to(dtype)
-            keep = (~finished).nonzero().squeeze(1)
-            rows, lam_u, passive, aside, w, settled, j = (
-                t[keep] for t in (rows, lam_u, passive, aside, w, settled, j)
-            )
-        if iterations >= max_iters:
-            raise _convergence_error(iterations, w, lam_u, G, passive)
-        iterations += 1
-        k = rows.numel()
-        here = torch.arange(k, device=device)
-        trial = passive.clone()
-        trial[here[settled], j[settled]] = True
-        # Gather G_PP, the passive indices first (padding with the identity).
-        count = trial.sum(dim=1)
-        width = max(int(count.max()), 1)
-        index = torch.argsort((~trial).to(torch.int8), dim=1, stable=True)[:, :width]
-        valid = positions[:width] < count.unsqueeze(1)
-        pair = valid.unsqueeze(2) & valid.unsqueeze(1)
-        G_PP = torch.where(
-            pair,
-            G[index.unsqueeze(2), index.unsqueeze(1)],
-            torch.eye(width, dtype=G.dtype, device=device),
-        )
-        rhs = torch.where(valid, -lam_u.gather(1, index), 0.0)
-        L, info = torch.linalg.cholesky_ex(G_PP)
-        solution = torch.cholesky_solve(rhs.unsqueeze(2), L).squeeze(2)
-        z = torch.zeros_like(w).scatter_(1, index, torch.where(valid, solution, 0.0))
-        pivots = L.diagonal(dim1=1, dim2=2).amin(dim=1)
-        sound = (info == 0) & (pivots * pivots >= min_pivot2)
-        # An entering index whose row depends on P, or whose value is not positive, waits.
-        entering = z[here, j]
-        refused = settled & (~sound | (entering <= 0))
-        aside[here[refused], j[refused]] = True
-        moving = ~refused
-        passive = torch.where(moving.unsqueeze(1), trial, passive)
-        positive = torch.where(passive, z, 1.0).amin(dim=1) > 0
-        take = moving & positive
-        # Towards z, until the first w_i on P reaches 0; those indices leave P.
-        ratio = torch.where(passive & (z <= 0), w / (w - z), torch.inf)
-        alpha = ratio.amin(dim=1, keepdim=True).clamp_(0.0, 1.0)
-        step = moving & ~positive
-        moved = torch.addcmul(w, alpha, z - w)
-        leaving = passive & ((ratio <= alpha) | (moved <= 0)) & step.unsqueeze(1)
-        passive = passive & ~leaving
-        w = torch.where(take.unsqueeze(1), z, torch.where(step.unsqueeze(1), moved, w))
-        w = torch.where(passive, w, 0.0)
-        settled = torch.where(moving, take, settled)
-        aside = aside & ~take.unsqueeze(1)
+    device = u_hat.device
+    L_np = np.ascontiguousarray(L.detach().cpu().numpy())
+    u_np = u_hat.detach().cpu().numpy()
+    m, r = L_np.shape
+    W = np.zeros_like(u_np)
+    if r == 0:  # every row is 0 up to the rank tolerance: any v ≥ u is optimal
+        return torch.from_numpy(W).to(device)
+    hessian = np.eye(r)
+    constraints = np.ascontiguousarray(L_np.T)
+    zeros = np.zeros(m)
+    for row, u in enumerate(u_np):
+        y = L_np.T @ u
+        try:
+            W[row] = quadprog.solve_qp(hessian, y, constraints, zeros, 0, factorized=True)[4]
+        except ValueError:
+            W[row] = _nnls(constraints, -y)
+    return torch.from_numpy(np.maximum(W, 0.0)).to(device)
 
 
-def _convergence_error(
-    iterations: int, w: Tensor, lam_u: Tensor, G: Tensor, passive: Tensor
-) -> DualConeConvergenceError:
-    """Build the error reporting the KKT residuals of the problems left unsolved.
+def _nnls(A: np.ndarray, b: np.ndarray) -> np.ndarray:
+    r"""$\arg\min_{z \ge 0} \lVert A z - b \rVert$ by Lawson and Hanson's active-set method.
 
-    ``w`` and ``lam_u = u @ G`` are those of bounds scaled to unit size ``Σ|u_j| = 1``.
+    One index enters the passive set per iteration (the one with the largest gradient); the
+    least-squares solutions on the passive set are minimum-norm (``lstsq``), so dependent
+    columns are harmless. It stops at the KKT conditions, or after ``3·m`` iterations with the
+    feasible iterate reached.
     """
-    lam = torch.addmm(lam_u, w, G)
-    size = 1 + w.abs().sum(dim=1, keepdim=True)
-    stationarity = (torch.where(passive, lam, 0.0).abs() / size).amax()
-    dual = (torch.where(passive, 0.0, -lam) / size).amax()
-    primal = (torch.where(passive, -w, 0.0) / size).amax()
-    residuals = {
-        "stationarity": float(stationarity),
-        "dual_feasibility": max(float(dual), 0.0),
-        "primal_feasibility": max(float(primal), 0.0),
-    }
-    return DualConeConvergenceError(iterations, w.shape[0], residuals)
+    m = A.shape[1]
+    z = np.zeros(m)
+    passive = np.zeros(m, dtype=bool)
+    tol = 10 * np.finfo(np.float64).eps * max(A.shape) * max(np.abs(A).sum(axis=0).max(), 1e-300)
+    gradient = A.T @ b
+    for _ in range(3 * m):
+        candidates = np.where(passive, -np.inf, gradient)
+        j = int(candidates.argmax())
+        if candidates[j] <= tol:
+            break
+        passive[j] = True
+        while True:
+            s = np.zeros(m)
+            s[passive] = np.linalg.lstsq(A[:, passive], b, rcond=None)[0]
+            if passive.sum() == 0 or s[passive].min() > 0:
+                break
+            blocking = passive & (s <= 0)
+            alpha = np.min(z[blocking] / (z[blocking] - s[blocking]))
+            z = z + alpha * (s - z)
+            passive &= z > tol
+            z[~passive] = 0.0
+        z = s
+        gradient = A.T @ (b - A @ z)
+    return z

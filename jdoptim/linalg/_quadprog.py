@@ -1,6 +1,6 @@
 """Reference dual-cone projection through quadprog.
 
-This is the only module of jdoptim that imports quadprog. It solves each projection as a separate
+It solves each projection as a separate
 quadratic program on the CPU in float64, as the reference implementation of UPGrad does; the fast
 batched solver in `jdoptim.linalg._dual_cone` is checked against it.
 """
