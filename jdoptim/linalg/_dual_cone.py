@@ -276,14 +276,14 @@ class _SquareRoot:
     Each step takes the row with the largest residual diagonal; it stops once that is at most
     ``rank_tol`` (the rows left are combinations of those taken, up to that residual), which
     makes ``L.shape[1]`` the numerical rank. The tolerance is $4\varepsilon$ of the input's
-    precision, and at least $8 m$ float64 epsilons (the rounding of the residual diagonal):
-    a row's distance to the span of the pivots is at most its square root.
+    precision (float64's for float64 input, float32's otherwise): a row's distance to the span
+    of the pivots is at most its square root.
     """
 
     def __init__(self, G: Tensor, precision: torch.dtype) -> None:
         m = G.shape[0]
         self.G = G
-        self.rank_tol = max(4 * torch.finfo(precision).eps, 8 * m * torch.finfo(torch.float64).eps)
+        self.rank_tol = 4 * torch.finfo(precision).eps
         self.residual = G.diagonal().clone()
         self.buffer = G.new_zeros(m, min(m, 64))
         self.rank = 0
