@@ -227,3 +227,15 @@ def test_gramian_weighted_aggregator_hands_the_true_gramian_to_its_weighting():
     aggregator.weighting.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
     aggregator(J)
     torch.testing.assert_close(seen[0], _exact_gramian(J), rtol=1e-6, atol=0.0)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_gramian_mode_forms_half_precision_gramians_in_float32(dtype):
+    model = _model().to(dtype)
+    with GramianEngine(model) as engine:
+        G = engine.gramian(_losses(model, 1.0))
+        engine.reset()
+    assert G.dtype == torch.float32
+    params = list(model.parameters())
+    J = torch.cat([j.flatten(1) for j in jacobian(_losses(model, 1.0), params)], dim=1)
+    torch.testing.assert_close(G.double(), _exact_gramian(J), rtol=2e-2, atol=2e-2)

@@ -44,7 +44,7 @@ from jdoptim.diagnostics import diagnose_gramian
 from jdoptim.distributed import Sharding, dtensor_class
 from jdoptim.gramian import GramianEngine
 from jdoptim.linalg._gramian import (
-    in_range,
+    fits_dtype,
     row_magnitudes,
     scaled_gramian,
     solve_dtype,
@@ -291,16 +291,14 @@ class ShardedJacobianPath(Path):
 
     def _gramian(self, local: Tensor) -> Tensor:
         """This rank's part ``J_r J_rᵀ`` of the Gramian, as `jdoptim.linalg.gramian` forms it,
-        but with one decision for every rank: in float32 where no rank's part leaves its range,
+        but with one decision for every rank: in float32 where no rank's part left its range,
         else in float64 from rows scaled by powers of two (so that the parts add up)."""
+        gramian = local @ local.T
         if local.dtype != torch.float32:
-            return local @ local.T
-        m, n = local.shape
-        magnitudes = row_magnitudes(local) if n else local.new_zeros(m)
-        fits = in_range(magnitudes, n, local.dtype) if n else True
-        if self.sharding.all_true(fits, self.sharding.device):
-            return local @ local.T
-        return scaled_gramian(local, magnitudes)
+            return gramian
+        if self.sharding.all_true(fits_dtype(local, gramian), self.sharding.device):
+            return gramian
+        return scaled_gramian(local, row_magnitudes(local))
 
 
 @dataclass

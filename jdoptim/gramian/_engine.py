@@ -18,7 +18,7 @@ from torch.utils.hooks import RemovableHandle
 from jdoptim._split import CONVOLUTION_NODES, Split, split, through_shared
 from jdoptim.gramian._modules import Call, Handler, Layout, make_handler, module_problem
 from jdoptim.gramian._terms import DenseTerm, Gather, Term, combine
-from jdoptim.linalg._gramian import solve_dtype
+from jdoptim.linalg._gramian import kept, solve_dtype
 
 _KEYS = itertools.count()
 _ACCUMULATE_GRAD = type(torch.zeros(1, requires_grad=True).expand(1).grad_fn.next_functions[0][0])
@@ -517,7 +517,7 @@ class GramianEngine:
             with torch.no_grad():
                 size = m if gather is None else gather(losses.new_zeros(m)).numel()
                 G = torch.zeros(size, size, dtype=solve_dtype(losses.dtype), device=losses.device)
-                fits: list[Tensor] = []
+                magnitudes: list[Tensor] = []
                 for call in calls:
                     outputs = cotangents.pop(id(call))
                     if id(call) in direct:
@@ -528,18 +528,20 @@ class GramianEngine:
                         call_terms = call.handler.terms(call, outputs, layout)
                     for term in call_terms:
                         if all(owners[id(p)] == 1 for p in term.params):
-                            G = _add_gramian(term, G, gather, fits)
+                            _add_gramian(term, G, gather, magnitudes)
                             terms.append(term)
                         else:
                             shared_terms.append(term)
                 for term in combine(shared_terms):
-                    G = _add_gramian(term, G, gather, fits)
+                    _add_gramian(term, G, gather, magnitudes)
                     terms.append(term)
-                if fits and not bool(torch.stack(fits).all()):
-                    # Some term's Gramian left the range of G's dtype: again, in float64.
+                if magnitudes and not bool(kept(G, torch.cat(magnitudes))):
+                    # Some products left the range of G's dtype: again, in float64 (where those
+                    # of float32 factors cannot), the same on every rank.
                     G = torch.zeros_like(G, dtype=torch.float64)
                     for term in terms:
-                        term.widened(torch.float64).add_gramian(G)
+                        gathered = term if gather is None else term.gathered(gather)
+                        gathered.widened(torch.float64).add_gramian(G)
                 if size != m and not layout.per_sample:  # the Gramian of the ranks' average
                     ranks = size // m
                     G = G.view(ranks, m, ranks, m).sum(dim=(0, 2)) / ranks**2
@@ -709,26 +711,12 @@ class GramianEngine:
         self._pending = None
 
 
-def _add_gramian(term: Term, G: Tensor, gather: Gather | None, fits: list[Tensor]) -> Tensor:
-    """Add ``term``'s Gramian into ``G``, and return ``G``.
-
-    Without ``gather``, whether the term's Gramian fits ``G``'s dtype is appended to ``fits``
-    (no host synchronisation: the caller decides once, at the end). A gathered term (the same
-    on every rank) is decided at once: ``G`` moves to float64 from the first term that does not
-    fit, so every rank switches at the same term, and the gathered factors are not kept.
-    """
-    if gather is None:
-        if G.dtype != torch.float64:
-            fits.append(term.in_range(G.dtype))
-        (term if term.dtype == G.dtype else term.widened(G.dtype)).add_gramian(G)
-        return G
-    gathered = term.gathered(gather)
-    if G.dtype != torch.float64 and not bool(gathered.in_range(G.dtype)):
-        G = G.to(torch.float64)
-    if gathered.dtype != G.dtype:
-        gathered = gathered.widened(G.dtype)
-    gathered.add_gramian(G)
-    return G
+def _add_gramian(term: Term, G: Tensor, gather: Gather | None, magnitudes: list[Tensor]) -> None:
+    """Add ``term``'s Gramian (of every rank's objectives, with ``gather``) into ``G``, in
+    ``G``'s dtype, and append the magnitudes of its factors to ``magnitudes``."""
+    gathered = term if gather is None else term.gathered(gather)
+    magnitudes.append(gathered.magnitudes())
+    (gathered if gathered.dtype == G.dtype else gathered.widened(G.dtype)).add_gramian(G)
 
 
 def _writer(allowed: set[int] | None) -> Callable[[Tensor, Tensor], None]:

@@ -10,8 +10,8 @@ objectives with respect to a few parameters without forming them when that is ch
   kinds share a parameter and must be summed before inner products are taken,
 - gather the objectives of every rank of a sharded model into one term (`Term.gathered`), whose
   Gramian then holds the inner products between the ranks' objectives,
-- tell, from the largest entries of its factors, whether its Gramian stays within a dtype's
-  range (`Term.in_range`), and give the same gradients with factors in a wider dtype
+- give the largest entries of its output gradients (`Term.magnitudes`), which tell whether the
+  products forming its Gramian flush to zero, and the same gradients with factors in a wider dtype
   (`Term.widened`), for the Gramian of factors too large or too small for their own.
 
 `FactoredTerm` covers every layer whose weight gradient is a sum of outer products
@@ -39,7 +39,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from jdoptim.linalg._gramian import in_range, row_magnitudes
+from jdoptim.linalg._gramian import solve_dtype
 
 Write = Callable[[Tensor, Tensor], None]
 """Adds a gradient (second argument) into a parameter's ``.grad`` (first argument)."""
@@ -75,11 +75,13 @@ class Term:
         """
         raise NotImplementedError
 
-    def in_range(self, dtype: torch.dtype) -> Tensor:
-        """Whether the term's Gramian, and the products that form it, stay within ``dtype``'s
-        range (as `jdoptim.linalg.gramian` decides for a matrix), as a 0-d bool tensor, without
-        host synchronisation. It bounds each objective's gradient by the largest entries of the
-        factors, so it may say no for a Gramian that would fit, never the converse."""
+    def magnitudes(self) -> Tensor:
+        """The largest absolute entry of each objective's output gradients (or materialised
+        gradients), in float32 or wider, without host synchronisation: where each one that is
+        not zero has a normal square (with a margin), the objective's gradient does not flush
+        to zero in the products that form the Gramian. (Inputs are not checked: layer inputs
+        whose largest entry is below about 1e-17 but not zero are not expected; the Gramian's
+        diagonal still shows their products when they partly underflow.)"""
         raise NotImplementedError
 
     def widened(self, dtype: torch.dtype) -> Term:
@@ -94,46 +96,16 @@ class Term:
 
 def _largest(tensor: Tensor, leading: int) -> Tensor:
     """The largest absolute entry of ``tensor`` for each index of its first ``leading``
-    dimensions (flattened), without a copy of ``tensor``."""
+    dimensions (flattened), in float32 or wider."""
     rows = math.prod(tensor.shape[:leading])
     if tensor.numel() == 0:
-        return tensor.new_zeros(rows)
-    dims = tuple(range(leading, tensor.ndim))
-    if not dims:
-        return tensor.abs().reshape(rows)
-    return torch.maximum(-tensor.amin(dim=dims), tensor.amax(dim=dims)).reshape(rows)
-
-
-def _factors_in_range(
-    inputs: Tensor, outputs: Tensor, T: int, sizes: tuple[int, int, int], dtype: torch.dtype
-) -> Tensor:
-    """`Term.in_range` for gradients that sum products of inputs and output gradients.
-
-    Args:
-        inputs: The largest input entry of each sample ``[S]``.
-        outputs: The largest output-gradient entry of each objective ``[S·T]``.
-        T: Objectives per sample.
-        sizes: How many input entries, output-gradient entries and products of the two (over
-            pairs of positions) enter an inner product of two objectives' gradients.
-        dtype: The dtype of the Gramian.
-    """
-    n_in, n_out, n_products = sizes
-    inputs, outputs = inputs.to(torch.float64), outputs.to(torch.float64)  # exact products
-    rows = (outputs.view(-1, T) * inputs[:, None]).reshape(-1)
-    return (
-        in_range(inputs, max(n_in, 1), dtype)
-        & in_range(outputs, max(n_out, 1), dtype)
-        & in_range(rows, max(n_products, 1), dtype)
+        return tensor.new_zeros(rows, dtype=solve_dtype(tensor.dtype))
+    largest = (
+        tensor.abs().amax(dim=tuple(range(leading, tensor.ndim)))
+        if tensor.ndim > leading
+        else tensor.abs()
     )
-
-
-def _dense_in_range(grads: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
-    """`Term.in_range` for materialised gradients ``[m, numel]``."""
-    present = [M for M in grads if M.numel()]
-    if not present:
-        return torch.ones((), dtype=torch.bool, device=grads[0].device)
-    magnitudes = torch.stack([row_magnitudes(M) for M in present]).amax(dim=0)
-    return in_range(magnitudes, sum(M.shape[1] for M in present), dtype)
+    return largest.reshape(rows).to(solve_dtype(tensor.dtype))
 
 
 def _ghost(AA: Tensor, D: Tensor, G: Tensor) -> None:
@@ -387,17 +359,10 @@ class FactoredTerm(Term):
             return DenseTerm(params, grads)
         return FactoredTerm(self.weight, self.bias, gather(self.A), gather(self.D))
 
-    def in_range(self, dtype: torch.dtype) -> Tensor:
+    def magnitudes(self) -> Tensor:
         if self.A is None:
-            return _dense_in_range(self.materialize(), dtype)
-        S, T, groups, P, d_out = self.D.shape
-        d_in = self.A.shape[-1] if self.weight is not None else 0
-        inputs = _largest(self.A, 1) if self.weight is not None else self.A.new_zeros(S)
-        if self.bias is not None:
-            inputs = inputs.clamp(min=1.0)  # the bias's gradient: an input of 1
-        width = d_in + (self.bias is not None)
-        sizes = (P * width, P * d_out, groups * P * P * width * d_out)
-        return _factors_in_range(inputs, _largest(self.D, 2), T, sizes, dtype)
+            return torch.cat([_largest(M, 1) for M in self.materialize()])
+        return _largest(self.D, 2)
 
     def widened(self, dtype: torch.dtype) -> Term:
         if self.A is None:
@@ -508,20 +473,10 @@ class ConvTerm(Term):
             return DenseTerm(self.params, [gather(M) for M in self._grads])
         return ConvTerm(self.weight, self.bias, gather(self.x), gather(self.D), self.config)
 
-    def in_range(self, dtype: torch.dtype) -> Tensor:
+    def magnitudes(self) -> Tensor:
         if self._grads is not None:
-            return _dense_in_range(self._grads, dtype)
-        T = self.D.shape[1]
-        inputs = _largest(self.x, 1)
-        if self.bias is not None:
-            inputs = inputs.clamp(min=1.0)
-        per_input = self.x[0].numel()
-        per_output = self.D[0, 0].numel()
-        # A weight gradient's entry sums an input-output product per output position.
-        positions = per_output // max(self.D.shape[3], 1)
-        weights = self.weight.numel() + (self.D.shape[3] if self.bias is not None else 0)
-        sizes = (per_input, per_output, weights * positions * positions)
-        return _factors_in_range(inputs, _largest(self.D, 2), T, sizes, dtype)
+            return torch.cat([_largest(M, 1) for M in self._grads])
+        return _largest(self.D, 2)
 
     def widened(self, dtype: torch.dtype) -> Term:
         if self._grads is not None:
@@ -628,10 +583,8 @@ class EmbeddingTerm(Term):
     def gathered(self, gather: Gather) -> Term:
         return EmbeddingTerm(self.weight, gather(self.indices), gather(self.D), self.padding_idx)
 
-    def in_range(self, dtype: torch.dtype) -> Tensor:
-        S, T, P, d = self.D.shape
-        inputs = self.D.new_ones(S)  # one-hot inputs
-        return _factors_in_range(inputs, _largest(self.D, 2), T, (P, P * d, P * P * d), dtype)
+    def magnitudes(self) -> Tensor:
+        return _largest(self.D, 2)
 
     def widened(self, dtype: torch.dtype) -> Term:
         term = EmbeddingTerm(self.weight, self.indices, self.D.to(dtype), self.padding_idx)
@@ -680,8 +633,8 @@ class DenseTerm(Term):
     def gathered(self, gather: Gather) -> Term:
         return DenseTerm(self.params, [gather(M) for M in self.grads])
 
-    def in_range(self, dtype: torch.dtype) -> Tensor:
-        return _dense_in_range(self.grads, dtype)
+    def magnitudes(self) -> Tensor:
+        return torch.cat([_largest(M, 1) for M in self.grads])
 
     def widened(self, dtype: torch.dtype) -> Term:
         return DenseTerm(self.params, [M.to(dtype) for M in self.grads])

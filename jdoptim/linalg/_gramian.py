@@ -24,8 +24,7 @@ def solve_dtype(dtype: torch.dtype) -> torch.dtype:
 def row_magnitudes(matrix: Tensor) -> Tensor:
     """The largest absolute entry of each row of a 2-D ``matrix`` with ``n ≥ 1`` columns, in one
     pass and without a copy of ``matrix``."""
-    low, high = torch.aminmax(matrix, dim=1)
-    return torch.maximum(-low, high)
+    return torch.maximum(-matrix.amin(dim=1), matrix.amax(dim=1))  # faster than aminmax
 
 
 def in_range(magnitudes: Tensor, n: int, dtype: torch.dtype) -> Tensor:
@@ -46,25 +45,57 @@ def in_range(magnitudes: Tensor, n: int, dtype: torch.dtype) -> Tensor:
     return ~((largest > high) | (smallest < low))
 
 
+def kept(G: Tensor, magnitudes: Tensor | None = None) -> Tensor:
+    """Whether a Gramian ``G`` formed in its dtype kept its entries, as a 0-d bool tensor
+    (without host synchronisation): its diagonal (which bounds every entry, and every partial
+    sum of the products that form it) is finite and at most ``finfo.max / HEADROOM``, its
+    entries that are not zero at least ``finfo.tiny · HEADROOM``, and so are the squares of the
+    ``magnitudes`` that are not zero (the largest entries of the rows of its factors, if
+    given)."""
+    info = torch.finfo(G.dtype)
+    if G.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=G.device)
+    diagonal = G.diagonal()
+    low = info.tiny * HEADROOM
+    smallest = torch.where(diagonal > 0, diagonal, math.inf).min()
+    fits = (diagonal.max() <= info.max / HEADROOM) & (smallest >= low)
+    if magnitudes is not None and magnitudes.numel():
+        fits &= torch.where(magnitudes > 0, magnitudes, math.inf).min() >= math.sqrt(low)
+    return fits
+
+
+def fits_dtype(matrix: Tensor, G: Tensor) -> Tensor:
+    """Whether ``G``, formed from ``matrix`` in ``G``'s dtype, is its Gramian (see `kept`), as a
+    0-d bool tensor. A row whose squared norm flushed to zero is found from ``matrix`` itself,
+    looking only at the rows whose diagonal entry is zero."""
+    fits = kept(G)
+    zero = G.diagonal() == 0
+    if bool(fits & zero.any()):
+        fits = fits & (row_magnitudes(matrix[zero]) == 0).all()
+    return fits
+
+
 def gramian(matrix: Tensor) -> Tensor:
     r"""The Gramian $J J^\top$ of the rows of ``matrix``, formed where it neither overflows nor
     underflows.
 
     - Half precision (bfloat16, float16) is formed in float32 (a float32 copy of ``matrix``).
-    - float32 is formed in float32 when no entry of the Gramian can leave float32's range (the
-      test: the largest absolute entry $a$ of the matrix has $n a^2$ within range, and every row
-      that is not zero has an entry whose square is a normal number, both with a margin of
-      $2^{16}$). Otherwise each row is scaled by a power of two (exactly) to a largest entry
-      in $[\frac12, 1)$, the Gramian of the scaled rows is formed in float32 and scaled back in
-      float64, where the Gramian of any float32 matrix is representable: the result is the
-      Gramian itself, as precise as in the normal case, in float64.
+    - float32 is formed in float32, and kept when it did not leave float32's range (the test,
+      on the result: its diagonal, which bounds every entry and every partial sum of products,
+      is finite and at most ``finfo.max`` and its non-zero entries at least ``finfo.tiny``, both
+      with a margin of $2^{16}$; a zero diagonal entry is checked against its row of
+      ``matrix``, which must then be zero). Otherwise each row is scaled by a power of two
+      (exactly) to a largest entry in $[\frac12, 1)$, the Gramian of the scaled rows is formed
+      in float32 and scaled back in float64, where the Gramian of any float32 matrix is
+      representable: the result is the Gramian itself, as precise as in the normal case, in
+      float64.
     - float64 is formed in float64, as it is. Its Gramian leaves float64's range only for rows
       of norm above about $1.3\cdot10^{154}$ (entries overflow to ``inf``, so a weighting returns
       NaN weights, which `jdoptim.JDOptimizer`'s non-finite policy handles) or below about
       $1.5\cdot10^{-154}$ (entries become subnormal or zero, and such rows count as zero).
 
-    In the normal case the cost is one pass over ``matrix`` (its largest entry per row, which
-    decides the case, with one host synchronisation) and one matrix product, with no copy. A
+    In the normal case the cost is one matrix product, with no copy of ``matrix``, and a few
+    operations on the diagonal with one host synchronisation; out of range, a second product. A
     weighting that depends on the scale of the Gramian sees the true Gramian in every case, only
     in a wider dtype.
 
@@ -87,9 +118,8 @@ def gramian(matrix: Tensor) -> Tensor:
         tensor([[25.,  3.],
                 [ 3.,  1.]])
         >>> G = gramian(J * 1e20)  # J Jᵀ would overflow float32
-        >>> G.dtype, G / 1e40
-        (torch.float64, tensor([[25.,  3.],
-                [ 3.,  1.]], dtype=torch.float64))
+        >>> G.dtype, torch.allclose(G, (J.double() * 1e20) @ (J.double() * 1e20).T)
+        (torch.float64, True)
     """
     if not isinstance(matrix, Tensor) or not matrix.is_floating_point():
         raise TypeError(f"Expected a floating-point tensor, got {_describe(matrix)}.")
@@ -104,11 +134,11 @@ def gramian(matrix: Tensor) -> Tensor:
         # |x| ≤ 65504 and |x| ≥ 2⁻²⁴ when not zero: n·x² and x² stay within float32's range.
         work = matrix.to(dtype)
         return work @ work.T
-    magnitudes = row_magnitudes(matrix)
-    if dtype == torch.float64 or bool(in_range(magnitudes, n, dtype)):
-        work = matrix.to(dtype)
-        return work @ work.T
-    return scaled_gramian(matrix.to(dtype), magnitudes)
+    work = matrix.to(dtype)
+    G = work @ work.T
+    if dtype == torch.float64 or bool(fits_dtype(work, G)):
+        return G
+    return scaled_gramian(work, row_magnitudes(work))
 
 
 def scaled_gramian(matrix: Tensor, magnitudes: Tensor) -> Tensor:
