@@ -1,7 +1,9 @@
 """Diagnostics of one aggregation, computed from the Gramian of the objectives' gradients.
 
-Everything stays a tensor on the Jacobian's device, so collecting diagnostics never waits for the
-device; call ``.item()`` or ``.tolist()`` when you log them.
+Everything stays a tensor on the Jacobian's device; call ``.item()`` or ``.tolist()`` when you log
+them. From a Jacobian, the Gramian is formed by `jdoptim.linalg.gramian`, so the diagnostics are
+finite and exact at any scale; they are in the dtype it was formed in (float32 for half-precision
+Jacobians, float64 for float32 ones whose Gramian leaves float32's range).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+from jdoptim.linalg._gramian import gramian as form_gramian
 
 CONFLICT_TOLERANCE = 1e-6
 """An inner product counts as a conflict below ``-CONFLICT_TOLERANCE`` times the product of the
@@ -91,9 +95,11 @@ def diagnose(
         False
     """
     with torch.no_grad():
-        return _from_products(
-            matrix @ matrix.T, matrix @ update, update.norm(), weights, method_state
-        )
+        gramian = form_gramian(matrix)
+        # J d and ‖d‖ in the dtype of the Gramian too: they overflow with it.
+        work = matrix.detach().to(gramian.dtype)
+        exact = update.detach().to(gramian.dtype)
+        return _from_products(gramian, work @ exact, exact.norm(), weights, method_state)
 
 
 def diagnose_gramian(

@@ -43,6 +43,13 @@ from jdoptim.aggregation import GramianWeightedAggregator
 from jdoptim.diagnostics import diagnose_gramian
 from jdoptim.distributed import Sharding, dtensor_class
 from jdoptim.gramian import GramianEngine
+from jdoptim.linalg._gramian import (
+    fits_dtype,
+    row_magnitudes,
+    scaled_gramian,
+    solve_dtype,
+    weighted_sum,
+)
 from jdoptim.registry import get_spec, list_aggregators
 from jdoptim.scalarization import Scalarizer
 
@@ -259,14 +266,13 @@ class ShardedJacobianPath(Path):
         if pieces.matrix is None:
             return Update(dict(pieces.own))
         matrix = pieces.matrix if scale == 1.0 else pieces.matrix / scale
-        work = torch.promote_types(matrix.dtype, torch.float32)
-        local = matrix.to(work)
-        gramian = local @ local.T
+        local = matrix.to(solve_dtype(matrix.dtype))
+        gramian = self._gramian(local)
         if self.sharding.replicas > 1:
             gramian /= self.sharding.replicas  # each shard is held by that many ranks
         gramian = self.sharding.all_reduce(gramian.to(self.sharding.device))
         weights = _weights(self.method, gramian, pieces.loss_values, scale)
-        update = weights.to(local.device, work) @ local
+        update = weighted_sum(weights.to(local.device), local)
         finite = self.sharding.all_true(
             all_finite([weights]) and all_finite([update]), self.sharding.device
         )
@@ -282,6 +288,17 @@ class ShardedJacobianPath(Path):
             return diagnose_gramian(gramian, weights)
 
         return Update(grads, diagnose=diagnose_step if diagnostics else None)
+
+    def _gramian(self, local: Tensor) -> Tensor:
+        """This rank's part ``J_r J_rᵀ`` of the Gramian, as `jdoptim.linalg.gramian` forms it,
+        but with one decision for every rank: in float32 where no rank's part left its range,
+        else in float64 from rows scaled by powers of two (so that the parts add up)."""
+        gramian = local @ local.T
+        if local.dtype != torch.float32:
+            return gramian
+        if self.sharding.all_true(fits_dtype(local, gramian), self.sharding.device):
+            return gramian
+        return scaled_gramian(local, row_magnitudes(local))
 
 
 @dataclass

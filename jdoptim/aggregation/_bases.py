@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from jdoptim.aggregation._columns import Columns
+from jdoptim.linalg._gramian import gramian, solve_dtype, weighted_sum
 
 Check = Callable[[Any, str], Any]
 """``check(value, name)`` returns the value to store or raises an error naming ``name`` and
@@ -189,12 +190,6 @@ def check_matrix(matrix: Tensor, what: str) -> None:
         )
     if not matrix.is_floating_point():
         raise TypeError(f"Expected the {what} to have a floating dtype, got {matrix.dtype}.")
-
-
-def solve_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype a method computes in for input of ``dtype``: float32 for half precision
-    (bfloat16, float16), the input's dtype otherwise."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def all_finite(tensor: Tensor, dim: int | None = None) -> Tensor:
@@ -493,7 +488,7 @@ class WeightedAggregator(Aggregator):
         self._check_weighting(self.weighting)
         context = {"losses": losses} if self.weighting.needs_losses else {}
         weights = self.weighting(self._weighting_input(matrix), **context)
-        return weights @ matrix
+        return weighted_sum(weights, matrix)
 
 
 class GramianWeightedAggregator(WeightedAggregator):
@@ -501,6 +496,11 @@ class GramianWeightedAggregator(WeightedAggregator):
 
     Only the Gramian reaches the weighting, so such an aggregator can also run from a Gramian
     computed without the Jacobian. A weighting that needs the Jacobian is refused.
+
+    The Gramian is formed by `jdoptim.linalg.gramian`: in float32 for half-precision ``J``, and
+    in float64 for a float32 ``J`` whose Gramian would overflow or underflow float32. The
+    weighting then computes in that dtype, and the update ``Jᵀ w`` is formed there too and
+    returned in ``J``'s dtype.
     """
 
     def _check_weighting(self, weighting: Any) -> None:
@@ -515,8 +515,8 @@ class GramianWeightedAggregator(WeightedAggregator):
     def _weighting_input(self, matrix: Tensor) -> Tensor:
         if not self.weighting.uses_matrix:
             m = matrix.shape[0]
-            return matrix.new_zeros(()).expand(m, m)
-        return matrix @ matrix.T
+            return matrix.new_zeros((), dtype=solve_dtype(matrix.dtype)).expand(m, m)
+        return gramian(matrix)
 
 
 def _invalid(name: str, value: Any, expected: str) -> ValueError:

@@ -15,6 +15,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from jdoptim.linalg._gramian import in_range, row_magnitudes, solve_dtype
+
 Granularity = Literal["all", "layer", "parameter", "group"]
 GRANULARITIES: tuple[str, ...] = ("all", "layer", "parameter", "group")
 
@@ -180,19 +182,42 @@ def block_columns(matrix: Tensor, block: Block) -> Tensor:
 
 
 def block_gramians(matrix: Tensor, blocks: Sequence[Block]) -> Tensor:
-    """The Gramians ``J_k J_kᵀ`` of the blocks of columns, shape ``[K, m, m]``."""
-    gramians = matrix.new_zeros(len(blocks), matrix.shape[0], matrix.shape[0])
+    """The Gramians ``J_k J_kᵀ`` of the blocks of columns, shape ``[K, m, m]``.
+
+    They are formed in `jdoptim.linalg.solve_dtype` of ``matrix``'s dtype, or in float64 when
+    that would overflow or underflow for some block (see `jdoptim.linalg.gramian`)."""
+    dtype = solve_dtype(matrix.dtype)
+    if dtype != torch.float64 and matrix.numel() and not _blocks_in_range(matrix, blocks, dtype):
+        dtype = torch.float64
+    work = matrix.to(dtype)
+    gramians = work.new_zeros(len(blocks), matrix.shape[0], matrix.shape[0])
     for k, block in enumerate(blocks):
         for start, stop in block:
-            part = matrix[:, start:stop]
+            part = work[:, start:stop]
             gramians[k].addmm_(part, part.T)
     return gramians
 
 
+def _blocks_in_range(matrix: Tensor, blocks: Sequence[Block], dtype: torch.dtype) -> bool:
+    """Whether every block's Gramian stays within ``dtype``'s range (one pass over
+    ``matrix``)."""
+    checks = []
+    for block in blocks:
+        ranges = [(start, stop) for start, stop in block if stop > start]
+        if ranges:
+            parts = [row_magnitudes(matrix[:, start:stop]) for start, stop in ranges]
+            n = sum(stop - start for start, stop in ranges)
+            checks.append(in_range(torch.stack(parts).amax(dim=0), n, dtype))
+    return not checks or bool(torch.stack(checks).all())
+
+
 def combine_blocks(matrix: Tensor, blocks: Sequence[Block], weights: Tensor) -> Tensor:
-    """The update whose columns in block ``k`` are ``J_kᵀ w_k``, for weights ``[K, m]``."""
-    update = matrix.new_empty(matrix.shape[1])
-    for block, w in zip(blocks, weights.to(matrix.dtype), strict=True):
+    """The update whose columns in block ``k`` are ``J_kᵀ w_k``, for weights ``[K, m]``, formed
+    in the wider of the dtypes of ``matrix`` and ``weights`` and returned in ``matrix``'s."""
+    work = torch.promote_types(matrix.dtype, weights.dtype)
+    source = matrix.to(work)
+    update = source.new_empty(matrix.shape[1])
+    for block, w in zip(blocks, weights.to(work), strict=True):
         for start, stop in block:
-            torch.mv(matrix[:, start:stop].T, w, out=update[start:stop])
-    return update
+            torch.mv(source[:, start:stop].T, w, out=update[start:stop])
+    return update.to(matrix.dtype)

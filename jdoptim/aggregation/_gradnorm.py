@@ -16,6 +16,7 @@ from jdoptim.aggregation._bases import (
     solve_dtype,
 )
 from jdoptim.aggregation._columns import Columns, block_gramians
+from jdoptim.linalg._gramian import weighted_sum
 from jdoptim.registry import register
 
 _PAPER = "https://arxiv.org/abs/1711.02257"
@@ -268,4 +269,4 @@ class GradNorm(GramianWeightedAggregator):
                 f"they have {len(layers)} layers."
             )
         gramian = block_gramians(matrix, [layers[layer]])[0]  # type: ignore[index]
-        return self.weighting(gramian, losses=losses) @ matrix
+        return weighted_sum(self.weighting(gramian, losses=losses), matrix)

@@ -228,5 +228,5 @@ class GradVac(GramianWeightedAggregator):
         if not bool(all_finite(matrix)):
             return matrix.new_full(matrix.shape[1:], torch.nan)  # and no state changes
         blocks = columns.blocks(self.granularity)
-        gramians = block_gramians(matrix.to(solve_dtype(matrix.dtype)), blocks)
+        gramians = block_gramians(matrix, blocks)
         return combine_blocks(matrix, blocks, self.weighting.block_weights(gramians))

@@ -16,6 +16,7 @@ from jdoptim.aggregation._bases import (
     solve_dtype,
 )
 from jdoptim.linalg import min_norm_frank_wolfe, min_norm_weights
+from jdoptim.linalg._gramian import weighted_sum
 from jdoptim.registry import register
 
 _PAPER = "https://arxiv.org/abs/1810.04650"
@@ -171,14 +172,13 @@ class MGDA(GramianWeightedAggregator):
         context = {"losses": losses} if self.weighting.needs_losses else {}
         gramian = self._weighting_input(matrix)
         weights = self.weighting(gramian, **context)
-        if self.weighting.normalization == "none" or not _imprecise(weights, matrix.dtype):
-            return weights @ matrix
-        # The weights v_i / ν_i of normalised rows can fall outside the range of the input's
+        if self.weighting.normalization == "none" or not _imprecise(weights, gramian.dtype):
+            return weighted_sum(weights, matrix)
+        # The weights v_i / ν_i of normalised rows can fall outside the range of the Gramian's
         # dtype (ν_i = L_i ‖g_i‖ spans its square): the update is then formed in float64.
         if not (bool(all_finite(gramian)) and (losses is None or bool(all_finite(losses)))):
-            return weights @ matrix
-        precise = self.weighting._weights(gramian, losses)
-        return (precise @ matrix.to(torch.float64)).to(matrix.dtype)
+            return weighted_sum(weights, matrix)
+        return weighted_sum(self.weighting._weights(gramian, losses), matrix)
 
 
 def _imprecise(weights: Tensor, dtype: torch.dtype) -> bool:

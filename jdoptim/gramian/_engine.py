@@ -18,6 +18,7 @@ from torch.utils.hooks import RemovableHandle
 from jdoptim._split import CONVOLUTION_NODES, Split, split, through_shared
 from jdoptim.gramian._modules import Call, Handler, Layout, make_handler, module_problem
 from jdoptim.gramian._terms import DenseTerm, Gather, Term, combine
+from jdoptim.linalg._gramian import kept, solve_dtype
 
 _KEYS = itertools.count()
 _ACCUMULATE_GRAD = type(torch.zeros(1, requires_grad=True).expand(1).grad_fn.next_functions[0][0])
@@ -515,7 +516,8 @@ class GramianEngine:
         try:
             with torch.no_grad():
                 size = m if gather is None else gather(losses.new_zeros(m)).numel()
-                G = torch.zeros(size, size, dtype=losses.dtype, device=losses.device)
+                G = torch.zeros(size, size, dtype=solve_dtype(losses.dtype), device=losses.device)
+                magnitudes: list[Tensor] = []
                 for call in calls:
                     outputs = cotangents.pop(id(call))
                     if id(call) in direct:
@@ -526,13 +528,20 @@ class GramianEngine:
                         call_terms = call.handler.terms(call, outputs, layout)
                     for term in call_terms:
                         if all(owners[id(p)] == 1 for p in term.params):
-                            (term if gather is None else term.gathered(gather)).add_gramian(G)
+                            _add_gramian(term, G, gather, magnitudes)
                             terms.append(term)
                         else:
                             shared_terms.append(term)
                 for term in combine(shared_terms):
-                    (term if gather is None else term.gathered(gather)).add_gramian(G)
+                    _add_gramian(term, G, gather, magnitudes)
                     terms.append(term)
+                if magnitudes and not bool(kept(G, torch.cat(magnitudes))):
+                    # Some products left the range of G's dtype: again, in float64 (where those
+                    # of float32 factors cannot), the same on every rank.
+                    G = torch.zeros_like(G, dtype=torch.float64)
+                    for term in terms:
+                        gathered = term if gather is None else term.gathered(gather)
+                        gathered.widened(torch.float64).add_gramian(G)
                 if size != m and not layout.per_sample:  # the Gramian of the ranks' average
                     ranks = size // m
                     G = G.view(ranks, m, ranks, m).sum(dim=(0, 2)) / ranks**2
@@ -700,6 +709,14 @@ class GramianEngine:
         """Forget the pending Gramian's intermediate results (they are also dropped by
         `backward` and by the next `gramian`)."""
         self._pending = None
+
+
+def _add_gramian(term: Term, G: Tensor, gather: Gather | None, magnitudes: list[Tensor]) -> None:
+    """Add ``term``'s Gramian (of every rank's objectives, with ``gather``) into ``G``, in
+    ``G``'s dtype, and append the magnitudes of its factors to ``magnitudes``."""
+    gathered = term if gather is None else term.gathered(gather)
+    magnitudes.append(gathered.magnitudes())
+    (gathered if gathered.dtype == G.dtype else gathered.widened(G.dtype)).add_gramian(G)
 
 
 def _writer(allowed: set[int] | None) -> Callable[[Tensor, Tensor], None]:

@@ -9,7 +9,10 @@ objectives with respect to a few parameters without forming them when that is ch
 - materialise them as ``[m, numel]`` matrices (`Term.materialize`), when terms of different
   kinds share a parameter and must be summed before inner products are taken,
 - gather the objectives of every rank of a sharded model into one term (`Term.gathered`), whose
-  Gramian then holds the inner products between the ranks' objectives.
+  Gramian then holds the inner products between the ranks' objectives,
+- give the largest entries of its output gradients (`Term.magnitudes`), which tell whether the
+  products forming its Gramian flush to zero, and the same gradients with factors in a wider dtype
+  (`Term.widened`), for the Gramian of factors too large or too small for their own.
 
 `FactoredTerm` covers every layer whose weight gradient is a sum of outer products
 ``Σ_p δ_p a_pᵀ`` over positions ``p`` (linear and convolution layers, with groups); for sample
@@ -30,10 +33,13 @@ materialised gradients.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
+
+from jdoptim.linalg._gramian import solve_dtype
 
 Write = Callable[[Tensor, Tensor], None]
 """Adds a gradient (second argument) into a parameter's ``.grad`` (first argument)."""
@@ -68,6 +74,38 @@ class Term:
         factors (or gradients) gathered along their sample dimension. Only its Gramian is used.
         """
         raise NotImplementedError
+
+    def magnitudes(self) -> Tensor:
+        """The largest absolute entry of each objective's output gradients (or materialised
+        gradients), in float32 or wider, without host synchronisation: where each one that is
+        not zero has a normal square (with a margin), the objective's gradient does not flush
+        to zero in the products that form the Gramian. (Inputs are not checked: layer inputs
+        whose largest entry is below about 1e-17 but not zero are not expected; the Gramian's
+        diagonal still shows their products when they partly underflow.)"""
+        raise NotImplementedError
+
+    def widened(self, dtype: torch.dtype) -> Term:
+        """The same gradients with factors in ``dtype``, for `add_gramian` only."""
+        raise NotImplementedError
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the term's factors (or gradients)."""
+        raise NotImplementedError
+
+
+def _largest(tensor: Tensor, leading: int) -> Tensor:
+    """The largest absolute entry of ``tensor`` for each index of its first ``leading``
+    dimensions (flattened), in float32 or wider."""
+    rows = math.prod(tensor.shape[:leading])
+    if tensor.numel() == 0:
+        return tensor.new_zeros(rows, dtype=solve_dtype(tensor.dtype))
+    largest = (
+        tensor.abs().amax(dim=tuple(range(leading, tensor.ndim)))
+        if tensor.ndim > leading
+        else tensor.abs()
+    )
+    return largest.reshape(rows).to(solve_dtype(tensor.dtype))
 
 
 def _ghost(AA: Tensor, D: Tensor, G: Tensor) -> None:
@@ -321,6 +359,23 @@ class FactoredTerm(Term):
             return DenseTerm(params, grads)
         return FactoredTerm(self.weight, self.bias, gather(self.A), gather(self.D))
 
+    def magnitudes(self) -> Tensor:
+        if self.A is None:
+            return torch.cat([_largest(M, 1) for M in self.materialize()])
+        return _largest(self.D, 2)
+
+    def widened(self, dtype: torch.dtype) -> Term:
+        if self.A is None:
+            params = [p for p in (self.weight, self.bias) if p is not None]
+            return DenseTerm(params, [M.to(dtype) for M in self.materialize()])
+        term = FactoredTerm(self.weight, self.bias, self.A.to(dtype), self.D.to(dtype))
+        term.route = self.route
+        return term
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.materialize()[0].dtype if self.A is None else self.D.dtype
+
 
 class ConvTerm(Term):
     """Gradients of a convolution's weight (and bias), per sample and task, from one grouped
@@ -418,6 +473,21 @@ class ConvTerm(Term):
             return DenseTerm(self.params, [gather(M) for M in self._grads])
         return ConvTerm(self.weight, self.bias, gather(self.x), gather(self.D), self.config)
 
+    def magnitudes(self) -> Tensor:
+        if self._grads is not None:
+            return torch.cat([_largest(M, 1) for M in self._grads])
+        return _largest(self.D, 2)
+
+    def widened(self, dtype: torch.dtype) -> Term:
+        if self._grads is not None:
+            return DenseTerm(self.params, [M.to(dtype) for M in self._grads])
+        x, D = self.x.to(dtype), self.D.to(dtype)
+        return ConvTerm(self.weight, self.bias, x, D, self.config)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.D.dtype if self._grads is None else self._grads[0].dtype
+
 
 class EmbeddingTerm(Term):
     """Gradients ``∇_k E = Σ_p e_{I[s(k), p]} D[k, p]ᵀ`` of an embedding table ``E``.
@@ -513,6 +583,18 @@ class EmbeddingTerm(Term):
     def gathered(self, gather: Gather) -> Term:
         return EmbeddingTerm(self.weight, gather(self.indices), gather(self.D), self.padding_idx)
 
+    def magnitudes(self) -> Tensor:
+        return _largest(self.D, 2)
+
+    def widened(self, dtype: torch.dtype) -> Term:
+        term = EmbeddingTerm(self.weight, self.indices, self.D.to(dtype), self.padding_idx)
+        term.route = self.route
+        return term
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.D.dtype
+
 
 class DenseTerm(Term):
     """Materialised per-objective gradients.
@@ -550,6 +632,16 @@ class DenseTerm(Term):
 
     def gathered(self, gather: Gather) -> Term:
         return DenseTerm(self.params, [gather(M) for M in self.grads])
+
+    def magnitudes(self) -> Tensor:
+        return torch.cat([_largest(M, 1) for M in self.grads])
+
+    def widened(self, dtype: torch.dtype) -> Term:
+        return DenseTerm(self.params, [M.to(dtype) for M in self.grads])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.grads[0].dtype
 
 
 def combine(terms: Sequence[Term]) -> list[Term]:

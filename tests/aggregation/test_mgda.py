@@ -13,7 +13,7 @@ from torch import Tensor
 
 from jdoptim import MGDA
 from jdoptim.aggregation import MGDAWeighting
-from jdoptim.linalg import min_norm_weights
+from jdoptim.linalg import gramian, min_norm_weights
 from tests.properties import CONFLICT_TOL, faithful_gramian
 from tests.strategies import degenerate_jacobians
 
@@ -219,7 +219,7 @@ def test_normalised_updates_never_conflict_on_degenerate_input(normalization: st
     assert torch.isfinite(update).all()
     # Relative to S = Σ_j |w_j| |g_j| (the size of the terms of the update), as in
     # tests/properties.py: rounding the update costs about eps times that.
-    weights = MGDAWeighting(normalization=normalization)(J @ J.T, losses=losses).double()
+    weights = MGDAWeighting(normalization=normalization)(gramian(J), losses=losses).double()
     J64, d = J.double(), update.double()
     norms = J64.norm(dim=1)
     scale = (weights.abs() * norms).sum()
