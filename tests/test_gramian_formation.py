@@ -239,3 +239,26 @@ def test_gramian_mode_forms_half_precision_gramians_in_float32(dtype):
     params = list(model.parameters())
     J = torch.cat([j.flatten(1) for j in jacobian(_losses(model, 1.0), params)], dim=1)
     torch.testing.assert_close(G.double(), _exact_gramian(J), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("mode", ["jacobian", "gramian"])
+def test_weights_beyond_float32_range_on_a_subnormal_gradient(mode: str):
+    # Sample 1's gradient (about 1e-39, subnormal in float32) conflicts with sample 0's: the
+    # exact projection of sample 0's gradient puts a weight near 1e39 on it, out of float32's
+    # range, for an update component of order 1. The update must be that of the float64
+    # computation on the same float32 values, with no conflict.
+    # The small factor is the loss's (the layer's output gradient), as for a sample classified
+    # with a large margin.
+    x = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])
+    factors = torch.tensor([1.0, 1e-39])
+    model = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.zero_()
+    optimizer = JDOptimizer(SGD(model.parameters(), lr=1.0), UPGrad(), mode=mode, modules=model)
+    optimizer.step(model(x).squeeze(1) * factors)
+    update = model.weight.grad.squeeze(0).double()
+    J = x.double() * factors.double().unsqueeze(1)
+    expected = UPGrad()(J)
+    assert torch.isfinite(update).all()
+    torch.testing.assert_close(update, expected, rtol=1e-6, atol=0)
+    assert bool((J @ update >= 0).all())

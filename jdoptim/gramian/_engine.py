@@ -4,6 +4,7 @@ Jacobian."""
 from __future__ import annotations
 
 import itertools
+import math
 import warnings
 import weakref
 from collections import Counter
@@ -684,22 +685,36 @@ class GramianEngine:
                 f"weights must have shape ({pending.m},), one per loss, got {tuple(weights.shape)}."
             )
         w = weights.to(dtype=pending.dtype, device=pending.losses.device)
+        # Exact weights can leave the losses' dtype where some gradients are tiny (a weight
+        # near 1e38 on a gradient near 1e-39 contributes O(1) to the update): the recorded
+        # factors then take the weights in float64, and the other leaves' backward pass takes
+        # them divided by a power of two, its result multiplied back.
+        wide = weights.dtype == torch.float64 and not bool(torch.isfinite(w).all())
+        if wide:
+            w = weights.to(device=pending.losses.device)
         allowed = None if params is None else {id(p) for p in params}
         leaves = [leaf for leaf in pending.leaves if allowed is None or id(leaf) in allowed]
         leaf_grads: Sequence[Tensor | None] = ()
         if leaves:
             losses = pending.losses
+            outputs, unscale = w, 1.0
+            if wide:
+                exponent = math.frexp(float(w.abs().max()))[1] - 100
+                unscale = 2.0**exponent
+                outputs = (w / unscale).to(pending.dtype)
             leaf_grads = torch.autograd.grad(
                 losses,
                 leaves,
-                w.view(losses.shape),
+                outputs.view(losses.shape),
                 retain_graph=pending.retain_graph,
                 allow_unused=True,
             )
+            if wide:
+                leaf_grads = [g if g is None else g.double() * unscale for g in leaf_grads]
         write = _writer(allowed)
         with torch.no_grad():
             for term in pending.terms:
-                term.accumulate(w, write)
+                (term.widened(torch.float64) if wide else term).accumulate(w, write)
             for leaf, grad in zip(leaves, leaf_grads, strict=True):
                 if grad is not None:
                     write(leaf, grad)
