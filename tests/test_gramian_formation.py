@@ -243,14 +243,14 @@ def test_gramian_mode_forms_half_precision_gramians_in_float32(dtype):
 
 @pytest.mark.parametrize("mode", ["jacobian", "gramian"])
 def test_weights_beyond_float32_range_on_a_subnormal_gradient(mode: str):
-    # Sample 1's gradient (about 1e-39, subnormal in float32) conflicts with sample 0's: the
-    # exact projection of sample 0's gradient puts a weight near 1e39 on it, out of float32's
+    # Sample 1's gradient (about 1e-41, subnormal in float32) conflicts with sample 0's: the
+    # exact projection of sample 0's gradient puts a weight near 1e41 on it, out of float32's
     # range, for an update component of order 1. The update must be that of the float64
     # computation on the same float32 values, with no conflict.
     # The small factor is the loss's (the layer's output gradient), as for a sample classified
     # with a large margin.
     x = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])
-    factors = torch.tensor([1.0, 1e-39])
+    factors = torch.tensor([1.0, 1e-41])
     model = nn.Linear(2, 1, bias=False)
     with torch.no_grad():
         model.weight.zero_()
