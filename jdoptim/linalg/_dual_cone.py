@@ -110,8 +110,10 @@ def project_weights_active_set(U: Tensor, G: Tensor, *, max_iters: int | None = 
     keep $v_i = u_i$), and problems without conflict ($Gu \ge 0$) are solved by $w = 0$. The
     other problems take one of two routes:
 
-    - **Rank-deficient Gramians** (a pivoted Cholesky factorisation $G \approx L L^\top$ stops
-      at a rank $r \le 3m/4$): the exact method below, straight away. This covers many
+    - **Rank-deficient Gramians** (the Cholesky factorisation of $G$ fails or has a pivot²
+      below $10^3$ times the rank tolerance of `_SquareRoot`, and a pivoted Cholesky
+      factorisation $G \approx L L^\top$ stops at a rank $r \le 3m/4$): the exact method
+      below, straight away. This covers many
       objectives on few parameters (10,000 losses of a 3-parameter model have $r = 3$) and the
       degenerate Jacobians of separable data, where the iterations below slow down.
     - **Otherwise** the iterations of the fast regimes: a closed form for $m \le 2$; for
@@ -175,36 +177,48 @@ def project_weights_active_set(U: Tensor, G: Tensor, *, max_iters: int | None = 
     device = G.device
     # The solution is not differentiated through (nor is quadprog's).
     U64 = U.detach().to(device=device, dtype=torch.float64)
-    G64 = G.detach().to(torch.float64)
-    diagonal = G64.diagonal()
+    G_hat = G.detach().to(torch.float64, copy=True)
+    diagonal = G_hat.diagonal().clone()
     live = diagonal > 0
     if not bool(live.all()):
         # Zero rows keep v_i = u_i: solve the problem of the other rows.
         index = live.nonzero().squeeze(1)
         V = U64.clone()
         if index.numel():
-            sub = G64[index][:, index]
+            sub = G_hat[index][:, index]
             V[:, index] = project_weights_active_set(U64[:, index], sub, max_iters=max_iters)
         return V.to(device=U.device, dtype=U.dtype)
     if m <= 2:
-        return _solve_coordinatewise(U64, G64).to(device=U.device, dtype=U.dtype)
+        return _solve_coordinatewise(U64, G_hat).to(device=U.device, dtype=U.dtype)
 
     # Rows of J scaled to unit norm: G_hat = S⁻¹ G S⁻¹ and u_hat = S u, S = diag(‖g_i‖). The
     # multipliers of w = 0 are lam = u_hat G_hat; problems with none below -τ Σ_j |u_hat_j| are
-    # solved by v = u.
+    # solved by v = u. UPGrad's bounds are diagonal (one problem per row, u_i e_i): then
+    # lam = diag(u_hat) G_hat costs m² instead of m³.
     norms = diagonal.sqrt()
-    G_hat = G64 / torch.outer(norms, norms)
+    G_hat /= norms.unsqueeze(1)
+    G_hat /= norms
     G_hat.diagonal().fill_(1.0)
-    u_hat = U64 * norms
-    size = u_hat.abs().sum(dim=1, keepdim=True)
-    lam = u_hat @ G_hat
+    diagonal_bounds = k == m and int(U64.count_nonzero()) == int(U64.diagonal().count_nonzero())
+    if diagonal_bounds:
+        d = U64.diagonal() * norms
+        lam = d.unsqueeze(1) * G_hat
+        size = d.abs().unsqueeze(1)
+    else:
+        u_hat = U64 * norms
+        lam = u_hat @ G_hat
+        size = u_hat.abs().sum(dim=1, keepdim=True)
     conflicting = (lam < -tau * size).any(dim=1).nonzero().squeeze(1)
     if not conflicting.numel():
         return U.detach().clone()
-    u_hat, lam = u_hat[conflicting], lam[conflicting]
+    lam = lam[conflicting]
+    if diagonal_bounds:
+        u_hat = torch.zeros_like(lam).scatter_(1, conflicting.unsqueeze(1), d[conflicting, None])
+    else:
+        u_hat = u_hat[conflicting]
 
     root = _SquareRoot(G_hat, precision)
-    if root.factor(limit=(3 * m) // 4):
+    if not _well_conditioned(G_hat, root.rank_tol) and root.factor(limit=(3 * m) // 4):
         W = _goldfarb_idnani(u_hat, root.lower)
     else:
         W = _fast_regimes(u_hat, lam, G_hat, dtype, precision, tau, max_iters)
@@ -267,6 +281,16 @@ def _certified(u_hat: Tensor, W: Tensor, G_hat: Tensor, tau: float) -> Tensor:
     feasible = (lam >= -bound).all(dim=1)
     stationary = torch.where(W > 0, lam.abs() <= bound, True).all(dim=1)
     return feasible & stationary & (W >= 0).all(dim=1) & (total <= _GROWTH * size)
+
+
+def _well_conditioned(G: Tensor, rank_tol: float) -> bool:
+    """Whether ``G`` has a Cholesky factorisation with every pivot² above ``1e3·rank_tol``: then
+    it is of full rank with room to spare, and the pivoted factorisation is not needed."""
+    L, info = torch.linalg.cholesky_ex(G)
+    if int(info) != 0:
+        return False
+    smallest = L.diagonal().amin()
+    return bool(smallest * smallest > 1e3 * rank_tol)
 
 
 class _SquareRoot:
@@ -639,8 +663,8 @@ def _goldfarb_idnani(u_hat: Tensor, L: Tensor) -> Tensor:
     hessian = np.eye(r)
     constraints = np.ascontiguousarray(L_np.T)
     zeros = np.zeros(m)
-    for row, u in enumerate(u_np):
-        y = L_np.T @ u
+    Y = u_np @ L_np
+    for row, y in enumerate(Y):
         try:
             W[row] = quadprog.solve_qp(hessian, y, constraints, zeros, 0, factorized=True)[4]
         except ValueError:
