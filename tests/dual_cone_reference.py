@@ -23,6 +23,8 @@ cosines between the update and the rows.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from numpy.typing import ArrayLike, NDArray
@@ -137,27 +139,34 @@ def largest_row_norm(G: ArrayLike | torch.Tensor) -> float:
     return float(np.sqrt(max(float(np.max(np.diag(as_float64(G)), initial=0.0)), 0.0)))
 
 
-def cosines(w: ArrayLike | torch.Tensor, G: ArrayLike | torch.Tensor) -> Array:
-    """The cosines ``(Gw)_i / (sqrt(G_ii) sqrt(wᵀGw))`` between the rows and the update ``Jᵀw``.
+def cosines(
+    w: ArrayLike | torch.Tensor, G: ArrayLike | torch.Tensor, root: ArrayLike | None = None
+) -> Array:
+    """The cosines ``(Gw)_i / (sqrt(G_ii) ‖Jᵀw‖)`` between the rows and the update ``Jᵀw``.
 
-    Computed on ``G`` as given (in float64), since that is the matrix the method saw. A row with
-    ``G_ii ≤ 0`` (a zero gradient) has cosine 0 with everything, and all cosines are 0 when
-    ``wᵀGw ≤ 0`` (a zero update).
+    The agreements ``(Gw)_i`` are computed on ``G`` as given (in float64), since that is the
+    matrix the method saw; the update's norm is ``‖Lᵀw‖`` from a square root ``L`` of ``G``
+    (`gramian_root`, computed if not given), which stays meaningful where rounding has made
+    ``G`` indefinite. A row with ``G_ii ≤ 0`` (a zero gradient) has cosine 0 with everything,
+    and all cosines are 0 for a zero update.
     """
     G = as_float64(G)
     w = as_float64(w)
-    scale = float(np.max(np.abs(G), initial=0.0))
-    if scale == 0.0 or not np.all(np.isfinite(w)):
-        return np.zeros(G.shape[0]) if scale == 0.0 else np.full(G.shape[0], np.nan)
-    G = G / scale  # cosines do not depend on the scale; this keeps Gw finite
-    Gw = G @ w
-    squared_norm = float(w @ Gw)
-    diagonal = np.diag(G)
+    if not np.all(np.isfinite(w)):
+        return np.full(G.shape[0], np.nan)
+    scale = float(np.max(np.abs(np.diag(G)), initial=0.0))
     result = np.zeros(G.shape[0])
-    if squared_norm <= 0.0:
+    if scale == 0.0:
         return result
+    root = gramian_root(G) if root is None else as_float64(root)
+    # Cosines do not depend on the scale; dividing by it keeps Gw finite.
+    norm = update_norm(w, root / np.sqrt(scale))
+    if norm == 0.0:
+        return result
+    Gw = (G / scale) @ w
+    diagonal = np.diag(G) / scale
     rows = diagonal > 0.0
-    result[rows] = Gw[rows] / (np.sqrt(diagonal[rows]) * np.sqrt(squared_norm))
+    result[rows] = Gw[rows] / (np.sqrt(diagonal[rows]) * norm)
     return result
 
 
@@ -183,3 +192,68 @@ def kkt_residuals(U: ArrayLike, G: ArrayLike, V: ArrayLike) -> dict[str, float]:
         both = np.minimum(np.abs(lam), np.abs(gap))
         worst["complementarity"] = max(worst["complementarity"], float(np.max(both)))
     return worst
+
+
+@dataclass(frozen=True)
+class Bars:
+    """What a dual-cone method's weights ``w`` must meet on a Gramian, against the reference
+    ``w*`` (all measured in float64 on the input's values).
+
+    - Exactness: ``‖Jᵀ(w − w*)‖ ≤ relative · ‖Jᵀw*‖ + absolute · max_i ‖g_i‖``.
+    - No conflict: every cosine between a row and ``Jᵀw`` is at least ``-conflict``, wherever
+      the update is not negligible, that is ``‖Jᵀw‖ > negligible · max_i ‖g_i‖``.
+
+    For half-precision input (``rounding`` > 0) the weights come back rounded to the dtype; both
+    bars then also allow what rounding ``w*`` to the dtype can cause: ``rounding · S`` for the
+    update and ``rounding · S / ‖Jᵀw‖`` for the cosines, where ``S = Σ_j |w_j| ‖g_j‖`` bounds
+    the change of ``Jᵀw`` (relative change of each weight at most ``rounding``).
+    """
+
+    relative: float
+    absolute: float
+    conflict: float
+    negligible: float
+    rounding: float = 0.0
+
+
+BARS: dict[torch.dtype, Bars] = {
+    torch.float64: Bars(relative=1e-7, absolute=1e-8, conflict=1e-10, negligible=1e-8),
+    torch.float32: Bars(relative=2e-3, absolute=1e-3, conflict=1e-5, negligible=1e-3),
+    torch.bfloat16: Bars(2e-3, 1e-3, 1e-5, 1e-3, rounding=2 * torch.finfo(torch.bfloat16).eps),
+    torch.float16: Bars(2e-3, 1e-3, 1e-5, 1e-3, rounding=2 * torch.finfo(torch.float16).eps),
+}
+"""The bars of each input dtype: float64 and float32 as set for the dual-cone solver; half
+precision is solved in float32 or better, so it gets float32's, plus the rounding of the
+returned weights."""
+
+
+def violations(
+    w: ArrayLike | torch.Tensor,
+    w_ref: ArrayLike,
+    G: ArrayLike | torch.Tensor,
+    bars: Bars,
+    root: ArrayLike | None = None,
+    check_error: bool = True,
+) -> list[str]:
+    """How the weights ``w`` fail ``bars`` on the Gramian ``G`` (as given to the method) against
+    the reference weights ``w_ref``; empty if they meet them. ``root`` is ``gramian_root(G)``
+    (computed if not given); ``check_error=False`` checks finiteness and conflicts only."""
+    w = as_float64(w)
+    G = as_float64(G)
+    if not np.all(np.isfinite(w)):
+        return [f"non-finite weights {w}"]
+    root = gramian_root(G) if root is None else as_float64(root)
+    row_norm = largest_row_norm(G)
+    found = []
+    spread = float(np.abs(w) @ np.linalg.norm(root, axis=1)) * bars.rounding
+    if check_error:
+        error = update_error(w, w_ref, root)
+        bar = bars.relative * update_norm(w_ref, root) + bars.absolute * row_norm + spread
+        if not error <= bar:
+            found.append(f"update error {error:.3g} > bar {bar:.3g} (largest row {row_norm:.3g})")
+    norm = update_norm(w, root)
+    if norm > bars.negligible * row_norm:
+        worst = float(np.min(cosines(w, G, root), initial=0.0))
+        if not worst >= -(bars.conflict + spread / norm):
+            found.append(f"conflict: cosine {worst:.3g} (update {norm:.3g}, row {row_norm:.3g})")
+    return found
