@@ -50,6 +50,8 @@ def gramian_root(G: ArrayLike | torch.Tensor) -> Array:
     ``G_ii ≤ 0`` (zero gradients) are 0.
     """
     G = as_float64(G)
+    if not np.all(np.isfinite(G)):
+        raise ValueError("The reference needs a finite Gramian.")
     G = (G + G.T) / 2.0
     diagonal = np.diag(G).copy()
     rows = diagonal > 0.0

@@ -1,8 +1,8 @@
 """Soak test of the dual-cone weightings: many Gramians, every dtype, failures counted.
 
-Solves ``--n`` Gramians (default 100,000) with `UPGradWeighting` and `DualProjWeighting`:
-about a third are the corpus of real training Gramians (``tests/data/gramian_corpus.npz``, rows
-in a random order), the rest random degenerate ones (`tests.strategies.degenerate_gramian` of a
+Solves ``--n`` Gramians (default 100,000) with `UPGradWeighting` and `DualProjWeighting`: a
+share (``--corpus-share``, default a third) from the corpus of real training Gramians
+(``tests/data/gramian_corpus.npz``, rows in a random order), the rest random degenerate ones (`tests.strategies.degenerate_gramian` of a
 `tests.strategies` degenerate Jacobian: zero, duplicated and tiny rows, low rank, a common
 component, weakly stationary points, spread norms, scales from 1e-60 to 1e60, formed in float64
 or in the dtype), each in float64, float32, bfloat16 and float16 in turn. A failure is an
@@ -84,6 +84,7 @@ def main() -> None:
     parser.add_argument("--reference-every", type=int, default=50)
     parser.add_argument("--examples", type=int, default=3, help="examples printed per failure")
     parser.add_argument("--corpus", type=Path, default=CORPUS_PATH)
+    parser.add_argument("--corpus-share", type=float, default=1 / 3, help="share of corpus draws")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"torch threads: {torch.get_num_threads()}")
@@ -99,13 +100,16 @@ def main() -> None:
     start = time.process_time()
     for i in range(args.n):
         dtype = FLOAT_DTYPES[i % len(FLOAT_DTYPES)]
-        if rng.random() < 1 / 3:
+        if rng.random() < args.corpus_share:
             kind = "corpus"
             item = corpus[rng.randrange(len(corpus))]
             order = torch.randperm(
                 item.gramian.shape[0], generator=torch.Generator().manual_seed(i)
             )
-            G = torch.from_numpy(item.gramian)[order][:, order].to(dtype)
+            G = torch.from_numpy(item.gramian)[order][:, order]
+            if dtype == torch.float16:  # scaled to fit (the weights do not depend on the scale)
+                G = G / float(G.abs().max().clamp(min=1e-30))
+            G = G.to(dtype)
             description = f"corpus {item.name}, rows permuted with seed {i}, {dtype}"
         else:
             kind = "random"
