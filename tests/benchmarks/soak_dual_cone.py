@@ -4,12 +4,13 @@ Solves ``--n`` Gramians (default 100,000) with `UPGradWeighting` and `DualProjWe
 share (``--corpus-share``, default a third) from the corpus of real training Gramians
 (``tests/data/gramian_corpus.npz``, rows in a random order), the rest random degenerate ones
 (`tests.strategies.degenerate_gramian` of a `tests.strategies` degenerate Jacobian: zero,
-duplicated and tiny rows, low rank, a common component, weakly stationary points, spread norms, scales from 1e-60 to 1e60, formed in float64
-or in the dtype), each in float64, float32, bfloat16 and float16 in turn. A failure is an
-exception, a non-finite weight, a cosine with a row below the dtype's bar where the update is
-not negligible, or (on one Gramian in ``--reference-every``, default 50) an update farther
-from the reference (`tests.dual_cone_reference`, NNLS in float64) than the dtype's bar; the bars
-are `tests.dual_cone_reference.BARS`.
+duplicated and tiny rows, low rank, a common component, weakly stationary points, spread norms,
+scales from 1e-60 to 1e60, formed in float64 or in the dtype), each in float64, float32,
+bfloat16 and float16 in turn. A failure is an exception, a non-finite weight, a cosine with a
+row below the dtype's bar where the update is not negligible, or (on one Gramian in
+``--reference-every``, default 50) an update farther from the reference
+(`tests.dual_cone_reference`, NNLS in float64) than the dtype's bar; the bars are
+`tests.dual_cone_reference.BARS`.
 
 Run: ``python tests/benchmarks/soak_dual_cone.py [--n 100000] [--seed 0]``. Prints the
 thread count (one), the Gramians per kind and dtype, the failures by kind with the first
