@@ -134,3 +134,61 @@ def loss_vectors(
     low, high = (-7.0, 4.8) if dtype == torch.float16 else (-30.0, 30.0)
     exponents = draw(st.lists(st.floats(low, high), min_size=m, max_size=m))
     return (10.0 ** torch.tensor(exponents, dtype=torch.float64)).to(dtype)
+
+
+_GRAMIAN_LOG_SCALE = {
+    torch.float64: (-60.0, 60.0),
+    torch.float32: (-30.0, 30.0),
+    torch.bfloat16: (-30.0, 30.0),
+    # float16 overflows at 65504; its subnormals start at 6e-5.
+    torch.float16: (-3.0, 3.0),
+}
+
+
+def degenerate_gramian(
+    J: Tensor, dtype: torch.dtype, log_scale: float, formed_in_dtype: bool
+) -> Tensor:
+    """The Gramian of ``J`` (any dtype; its values are used in float64) in ``dtype``, its largest
+    diagonal entry scaled to about ``10**log_scale`` (clamped to the dtype's range, see
+    `degenerate_gramians`), finite.
+
+    With ``formed_in_dtype``, ``J`` is rounded to ``dtype`` and ``J Jᵀ`` is formed there (as a
+    model kept in that dtype does: rounding makes ``G`` indefinite, and half precision may make
+    it slightly asymmetric); otherwise ``J Jᵀ`` is formed in float64 and rounded to ``dtype``.
+    """
+    J = J.to(torch.float64)
+    largest = J.norm(dim=1).max()
+    if largest > 0:
+        J = J / largest
+    low, high = _GRAMIAN_LOG_SCALE[dtype]
+    J = J * 10.0 ** (min(max(log_scale, low), high) / 2)
+    if formed_in_dtype:
+        J = J.to(dtype)
+        return J @ J.T
+    return (J @ J.T).to(dtype)
+
+
+@st.composite
+def degenerate_gramians(
+    draw: st.DrawFn,
+    max_m: int = 24,
+    max_n: int = 16,
+    dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES,
+    min_m: int = 1,
+) -> Tensor:
+    """Draw a finite ``[m, m]`` Gramian of a `degenerate_jacobians` Jacobian, in one of
+    ``dtypes``.
+
+    The Jacobian has any of `DEGENERACIES` (zero, duplicated and tiny rows down to 1e-20 of the
+    others, rank down to 1, a common component, a weakly stationary point such as 20 rows of
+    rank 10 with a positive combination equal to 0, spread norms). The Gramian's largest
+    diagonal entry is drawn from 1e-60 to 1e60 in float64, 1e-30 to 1e30 in float32 and bfloat16,
+    1e-3 to 1e3 in float16; it is formed either in float64 and rounded, or in the dtype itself
+    from the rounded Jacobian (indefinite by rounding, see `degenerate_gramian`).
+    """
+    J = draw(degenerate_jacobians(max_m, max_n, dtypes=(torch.float64,), min_m=min_m))
+    dtype = draw(st.sampled_from(dtypes))
+    low, high = _GRAMIAN_LOG_SCALE[dtype]
+    log_scale = draw(st.one_of(st.just(0.0), st.floats(low, high)))
+    formed_in_dtype = draw(st.booleans()) if dtype != torch.float64 else False
+    return degenerate_gramian(J, dtype, log_scale, formed_in_dtype)

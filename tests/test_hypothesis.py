@@ -19,8 +19,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import jdoptim
+from tests.dual_cone_reference import BARS, dualproj_reference, upgrad_reference, violations
 from tests.properties import aggregator_violations, scalarizer_violations, weighting_violations
-from tests.strategies import FLOAT_DTYPES, _degenerate, degenerate_jacobians, loss_vectors
+from tests.strategies import (
+    FLOAT_DTYPES,
+    _degenerate,
+    degenerate_gramians,
+    degenerate_jacobians,
+    loss_vectors,
+)
 
 DUAL_CONE = {"upgrad", "dualproj", "crmogm", "upgradweighting", "dualprojweighting"}
 DUAL_CONE |= {"crmogmweighting"}  # its registry example wraps UPGradWeighting
@@ -104,3 +111,26 @@ def test_dual_cone_methods_on_pinned_inputs(name: str, parameters: tuple):
     m, n, degeneracies, rank, tiny, spread, scale, seed, dtype = parameters
     J = _degenerate(m, n, frozenset(degeneracies.split()), rank, tiny, spread, scale, seed, dtype)
     assert aggregator_violations(name, J) == []
+
+
+DUAL_CONE_WEIGHTINGS = {
+    "upgrad": (jdoptim.UPGradWeighting, upgrad_reference),
+    "dualproj": (jdoptim.DualProjWeighting, dualproj_reference),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DUAL_CONE_WEIGHTINGS))
+@_fuzz(100)
+@given(G=degenerate_gramians(), seed=st.integers(0, 2**31 - 1))
+def test_dual_cone_weightings_against_the_reference(name: str, G: torch.Tensor, seed: int):
+    """On degenerate Gramians in every dtype, the weights are exact and non-conflicting to the
+    bars of `tests.dual_cone_reference.BARS` (NNLS on the Moreau decomposition of the Gramian's
+    float64 values), also with the rows in a random order."""
+    weighting, reference = DUAL_CONE_WEIGHTINGS[name]
+    values = G.double()
+    expected = reference(values)
+    order = torch.randperm(G.shape[0], generator=torch.Generator().manual_seed(seed))
+    permuted = torch.empty(G.shape[0], dtype=G.dtype)
+    permuted[order] = weighting()(G[order][:, order])
+    assert violations(weighting()(G), expected, values, BARS[G.dtype]) == []
+    assert violations(permuted, expected, values, BARS[G.dtype]) == []
