@@ -51,8 +51,12 @@ class DualConeWeighting(Weighting):
     def _prepared(self, gramian: Tensor) -> tuple[Tensor, Tensor]:
         """Return the preference weights and the normalised, regularised Gramian."""
         u = preference_weights(self.pref_vector, gramian.shape[0], gramian, type(self).__name__)
-        G = regularize_gramian(normalize_gramian(gramian, self.norm_eps), self.reg_eps)
-        return u, G
+        if self.norm_eps == 0.0 and self.reg_eps == 0.0:
+            # The projections do not depend on the Gramian's scale: dividing it by its trace
+            # in its own dtype would only flush the products of tiny rows to zero.
+            return u, gramian
+        G = gramian.to(torch.promote_types(gramian.dtype, torch.float64))
+        return u, regularize_gramian(normalize_gramian(G, self.norm_eps), self.reg_eps)
 
 
 @register(paper=_PAPER, non_conflicting=True, linear_under_scaling=True, permutation_invariant=True)

@@ -221,7 +221,7 @@ def project_weights_active_set(U: Tensor, G: Tensor, *, max_iters: int | None = 
     if not _well_conditioned(G_hat, root.rank_tol) and root.factor(limit=(3 * m) // 4):
         W = _goldfarb_idnani(u_hat, root.lower)
     else:
-        W = _fast_regimes(u_hat, lam, G_hat, dtype, precision, tau, max_iters)
+        W = _fast_regimes(u_hat, lam, G_hat, max_iters)
         failed = ~_certified(u_hat, W, G_hat, tau)
         if bool(failed.any()):
             root.factor(limit=m)
@@ -235,38 +235,22 @@ _GROWTH = 1e4
 """Largest ``Σ_j w_j`` of a certified solution, relative to ``Σ_j |u_j|`` (unit-diagonal scale)."""
 
 
-def _fast_regimes(
-    u_hat: Tensor,
-    lam: Tensor,
-    G_hat: Tensor,
-    dtype: torch.dtype,
-    precision: torch.dtype,
-    tau: float,
-    max_iters: int,
-) -> Tensor:
+def _fast_regimes(u_hat: Tensor, lam: Tensor, G_hat: Tensor, max_iters: int) -> Tensor:
     """Run the iterations of the fast regimes on the conflicting problems; return ``w``.
 
-    The unsolved problems come back as they are; the certificate decides.
+    They run to float64's tolerance whatever the input's precision (the Gramian's values are
+    solved as accurately as float64 allows; conjugate gradients in float32 rounds refined in
+    float64). The unsolved problems come back as they are; the certificate decides.
     """
     m = G_hat.shape[0]
+    tau = 4.0 * max(m, 16) * torch.finfo(torch.float64).eps
     if m <= _DENSE_MAX:
         threshold = -tau * u_hat.abs().sum(dim=1, keepdim=True)
         passive = lam < threshold
-        W, _, _ = _factorised_exchanges(
-            lam, G_hat, threshold, passive, tau, max_iters, refine=precision != torch.float64
-        )
+        W, _, _ = _factorised_exchanges(lam, G_hat, threshold, passive, tau, max_iters, False)
         return W.clamp(min=0.0)
-    work = precision
-    W, _ = _conjugate_gradients(
-        u_hat.to(work),
-        lam.to(work),
-        G_hat.to(work),
-        tau,
-        max_iters,
-        0,
-        handoff=work == torch.float64,
-    )
-    return W.to(torch.float64).clamp(min=0.0)
+    W, _ = _conjugate_gradients(u_hat, lam, G_hat, tau, max_iters, 0, handoff=True)
+    return W.clamp(min=0.0)
 
 
 def _certified(u_hat: Tensor, W: Tensor, G_hat: Tensor, tau: float) -> Tensor:
