@@ -209,6 +209,14 @@ class Bars:
     bars then also allow what rounding ``w*`` to the dtype can cause: ``rounding · S`` for the
     update and ``rounding · S / ‖Jᵀw‖`` for the cosines, where ``S = Σ_j |w_j| ‖g_j‖`` bounds
     the change of ``Jᵀw`` (relative change of each weight at most ``rounding``).
+
+    Both bars also allow the rounding floor ``sqrt(m ε) · S*`` (ε that of the values' dtype,
+    ``epsilon``; ``S*`` as ``S`` for
+    the reference weights; the negligible size grows by it too): a Gramian rounded at ε
+    relative to its rows' norms determines the projection onto a face of a degenerate cone
+    (weakly stationary rows, rank-deficient products) only to about that, so that two exact
+    methods on the same values may differ by it. On a 13-row float64 Gramian of rank 6 with
+    ``S*`` ≈ 1 it is 5e-8, on a 14-row float32 one 1.3e-3.
     """
 
     relative: float
@@ -216,17 +224,51 @@ class Bars:
     conflict: float
     negligible: float
     rounding: float = 0.0
+    epsilon: float = float(np.finfo(np.float64).eps)
+    """The rounding of the Gramian's values (of the dtype they come in), for the floor."""
 
 
 BARS: dict[torch.dtype, Bars] = {
     torch.float64: Bars(relative=1e-7, absolute=1e-8, conflict=1e-10, negligible=1e-8),
-    torch.float32: Bars(relative=2e-3, absolute=1e-3, conflict=1e-5, negligible=1e-3),
-    torch.bfloat16: Bars(2e-3, 1e-3, 1e-5, 1e-3, rounding=2 * torch.finfo(torch.bfloat16).eps),
-    torch.float16: Bars(2e-3, 1e-3, 1e-5, 1e-3, rounding=2 * torch.finfo(torch.float16).eps),
+    torch.float32: Bars(2e-3, 1e-3, 1e-5, 1e-3, epsilon=torch.finfo(torch.float32).eps),
+    torch.bfloat16: Bars(
+        2e-3,
+        1e-3,
+        1e-5,
+        1e-3,
+        rounding=2 * torch.finfo(torch.bfloat16).eps,
+        epsilon=torch.finfo(torch.bfloat16).eps,
+    ),
+    torch.float16: Bars(
+        2e-3,
+        1e-3,
+        1e-5,
+        1e-3,
+        rounding=2 * torch.finfo(torch.float16).eps,
+        epsilon=torch.finfo(torch.float16).eps,
+    ),
 }
 """The bars of each input dtype: float64 and float32 as set for the dual-cone solver; half
 precision is solved in float32 or better, so it gets float32's, plus the rounding of the
 returned weights."""
+
+
+def resolved(G: ArrayLike | torch.Tensor, dtype: torch.dtype = torch.float64) -> bool:
+    """Whether ``G`` is positive semi-definite up to ``dtype``'s rounding relative to its rows'
+    norms: its matrix of cosines ``C = D G D`` (``D = diag(1 / sqrt(G_ii))``, zero rows left
+    out) has no eigenvalue below ``-10 m ε`` (ε of ``dtype``, float32's for float32 and half
+    precision at least). Products of rows so small that they are subnormal in the dtype that
+    formed them keep a handful of bits and break this by far; no positive semi-definite repair
+    then defines "the" projection."""
+    G = as_float64(G)
+    G = (G + G.T) / 2.0
+    rows = np.diag(G) > 0
+    if not rows.any():
+        return True
+    norms = np.sqrt(np.diag(G)[rows])
+    cosine_matrix = G[np.ix_(rows, rows)] / np.outer(norms, norms)
+    epsilon = float(torch.finfo(dtype).eps)
+    return bool(np.linalg.eigvalsh(cosine_matrix).min() >= -10 * G.shape[0] * epsilon)
 
 
 def violations(
@@ -248,13 +290,20 @@ def violations(
     row_norm = largest_row_norm(G)
     found = []
     spread = float(np.abs(w) @ np.linalg.norm(root, axis=1)) * bars.rounding
+    # A Gramian rounded at float64's ε (relative to its rows' norms) determines a projection
+    # onto a face of a degenerate cone only to about sqrt(m ε) times the size of its terms
+    # Σ_i |w_i| ‖g_i‖: below that, two exact methods on the same values may differ.
+    floor = np.sqrt(G.shape[0] * bars.epsilon) * float(
+        np.abs(as_float64(w_ref)) @ np.linalg.norm(root, axis=1)
+    )
+    spread += floor
     if check_error:
         error = update_error(w, w_ref, root)
         bar = bars.relative * update_norm(w_ref, root) + bars.absolute * row_norm + spread
         if not error <= bar:
             found.append(f"update error {error:.3g} > bar {bar:.3g} (largest row {row_norm:.3g})")
     norm = update_norm(w, root)
-    if norm > bars.negligible * row_norm:
+    if norm > bars.negligible * row_norm + floor:
         worst = float(np.min(cosines(w, G, root), initial=0.0))
         if not worst >= -(bars.conflict + spread / norm):
             found.append(f"conflict: cosine {worst:.3g} (update {norm:.3g}, row {row_norm:.3g})")

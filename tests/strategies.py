@@ -20,6 +20,8 @@ import torch
 from hypothesis import strategies as st
 from torch import Tensor
 
+import jdoptim.linalg
+
 FLOAT_DTYPES: tuple[torch.dtype, ...] = (
     torch.float64,
     torch.float32,
@@ -155,6 +157,9 @@ def degenerate_gramian(
     With ``formed_in_dtype``, ``J`` is rounded to ``dtype`` and ``J Jᵀ`` is formed there (as a
     model kept in that dtype does: rounding makes ``G`` indefinite, and half precision may make
     it slightly asymmetric); otherwise ``J Jᵀ`` is formed in float64 and rounded to ``dtype``.
+    Either way, as `jdoptim.linalg.gramian` forms Gramians, one whose products would be
+    subnormal or overflow in ``dtype`` comes in float64 instead: subnormal products keep a
+    handful of bits, and their cosines are then indefinite by far more than rounding.
     """
     J = J.to(torch.float64)
     largest = J.norm(dim=1).max()
@@ -163,9 +168,12 @@ def degenerate_gramian(
     low, high = _GRAMIAN_LOG_SCALE[dtype]
     J = J * 10.0 ** (min(max(log_scale, low), high) / 2)
     if formed_in_dtype:
-        J = J.to(dtype)
-        return J @ J.T
-    return (J @ J.T).to(dtype)
+        return jdoptim.linalg.gramian(J.to(dtype))
+    G = J @ J.T
+    nonzero = G[G != 0].abs()
+    if dtype != torch.float64 and nonzero.numel() and nonzero.min() < torch.finfo(dtype).tiny:
+        return G
+    return G.to(dtype)
 
 
 @st.composite

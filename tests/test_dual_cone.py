@@ -472,7 +472,7 @@ def test_exact_methods_alone_satisfy_kkt_and_match_quadprog(m: int, rank: int, m
     assert root.rank == rank
     L = root.lower
     if method == "goldfarb_idnani":
-        w = _dual_cone._goldfarb_idnani(u_hat, L)
+        w = _dual_cone._goldfarb_idnani(u_hat, L, norms)
     else:
         A = L.T.contiguous().numpy()
         w = torch.stack([torch.from_numpy(_dual_cone._nnls(A, -(A @ u.numpy()))) for u in u_hat])

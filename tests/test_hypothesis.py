@@ -19,7 +19,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import jdoptim
-from tests.dual_cone_reference import BARS, dualproj_reference, upgrad_reference, violations
+from tests.dual_cone_reference import (
+    BARS,
+    dualproj_reference,
+    resolved,
+    upgrad_reference,
+    violations,
+)
 from tests.properties import aggregator_violations, scalarizer_violations, weighting_violations
 from tests.strategies import (
     FLOAT_DTYPES,
@@ -102,7 +108,6 @@ PINNED = {
 }  # fmt: skip
 
 
-@pytest.mark.xfail(strict=True, reason="dual-cone solver: issue 11")
 @pytest.mark.parametrize(
     ("name", "parameters"),
     [(name, parameters) for name, cases in PINNED.items() for parameters in cases],
@@ -125,12 +130,19 @@ DUAL_CONE_WEIGHTINGS = {
 def test_dual_cone_weightings_against_the_reference(name: str, G: torch.Tensor, seed: int):
     """On degenerate Gramians in every dtype, the weights are exact and non-conflicting to the
     bars of `tests.dual_cone_reference.BARS` (NNLS on the Moreau decomposition of the Gramian's
-    float64 values), also with the rows in a random order."""
+    float64 values), also with the rows in a random order, wherever the Gramian is positive
+    semi-definite up to its dtype's rounding relative to its rows' norms
+    (`tests.dual_cone_reference.resolved`); elsewhere they are finite."""
     weighting, reference = DUAL_CONE_WEIGHTINGS[name]
     values = G.double()
-    expected = reference(values)
     order = torch.randperm(G.shape[0], generator=torch.Generator().manual_seed(seed))
     permuted = torch.empty(G.shape[0], dtype=G.dtype)
     permuted[order] = weighting()(G[order][:, order])
-    assert violations(weighting()(G), expected, values, BARS[G.dtype]) == []
+    direct = weighting()(G)
+    if not resolved(values, G.dtype):
+        # Cosines inconsistent beyond the dtype's rounding define no projection: finite only.
+        assert bool(torch.isfinite(direct).all() and torch.isfinite(permuted).all())
+        return
+    expected = reference(values)
+    assert violations(direct, expected, values, BARS[G.dtype]) == []
     assert violations(permuted, expected, values, BARS[G.dtype]) == []

@@ -219,13 +219,12 @@ def project_weights_active_set(U: Tensor, G: Tensor, *, max_iters: int | None = 
 
     root = _SquareRoot(G_hat, precision)
     if not _well_conditioned(G_hat, root.rank_tol) and root.factor(limit=(3 * m) // 4):
-        W = _goldfarb_idnani(u_hat, root.lower)
+        W = _goldfarb_idnani(u_hat, root.complete(), norms)
     else:
         W = _fast_regimes(u_hat, lam, G_hat, max_iters)
         failed = ~_certified(u_hat, W, G_hat, tau)
         if bool(failed.any()):
-            root.factor(limit=m)
-            W[failed] = _goldfarb_idnani(u_hat[failed], root.lower)
+            W[failed] = _goldfarb_idnani(u_hat[failed], root.complete(), norms)
     V = U64.clone()
     V[conflicting] += W / norms
     return V.to(device=U.device, dtype=U.dtype)
@@ -326,6 +325,16 @@ class _SquareRoot:
             self.rank += 1
         self.done = self.done or self.rank == m
         return self.done
+
+    def complete(self) -> Tensor:
+        """The factor continued down to float64's tolerance (``4 ε``): the rank tolerance of
+        the input's precision decides the route, but leaving out directions up to it would move
+        rows by up to its square root (7e-4 for float32), more than float32's bars allow."""
+        fine = 4 * torch.finfo(torch.float64).eps
+        if self.rank_tol > fine:
+            self.rank_tol, self.done = fine, False
+        self.factor(limit=self.G.shape[0])
+        return self.lower
 
 
 def _solve_coordinatewise(U: Tensor, G: Tensor) -> Tensor:
@@ -629,7 +638,7 @@ def _conjugate_gradients(
             buffers = None
 
 
-def _goldfarb_idnani(u_hat: Tensor, L: Tensor) -> Tensor:
+def _goldfarb_idnani(u_hat: Tensor, L: Tensor, norms: Tensor) -> Tensor:
     r"""The exact multipliers $w$ of each problem (one per row of ``u_hat``), in float64.
 
     For $G = L L^\top$ and $y = L^\top u$, the projection $x$ of $y$ onto $\{x : Lx \ge 0\}$
@@ -645,15 +654,27 @@ def _goldfarb_idnani(u_hat: Tensor, L: Tensor) -> Tensor:
     if r == 0:  # every row is 0 up to the rank tolerance: any v ≥ u is optimal
         return torch.from_numpy(W).to(device)
     hessian = np.eye(r)
+    # Rows that are parallel (equal in this scale) are interchangeable constraints: the method
+    # puts their multiplier on the first one, which ``order`` makes the row of largest norm in
+    # the caller's scale, whatever the rows' order (the weights w_i / ‖g_i‖ stay smallest).
+    order = np.argsort(-norms.detach().cpu().numpy(), kind="stable")
+    L_np, u_np = L_np[order], u_np[:, order]
     constraints = np.ascontiguousarray(L_np.T)
     zeros = np.zeros(m)
-    Y = u_np @ L_np
+    # The multipliers are positively homogeneous in u: each problem is solved for bounds of
+    # unit size (quadprog's tolerances are absolute).
+    sizes = np.abs(u_np).sum(axis=1)
+    sizes[sizes == 0] = 1.0
+    Y = (u_np / sizes[:, None]) @ L_np
     for row, y in enumerate(Y):
         try:
             W[row] = quadprog.solve_qp(hessian, y, constraints, zeros, 0, factorized=True)[4]
         except ValueError:
             W[row] = _nnls(constraints, -y)
-    return torch.from_numpy(np.maximum(W, 0.0)).to(device)
+    W *= sizes[:, None]
+    unordered = np.empty_like(W)
+    unordered[:, order] = W
+    return torch.from_numpy(np.maximum(unordered, 0.0)).to(device)
 
 
 def _nnls(A: np.ndarray, b: np.ndarray) -> np.ndarray:
