@@ -293,9 +293,9 @@ def violations(
     # A Gramian rounded at float64's ε (relative to its rows' norms) determines a projection
     # onto a face of a degenerate cone only to about sqrt(m ε) times the size of its terms
     # Σ_i |w_i| ‖g_i‖: below that, two exact methods on the same values may differ.
-    floor = np.sqrt(G.shape[0] * bars.epsilon) * float(
-        np.abs(as_float64(w_ref)) @ np.linalg.norm(root, axis=1)
-    )
+    # (Of the reference weights; of the weights themselves where no reference is checked.)
+    basis = as_float64(w_ref) if check_error else w
+    floor = np.sqrt(G.shape[0] * bars.epsilon) * float(np.abs(basis) @ np.linalg.norm(root, axis=1))
     spread += floor
     if check_error:
         error = update_error(w, w_ref, root)

@@ -173,7 +173,7 @@ def project_weights_active_set(U: Tensor, G: Tensor, *, max_iters: int | None = 
     dtype = torch.promote_types(U.dtype, G.dtype)
     # Half precision is solved in float32 or better, and its tolerances are float32's.
     precision = dtype if dtype in (torch.float32, torch.float64) else torch.float32
-    tau = 4.0 * max(m, 16) * torch.finfo(precision).eps
+    tau = 4.0 * max(m, 16) * torch.finfo(torch.float64).eps
     device = G.device
     # The solution is not differentiated through (nor is quadprog's).
     U64 = U.detach().to(device=device, dtype=torch.float64)
