@@ -25,10 +25,9 @@ is rarely needed; the calls are the same as for float16 on a GPU (``--device cud
 from a huge scale (``--init-scale 1e38``) to see overflowing steps being skipped.
 
 In gramian mode (``--mode gramian``) the engine computes the Gramian of the *scaled* losses,
-which is the square of the scale times the Gramian, before dividing it out: it overflows in
-float32 once the scale times the largest gradient norm passes about 1.8e19, far above the
-usual scales (65536 and up to a few million) but far below float32's largest number, which
-bounds the scale in jacobian mode.
+which is the square of the scale times the Gramian, before dividing it out; where that square
+leaves float32's range (the scale times the largest gradient norm above about 1.8e19), the
+Gramian is formed in float64, so gramian mode takes the same scales as jacobian mode.
 
 Run ``python examples/amp.py`` (a few seconds on one CPU core); see ``--help``.
 """

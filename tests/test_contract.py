@@ -224,7 +224,11 @@ def test_permutation_invariant(name: str, matrix_name: str):
     # Fresh instances: a stateful method's second call would start from the first's state.
     permuted = call(_make(name, J.shape[0]), J[permutation], losses[permutation])
     original = call(_make(name, J.shape[0]), J, losses)
-    torch.testing.assert_close(permuted, original, rtol=1e-6, atol=1e-9)
+    # Absolute tolerance on the Jacobian's scale: with row norms spread over six orders of
+    # magnitude, eigendecompositions (AlignedMTL) resolve the small directions only to about
+    # ε times the largest, which the order of the rows can change.
+    atol = 1e-9 * max(1.0, float(J.abs().max()))
+    torch.testing.assert_close(permuted, original, rtol=1e-6, atol=atol)
 
 
 @pytest.mark.parametrize("name", _with_property("non_conflicting"))

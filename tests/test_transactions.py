@@ -394,6 +394,11 @@ def test_a_raising_diagnostics_hook_leaves_no_stale_jacobian_for_the_next_step()
 
 OVERFLOWING = {
     "excessmtl": lambda: jdoptim.ExcessMTL(),
+}
+"""Methods whose own arithmetic overflows on a row of 1e22 (its square is out of float32's
+range), so that the step is refused after the method has run."""
+
+FORMERLY_OVERFLOWING = {
     "sdmgrad": lambda: GramianWeightedAggregator(jdoptim.build("sdmgradweighting")),
     "crmogm(mgda)": lambda: jdoptim.build(
         {"name": "crmogm", "weighting": {"name": "mgdaweighting"}}
@@ -401,11 +406,13 @@ OVERFLOWING = {
     "gradvac": lambda: jdoptim.GradVac(seed=3),
     "nashmtl": lambda: jdoptim.NashMTL(),
 }
+"""Methods that were refused on such a row while the Gramian overflowed; it is now formed in
+float64 there."""
 
 
 @pytest.mark.parametrize("policy", ["raise", "skip"])
 @pytest.mark.parametrize("make", list(OVERFLOWING.values()), ids=list(OVERFLOWING))
-def test_a_row_that_overflows_the_float32_gramian_does_not_block_the_method(make, policy):
+def test_a_row_that_overflows_the_method_does_not_block_it(make, policy):
     torch.set_default_dtype(torch.float32)
     torch.manual_seed(0)
     model, method = _Net(), make()
@@ -427,6 +434,24 @@ def test_a_row_that_overflows_the_float32_gramian_does_not_block_the_method(make
         with warnings.catch_warnings():
             warnings.simplefilter("error", UserWarning)
             optimizer.step(_losses(model, 1))  # neither refused nor skipped
+
+
+@pytest.mark.parametrize(
+    "make", list(FORMERLY_OVERFLOWING.values()), ids=list(FORMERLY_OVERFLOWING)
+)
+def test_a_row_of_1e22_is_aggregated_without_overflow(make):
+    torch.set_default_dtype(torch.float32)
+    torch.manual_seed(0)
+    model, method = _Net(), make()
+    optimizer = JDOptimizer(torch.optim.SGD(model.parameters(), lr=1e-30), method)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        optimizer.step(_losses(model, 0))
+        optimizer.zero_grad()
+        optimizer.step(_losses(model, 1) * torch.tensor([1.0, 1e22, 1.0, 1.0]))
+        assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+        optimizer.zero_grad()
+        optimizer.step(_losses(model, 1))
 
 
 # --- after the commit point -----------------------------------------------------------------

@@ -46,9 +46,12 @@ class DualProj(GramianWeightedAggregator):
             uses 1e-4, which quadprog needs for singular Gramians but which lets the update
             conflict slightly with objectives whose gradients are small; the default active-set
             solver needs none, and with 0 the update is exactly non-conflicting.
-        solver: Dual-cone projection solver: ``"active_set"`` (all projections at once, in
-            torch on the Gramian's device, exact for singular Gramians) or ``"quadprog"`` (the
-            reference, one quadratic program at a time on the CPU).
+        solver: Dual-cone projection solver: ``"active_set"`` (the default: all projections
+            at once, in torch on the Gramian's device, each certified in float64, with an exact
+            method for rank-deficient Gramians and whatever the iterations leave; it never
+            raises, and half-precision Gramians are solved in float32 or better) or
+            ``"quadprog"`` (the reference, one quadratic program at a time on the CPU; it needs
+            a positive-definite Gramian).
 
     Examples:
         >>> import torch

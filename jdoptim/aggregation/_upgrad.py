@@ -89,7 +89,9 @@ class UPGrad(GramianWeightedAggregator):
     (Proposition 1 of the paper). The update never conflicts with any objective, and is
     linear under positive scaling of the rows.
 
-    The Gramian is divided by its trace, and ``reg_eps·I`` is added, before solving. The
+    With a nonzero ``norm_eps`` or ``reg_eps``, the Gramian is divided by its trace (in float64)
+    and ``reg_eps·I`` is added before solving; with the defaults the projections, which do not
+    depend on the Gramian's scale, are solved on it as given. The
     defaults solve the projections exactly; ``norm_eps=1e-4, reg_eps=1e-4`` reproduce the
     paper's reference implementation (TorchJD) to its printed digits.
 
@@ -103,9 +105,12 @@ class UPGrad(GramianWeightedAggregator):
             uses 1e-4, which quadprog needs for singular Gramians but which lets the update
             conflict slightly with objectives whose gradients are small; the default active-set
             solver needs none, and with 0 the update is exactly non-conflicting.
-        solver: Dual-cone projection solver: ``"active_set"`` (all projections at once, in
-            torch on the Gramian's device, exact for singular Gramians) or ``"quadprog"`` (the
-            reference, one quadratic program at a time on the CPU).
+        solver: Dual-cone projection solver: ``"active_set"`` (the default: all projections
+            at once, in torch on the Gramian's device, each certified in float64, with an exact
+            method for rank-deficient Gramians and whatever the iterations leave; it never
+            raises, and half-precision Gramians are solved in float32 or better) or
+            ``"quadprog"`` (the reference, one quadratic program at a time on the CPU; it needs
+            a positive-definite Gramian).
 
     Examples:
         >>> import torch
