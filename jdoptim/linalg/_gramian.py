@@ -84,11 +84,9 @@ def gramian(matrix: Tensor) -> Tensor:
       on the result: its diagonal, which bounds every entry and every partial sum of products,
       is finite and at most ``finfo.max`` and its non-zero entries at least ``finfo.tiny``, both
       with a margin of $2^{16}$; a zero diagonal entry is checked against its row of
-      ``matrix``, which must then be zero). Otherwise each row is scaled by a power of two
-      (exactly) to a largest entry in $[\frac12, 1)$, the Gramian of the scaled rows is formed
-      in float32 and scaled back in float64, where the Gramian of any float32 matrix is
-      representable: the result is the Gramian itself, as precise as in the normal case, in
-      float64.
+      ``matrix``, which must then be zero). Otherwise it is formed again in float64, where the
+      Gramian of any float32 matrix is representable: the result is the Gramian itself, to
+      float64's precision.
     - float64 is formed in float64, as it is. Its Gramian leaves float64's range only for rows
       of norm above about $1.3\cdot10^{154}$ (entries overflow to ``inf``, so a weighting returns
       NaN weights, which `jdoptim.JDOptimizer`'s non-finite policy handles) or below about
@@ -142,17 +140,16 @@ def gramian(matrix: Tensor) -> Tensor:
 
 
 def scaled_gramian(matrix: Tensor, magnitudes: Tensor) -> Tensor:
-    """The Gramian of a float32 ``matrix`` in float64, formed in float32 from its rows scaled by
-    powers of two to largest entries in ``[1/2, 1)`` (``magnitudes`` holds the rows' largest
-    absolute entries), then scaled back."""
-    _, exponents = torch.frexp(magnitudes)  # magnitudes = mantissa · 2**exponents
-    exponents = torch.where(magnitudes > 0, exponents, 0).to(torch.int64)
-    # 2**-e leaves float32's normal range for some e (from -148 to 128): scale in two steps.
-    first = -(exponents // 2)
-    scaled = matrix * power_of_two(first, torch.float32)[:, None]
-    scaled.mul_(power_of_two(-exponents - first, torch.float32)[:, None])
-    scales = power_of_two(exponents, torch.float64)
-    return (scaled @ scaled.T).to(torch.float64).mul_(scales[:, None] * scales[None, :])
+    """The Gramian of a float32 ``matrix``, formed in float64 (where the Gramian of any float32
+    matrix is representable: squares from about 2e-90 to 1e77) to float64's precision.
+
+    ``magnitudes`` (the rows' largest absolute entries) is accepted for the callers that hold
+    it; the float64 product needs no scaling. This runs only where float32 would overflow or
+    underflow, at about twice the cost of the float32 product.
+    """
+    del magnitudes  # not needed in float64
+    wide = matrix.to(torch.float64)
+    return wide @ wide.T
 
 
 def power_of_two(exponents: Tensor, dtype: torch.dtype) -> Tensor:
