@@ -67,9 +67,9 @@ class _ExactCounter:
         self.problems = 0
         self._exact = dual_cone._goldfarb_idnani
 
-    def __call__(self, u_hat: Tensor, L: Tensor) -> Tensor:
+    def __call__(self, u_hat: Tensor, *args: Tensor) -> Tensor:
         self.problems += u_hat.shape[0]
-        return self._exact(u_hat, L)
+        return self._exact(u_hat, *args)
 
 
 def _jacobian(kind: str, m: int, generator: torch.Generator) -> Tensor:
