@@ -52,7 +52,6 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from jdoptim import JDOptimizer, UPGrad, UPGradWeighting  # noqa: E402
-from jdoptim.linalg import DualConeConvergenceError  # noqa: E402
 from tests.dual_cone_reference import upgrad_reference  # noqa: E402
 from tests.gramian_corpus import CORPUS_PATH, CorpusGramian, save_corpus  # noqa: E402
 
@@ -228,9 +227,11 @@ def select(seen: list[CorpusGramian], keep: int) -> list[CorpusGramian]:
 
 
 def solver_fails(G: np.ndarray) -> bool:
+    """Whether UPGrad's weighting raises or returns non-finite weights on ``G`` (recorded with
+    each matrix: the solver before the corpus existed did both)."""
     try:
         return not bool(UPGradWeighting()(torch.from_numpy(G)).isfinite().all())
-    except DualConeConvergenceError:
+    except Exception:  # any exception counts as a failure of the solver
         return True
 
 
