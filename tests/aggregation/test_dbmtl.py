@@ -10,29 +10,14 @@ import torch
 from torch import Tensor, nn
 
 from jdoptim import DBMTL, JDOptimizer
+from tests.aggregation._multitask import M, task_losses
+from tests.aggregation._multitask import TinyMultiTask as _Net
 
 pytestmark = pytest.mark.usefixtures("float64")
 
-M = 3
-
-
-class _Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.trunk = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.Tanh())
-        self.heads = nn.ModuleList(nn.Linear(5, 1) for _ in range(M))
-
-    def forward(self, x: Tensor) -> Tensor:
-        features = self.trunk(x)
-        return torch.cat([head(features) for head in self.heads], dim=1)
-
 
 def _losses(model: nn.Module, step: int) -> Tensor:
-    generator = torch.Generator().manual_seed(step)
-    x = torch.randn(16, 4, generator=generator)
-    y = torch.randn(16, M, generator=generator) * torch.tensor([1.0, 30.0, 0.1])
-    return ((model(x) - y) ** 2).mean(dim=0)
+    return task_losses(model, step, (1.0, 30.0, 0.1))
 
 
 def _reference(steps: int, beta: float, sigma: float, eps: float, lr: float) -> nn.Module:

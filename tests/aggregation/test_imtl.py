@@ -10,29 +10,14 @@ import torch
 from torch import Tensor, nn
 
 from jdoptim import IMTL, IMTLG, JDOptimizer
+from tests.aggregation._multitask import M, task_losses, trained_in_mode
+from tests.aggregation._multitask import TinyMultiTask as _Net
 
 pytestmark = pytest.mark.usefixtures("float64")
 
-M = 3
-
-
-class _Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.trunk = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.Tanh())
-        self.heads = nn.ModuleList(nn.Linear(5, 1) for _ in range(M))
-
-    def forward(self, x: Tensor) -> Tensor:
-        features = self.trunk(x)
-        return torch.cat([head(features) for head in self.heads], dim=1)
-
 
 def _losses(model: nn.Module, step: int) -> Tensor:
-    generator = torch.Generator().manual_seed(step)
-    x = torch.randn(16, 4, generator=generator)
-    y = torch.randn(16, M, generator=generator) * torch.tensor([1.0, 5.0, 0.2])
-    return ((model(x) - y) ** 2).mean(dim=0)
+    return task_losses(model, step, (1.0, 5.0, 0.2))
 
 
 def _closed_form(G: Tensor) -> Tensor:
@@ -109,22 +94,12 @@ def test_the_scales_drive_the_scaled_losses_to_one():
 
 
 def test_gramian_mode_steps_like_jacobian_mode():
-    def run(mode: str) -> list[Tensor]:
-        model = _Net()
-        optimizer = JDOptimizer(
-            torch.optim.SGD(model.parameters(), lr=0.05),
-            IMTL(lr=0.2),
-            mode=mode,
-            modules=model,
-            batch_dim=None,
-        )
-        for step in range(3):
-            optimizer.zero_grad()
-            optimizer.step(_losses(model, step))
-        assert optimizer.resolved_mode == mode
-        return [p.detach() for p in model.parameters()]
+    def method():
+        return IMTL(lr=0.2)
 
-    for a, b in zip(run("gramian"), run("jacobian"), strict=True):
+    gramian = trained_in_mode(method, "gramian", 0.05, _losses)
+    jacobian = trained_in_mode(method, "jacobian", 0.05, _losses)
+    for a, b in zip(gramian, jacobian, strict=True):
         torch.testing.assert_close(a, b)
 
 
