@@ -38,6 +38,11 @@ _DENSE_MAX = 40
 per problem costs O(m³), one conjugate-gradient step O(m²), and a few dozen steps are needed.
 On the CPU the two cost the same at about m = 48."""
 
+_RESOLVE_MAX = 1024
+"""Largest m for which a low-precision Gramian that is not well conditioned is reduced to the
+part its precision resolves (an eigendecomposition: 3 ms at m = 128, 0.3 s at m = 1024 on one
+CPU thread, growing as m³) before it is solved."""
+
 _CHECK_EVERY = 8
 """Conjugate-gradient iterations between two updates of the passive sets (and KKT tests)."""
 
@@ -107,8 +112,13 @@ def project_weights_active_set(U: Tensor, G: Tensor, *, max_iters: int | None = 
 
     Everything is computed on the Gramian scaled to a unit diagonal (rows of $J$ scaled to unit
     norm), in float64; zero rows are left out (their multiplier is 0 whatever $v$ is, and they
-    keep $v_i = u_i$), and problems without conflict ($Gu \ge 0$) are solved by $w = 0$. The
-    other problems take one of two routes:
+    keep $v_i = u_i$), and problems without conflict ($Gu \ge 0$) are solved by $w = 0$. A
+    Gramian given in float32 or half precision that is not well conditioned (see below), with
+    $m \le 1024$, is first reduced to the part its precision resolves: the eigenvalues of the
+    unit-diagonal Gramian at most $4\varepsilon$ of float32 (rounding, whose sign and size the
+    order of the rows decides) are dropped, and the rest is solved as float64 input; a Gramian
+    with an eigenvalue below $-4\varepsilon$ (not positive semi-definite up to rounding) is
+    solved as given. The other problems take one of two routes:
 
     - **Rank-deficient Gramians** (the Cholesky factorisation of $G$ fails or has a pivot²
       below $10^3$ times the rank tolerance of `_SquareRoot`, and a pivoted Cholesky
@@ -125,10 +135,11 @@ def project_weights_active_set(U: Tensor, G: Tensor, *, max_iters: int | None = 
       where the exchanges stall. Each solution is then *certified* in float64: $w \ge 0$, every
       multiplier $\lambda_i \ge -\tau s$, every $|\lambda_i| \le \tau s$ where $w_i > 0$, with
       $s = \sum_j |u_j| + \sum_j w_j$ (in the unit-diagonal scaling) and
-      $\tau = 4 \max(m, 16)\,\varepsilon$ for the input's precision (float32's for half
-      precision), and $s$ at most $10^4$ times $\sum_j |u_j|$: a solution whose $w$ grows
-      along a positive combination of the rows that vanishes (a weakly stationary Jacobian)
-      satisfies the tests while its projection $J^\top v$ may be far from the true one.
+      $\tau = 4 \max(m, 16)\,\varepsilon$ of float64 whatever the input's precision (its
+      values are solved as given), and $s$ at most $10^4$ times $\sum_j |u_j|$: a solution
+      whose $w$ grows along a positive combination of the rows that vanishes (a weakly
+      stationary Jacobian) satisfies the tests while its projection $J^\top v$ may be far
+      from the true one.
       Problems not certified go to the exact method.
 
     The exact method works in the space of the rows' coordinates: with $G \approx L L^\top$
@@ -141,7 +152,10 @@ def project_weights_active_set(U: Tensor, G: Tensor, *, max_iters: int | None = 
     and its multipliers are $w$: $x - y = L^\top w$. Should quadprog refuse a problem (it
     reports rounding-induced inconsistency on some degenerate ones), Lawson and Hanson's
     nonnegative least squares on the same square root finishes it (C. L. Lawson and R. J.
-    Hanson, *Solving Least Squares Problems*, 1974, chapter 23).
+    Hanson, *Solving Least Squares Problems*, 1974, chapter 23). Where a positive combination of
+    the rows vanishes the multipliers are not unique, and where the method's sum to more than
+    $10^4$ times the bounds', the smallest ones are taken instead (`_smallest_multipliers`): large
+    multipliers would leave the weighted sum of the rows to rounding.
 
     Args:
         U: Lower bounds, shape ``[k, m]``.
@@ -173,11 +187,17 @@ def project_weights_active_set(U: Tensor, G: Tensor, *, max_iters: int | None = 
     dtype = torch.promote_types(U.dtype, G.dtype)
     # Half precision is solved in float32 or better, and its tolerances are float32's.
     precision = dtype if dtype in (torch.float32, torch.float64) else torch.float32
-    tau = 4.0 * max(m, 16) * torch.finfo(torch.float64).eps
-    device = G.device
     # The solution is not differentiated through (nor is quadprog's).
-    U64 = U.detach().to(device=device, dtype=torch.float64)
-    G_hat = G.detach().to(torch.float64, copy=True)
+    U64 = U.detach().to(device=G.device, dtype=torch.float64)
+    V = _solve(U64, G.detach().to(torch.float64, copy=True), precision, max_iters)
+    return V.to(device=U.device, dtype=U.dtype)
+
+
+def _solve(U64: Tensor, G_hat: Tensor, precision: torch.dtype, max_iters: int) -> Tensor:
+    """`project_weights_active_set` in float64 (``G_hat`` is overwritten) for values given in
+    ``precision``."""
+    k, m = U64.shape
+    tau = 4.0 * max(m, 16) * torch.finfo(torch.float64).eps
     diagonal = G_hat.diagonal().clone()
     live = diagonal > 0
     if not bool(live.all()):
@@ -186,10 +206,10 @@ def project_weights_active_set(U: Tensor, G: Tensor, *, max_iters: int | None = 
         V = U64.clone()
         if index.numel():
             sub = G_hat[index][:, index]
-            V[:, index] = project_weights_active_set(U64[:, index], sub, max_iters=max_iters)
-        return V.to(device=U.device, dtype=U.dtype)
+            V[:, index] = _solve(U64[:, index], sub, precision, max_iters)
+        return V
     if m <= 2:
-        return _solve_coordinatewise(U64, G_hat).to(device=U.device, dtype=U.dtype)
+        return _solve_coordinatewise(U64, G_hat)
 
     # Rows of J scaled to unit norm: G_hat = S⁻¹ G S⁻¹ and u_hat = S u, S = diag(‖g_i‖). The
     # multipliers of w = 0 are lam = u_hat G_hat; problems with none below -τ Σ_j |u_hat_j| are
@@ -210,7 +230,7 @@ def project_weights_active_set(U: Tensor, G: Tensor, *, max_iters: int | None = 
         size = u_hat.abs().sum(dim=1, keepdim=True)
     conflicting = (lam < -tau * size).any(dim=1).nonzero().squeeze(1)
     if not conflicting.numel():
-        return U.detach().clone()
+        return U64
     lam = lam[conflicting]
     if diagonal_bounds:
         u_hat = torch.zeros_like(lam).scatter_(1, conflicting.unsqueeze(1), d[conflicting, None])
@@ -218,7 +238,14 @@ def project_weights_active_set(U: Tensor, G: Tensor, *, max_iters: int | None = 
         u_hat = u_hat[conflicting]
 
     root = _SquareRoot(G_hat, precision)
-    if not _well_conditioned(G_hat, root.rank_tol) and root.factor(limit=(3 * m) // 4):
+    well_conditioned = _well_conditioned(G_hat, root.rank_tol)
+    if not well_conditioned and precision != torch.float64 and m <= _RESOLVE_MAX:
+        # Directions of a low-precision Gramian below its rounding are noise, which the order
+        # of the rows decides: they are dropped, and the rest is solved as float64 input.
+        clean = _resolved_part(G_hat, root.rank_tol)
+        if clean is not None:
+            return _solve(U64, clean * norms.unsqueeze(1) * norms, torch.float64, max_iters)
+    if not well_conditioned and root.factor(limit=(3 * m) // 4):
         W = _goldfarb_idnani(u_hat, root.complete(), norms)
     else:
         W = _fast_regimes(u_hat, lam, G_hat, max_iters)
@@ -227,7 +254,7 @@ def project_weights_active_set(U: Tensor, G: Tensor, *, max_iters: int | None = 
             W[failed] = _goldfarb_idnani(u_hat[failed], root.complete(), norms)
     V = U64.clone()
     V[conflicting] += W / norms
-    return V.to(device=U.device, dtype=U.dtype)
+    return V
 
 
 _GROWTH = 1e4
@@ -274,6 +301,24 @@ def _well_conditioned(G: Tensor, rank_tol: float) -> bool:
         return False
     smallest = L.diagonal().amin()
     return bool(smallest * smallest > 1e3 * rank_tol)
+
+
+def _resolved_part(G: Tensor, tol: float) -> Tensor | None:
+    r"""The part of a unit-diagonal Gramian that its precision resolves: $Q_k \Lambda_k Q_k^\top$
+    over the eigenvalues above ``tol``; None if an eigenvalue is below ``-tol`` (the matrix is
+    not positive semi-definite up to rounding, and no repair defines its projection).
+
+    Rounding a Gramian to float32 moves its eigenvalues by about float32's epsilon: below that,
+    an eigenvalue (and the sign of a tiny one) is decided by the rounding, and so by the order of
+    the rows. The eigendecomposition treats every order alike, so that the part kept does not
+    depend on it; each row loses at most ``tol`` of its squared norm.
+    """
+    values, vectors = torch.linalg.eigh(G)
+    if float(values[0]) < -tol:
+        return None
+    keep = values > tol
+    root = vectors[:, keep] * values[keep].sqrt()
+    return root @ root.T
 
 
 class _SquareRoot:
@@ -671,10 +716,36 @@ def _goldfarb_idnani(u_hat: Tensor, L: Tensor, norms: Tensor) -> Tensor:
             W[row] = quadprog.solve_qp(hessian, y, constraints, zeros, 0, factorized=True)[4]
         except ValueError:
             W[row] = _nnls(constraints, -y)
+            continue
+        if W[row].sum() > _GROWTH:
+            W[row] = _smallest_multipliers(L_np, u_np[row] / sizes[row], W[row])
     W *= sizes[:, None]
     unordered = np.empty_like(W)
     unordered[:, order] = W
     return torch.from_numpy(np.maximum(unordered, 0.0)).to(device)
+
+
+def _smallest_multipliers(L: np.ndarray, u: np.ndarray, w: np.ndarray) -> np.ndarray:
+    r"""Multipliers of the same projection as ``w`` of about the smallest norm.
+
+    Where a positive combination of the rows vanishes ($L^\top c = 0$, $c \ge 0$, a weakly
+    stationary Jacobian), the projection is unique but its multipliers are not: any $w + t c$
+    gives it, and the exact method may return a large one, whose weighted sum of the rows is then
+    dominated by rounding (in the input's precision) and depends on the rows' order. Adding
+    $\mu \lVert u + w \rVert^2$ to the objective, for $\mu$ a thousand times the rounding of
+    $L L^\top$, makes the minimiser unique: the smallest multipliers, up to a change of the
+    projection of order $\mu$. quadprog solves it in the multipliers' space; the given ``w`` is
+    kept where it refuses or does no better.
+    """
+    m = L.shape[0]
+    mu = 1e3 * m * np.finfo(np.float64).eps
+    hessian = L @ L.T + mu * np.eye(m)
+    try:
+        v = quadprog.solve_qp(hessian, np.zeros(m), np.eye(m), u, 0)[0]
+    except ValueError:
+        return w
+    smaller = np.maximum(v - u, 0.0)
+    return smaller if smaller.sum() < w.sum() else w
 
 
 def _nnls(A: np.ndarray, b: np.ndarray) -> np.ndarray:
