@@ -498,3 +498,28 @@ def test_unknown_solver_and_bad_shapes_are_rejected():
         project_weights(torch.zeros(2, 4, dtype=F64), G, "active_set")
     with pytest.raises(ValueError, match="square Gramian"):
         project_weights(torch.zeros(2, 3, dtype=F64), torch.zeros(3, 2, dtype=F64), "active_set")
+
+
+@pytest.mark.parametrize("m", [8, 64])
+def test_gramian_symmetric_up_to_rounding_is_solved_by_the_fast_regimes(
+    m: int, monkeypatch: pytest.MonkeyPatch
+):
+    # A Gramian formed in float32 by blocks differs from its transpose by rounding. The solver
+    # must read both triangles alike: the fast regimes' solutions then pass the certificate, so
+    # that the exact method is not needed, and the answer is that of the mean of G and Gᵀ.
+    J = _normal(m, 3 * m, seed=m)
+    G = J @ J.T
+    noise = torch.randn(m, m, generator=torch.Generator().manual_seed(1), dtype=F64)
+    skewed = G + 1e-7 * G.diagonal().mean() * (noise - noise.T)
+    handed_over = []
+    exact = _dual_cone._goldfarb_idnani
+
+    def counting(u_hat: Tensor, *args: Tensor) -> Tensor:
+        handed_over.append(u_hat.shape[0])
+        return exact(u_hat, *args)
+
+    monkeypatch.setattr(_dual_cone, "_goldfarb_idnani", counting)
+    U = torch.eye(m, dtype=F64)
+    V = project_weights_active_set(U, skewed)
+    assert handed_over == []
+    torch.testing.assert_close(V, project_weights_active_set(U, (skewed + skewed.T) / 2))

@@ -111,14 +111,15 @@ def project_weights_active_set(U: Tensor, G: Tensor, *, max_iters: int | None = 
     solution certified in float64, or with the exact solution of a terminating method.
 
     Everything is computed on the Gramian scaled to a unit diagonal (rows of $J$ scaled to unit
-    norm), in float64; zero rows are left out (their multiplier is 0 whatever $v$ is, and they
-    keep $v_i = u_i$), and problems without conflict ($Gu \ge 0$) are solved by $w = 0$. A
-    Gramian given in float32 or half precision that is not well conditioned (see below), with
-    $m \le 1024$, is first reduced to the part its precision resolves: the eigenvalues of the
-    unit-diagonal Gramian at most $4\varepsilon$ of float32 (rounding, whose sign and size the
-    order of the rows decides) are dropped, and the rest is solved as float64 input; a Gramian
-    with an eigenvalue below $-4\varepsilon$ (not positive semi-definite up to rounding) is
-    solved as given. The other problems take one of two routes:
+    norm), in float64, and made exactly symmetric (the mean of $G$ and $G^\top$: a Gramian
+    formed in float32 is symmetric only up to rounding); zero rows are left out (their
+    multiplier is 0 whatever $v$ is, and they keep $v_i = u_i$), and problems without conflict
+    ($Gu \ge 0$) are solved by $w = 0$. A Gramian given in float32 or half precision that is not
+    well conditioned (see below), with $m \le 1024$, is first reduced to the part its precision
+    resolves: the eigenvalues of the unit-diagonal Gramian at most $4\varepsilon$ of float32
+    (rounding, whose sign and size the order of the rows decides) are dropped, and the rest is
+    solved as float64 input; a Gramian with an eigenvalue below $-4\varepsilon$ (not positive
+    semi-definite up to rounding) is solved as given. The other problems take one of two routes:
 
     - **Rank-deficient Gramians** (the Cholesky factorisation of $G$ fails or has a pivot²
       below $10^3$ times the rank tolerance of `_SquareRoot`, and a pivoted Cholesky
@@ -135,8 +136,9 @@ def project_weights_active_set(U: Tensor, G: Tensor, *, max_iters: int | None = 
       where the exchanges stall. Each solution is then *certified* in float64: $w \ge 0$, every
       multiplier $\lambda_i \ge -\tau s$, every $|\lambda_i| \le \tau s$ where $w_i > 0$, with
       $s = \sum_j |u_j| + \sum_j w_j$ (in the unit-diagonal scaling) and
-      $\tau = 4 \max(m, 16)\,\varepsilon$ of float64 whatever the input's precision (its
-      values are solved as given), and $s$ at most $10^4$ times $\sum_j |u_j|$: a solution
+      $\tau = 4 \max(m, 16)\,\varepsilon$ of float64, and at least float32's
+      $\varepsilon$ for input in float32 or half precision (whose weights come back in that
+      precision, rounded by as much), and $s$ at most $10^4$ times $\sum_j |u_j|$: a solution
       whose $w$ grows along a positive combination of the rows that vanishes (a weakly
       stationary Jacobian) satisfies the tests while its projection $J^\top v$ may be far
       from the true one.
@@ -189,15 +191,33 @@ def project_weights_active_set(U: Tensor, G: Tensor, *, max_iters: int | None = 
     precision = dtype if dtype in (torch.float32, torch.float64) else torch.float32
     # The solution is not differentiated through (nor is quadprog's).
     U64 = U.detach().to(device=G.device, dtype=torch.float64)
-    V = _solve(U64, G.detach().to(torch.float64, copy=True), precision, max_iters)
+    V = _solve(U64, _symmetrised(G), precision, max_iters)
     return V.to(device=U.device, dtype=U.dtype)
+
+
+def _symmetrised(G: Tensor, block: int = 256) -> Tensor:
+    """A float64 copy of ``G`` with each pair of mirrored entries replaced by their mean.
+
+    A Gramian formed in float32 by blocks (or in another order for ``(i, j)`` than for
+    ``(j, i)``) is symmetric only up to rounding, and the solver reads it by rows in one place and
+    by columns in another: left as is, a solution found on one triangle fails the certificate on
+    the other. Done by blocks of rows, so that no second ``m × m`` copy is made.
+    """
+    G = G.detach().to(torch.float64, copy=True)
+    m = G.shape[0]
+    for start in range(0, m, block):
+        stop = min(start + block, m)
+        mean = (G[start:stop, start:] + G[start:, start:stop].mT).mul_(0.5)
+        G[start:stop, start:] = mean
+        G[start:, start:stop] = mean.mT
+    return G
 
 
 def _solve(U64: Tensor, G_hat: Tensor, precision: torch.dtype, max_iters: int) -> Tensor:
     """`project_weights_active_set` in float64 (``G_hat`` is overwritten) for values given in
     ``precision``."""
     k, m = U64.shape
-    tau = 4.0 * max(m, 16) * torch.finfo(torch.float64).eps
+    tau = _tolerance(m, precision)
     diagonal = G_hat.diagonal().clone()
     live = diagonal > 0
     if not bool(live.all()):
@@ -248,7 +268,7 @@ def _solve(U64: Tensor, G_hat: Tensor, precision: torch.dtype, max_iters: int) -
     if not well_conditioned and root.factor(limit=(3 * m) // 4):
         W = _goldfarb_idnani(u_hat, root.complete(), norms)
     else:
-        W = _fast_regimes(u_hat, lam, G_hat, max_iters)
+        W = _fast_regimes(u_hat, lam, G_hat, max_iters, tau)
         failed = ~_certified(u_hat, W, G_hat, tau)
         if bool(failed.any()):
             W[failed] = _goldfarb_idnani(u_hat[failed], root.complete(), norms)
@@ -261,7 +281,17 @@ _GROWTH = 1e4
 """Largest ``Σ_j w_j`` of a certified solution, relative to ``Σ_j |u_j|`` (unit-diagonal scale)."""
 
 
-def _fast_regimes(u_hat: Tensor, lam: Tensor, G_hat: Tensor, max_iters: int) -> Tensor:
+def _tolerance(m: int, precision: torch.dtype) -> float:
+    """The relative tolerance of the KKT conditions: ``4·max(m, 16)`` epsilons of float64, and
+    at least one epsilon of float32 for values given in float32 or half precision (their
+    weights come back in that precision, whose rounding moves the multipliers by as much)."""
+    tau = 4.0 * max(m, 16) * torch.finfo(torch.float64).eps
+    if precision != torch.float64:
+        tau = max(tau, torch.finfo(torch.float32).eps)
+    return tau
+
+
+def _fast_regimes(u_hat: Tensor, lam: Tensor, G_hat: Tensor, max_iters: int, tau: float) -> Tensor:
     """Run the iterations of the fast regimes on the conflicting problems; return ``w``.
 
     They run to float64's tolerance whatever the input's precision (the Gramian's values are
@@ -269,7 +299,6 @@ def _fast_regimes(u_hat: Tensor, lam: Tensor, G_hat: Tensor, max_iters: int) -> 
     float64). The unsolved problems come back as they are; the certificate decides.
     """
     m = G_hat.shape[0]
-    tau = 4.0 * max(m, 16) * torch.finfo(torch.float64).eps
     if m <= _DENSE_MAX:
         threshold = -tau * u_hat.abs().sum(dim=1, keepdim=True)
         passive = lam < threshold
