@@ -184,7 +184,8 @@ class JDOptimizer(Optimizer):
             modules (full backward hooks) run as in ordinary backward passes, except hooks
             registered on the autograd node of an operation that reads the shared part from a
             head (``output.grad_fn.register_hook`` or ``register_prehook`` on a head's first
-            layer's output): that node's backward function is called directly, without them.
+            layer's output): that node's backward function is called directly, without them,
+            unless the losses are stacked scalars each of which reaches its own heads.
             ``None`` aggregates over all parameters.
         chunk_size: Jacobian mode: losses per batched backward pass; ``1`` for one backward
             pass per loss (no vmap). ``None`` (default): as many losses per pass as fit in

@@ -100,11 +100,11 @@ def _largest(tensor: Tensor, leading: int) -> Tensor:
     rows = math.prod(tensor.shape[:leading])
     if tensor.numel() == 0:
         return tensor.new_zeros(rows, dtype=solve_dtype(tensor.dtype))
-    largest = (
-        tensor.abs().amax(dim=tuple(range(leading, tensor.ndim)))
-        if tensor.ndim > leading
-        else tensor.abs()
-    )
+    if tensor.ndim == leading:
+        return tensor.abs().reshape(rows).to(solve_dtype(tensor.dtype))
+    # The extremes without the absolute values: no temporary as large as the tensor.
+    dims = tuple(range(leading, tensor.ndim))
+    largest = torch.maximum(tensor.amax(dim=dims), tensor.amin(dim=dims).neg_())
     return largest.reshape(rows).to(solve_dtype(tensor.dtype))
 
 
