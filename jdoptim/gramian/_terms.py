@@ -168,6 +168,10 @@ def _ghost_blocks(A: Tensor, D: Tensor, bias: bool, G: Tensor) -> None:
                 G4[cols, :, rows, :].add_(block.permute(2, 3, 0, 1))
 
 
+KERNEL_CHUNK = 2**15
+"""Entries of the products ``K D_t`` that the kernel route forms at once (a few objectives at a
+time): small temporaries are reused by the allocator instead of being mapped afresh."""
+
 MEMORY = 4
 """Multiply-adds that writing an element of an intermediate tensor and reading it back costs
 about as much as, in `route_costs` (measured on CPUs, for sizes where the routes are close)."""
@@ -296,10 +300,14 @@ class FactoredTerm(Term):
         _, T, groups, P, d_out = self.D.shape
         K = self._input_kernel()  # [Γ, P, P]
         D = self.D[0].transpose(0, 1)  # [Γ, T, P, d_out]
+        # A few objectives at a time: the products K D_t stay small temporaries.
+        chunk = max(1, KERNEL_CHUNK // (P * d_out))
         for g in range(groups):
             Dg = D[g] if D[g].is_contiguous() else D[g].contiguous()
-            KD = torch.matmul(K[g], Dg)  # [T, P, d_out]
-            G.addmm_(Dg.view(T, P * d_out), KD.view(T, P * d_out).T)
+            flat = Dg.view(T, P * d_out)
+            for start in range(0, T, chunk):
+                KD = torch.matmul(K[g], Dg[start : start + chunk])  # [chunk, P, d_out]
+                G[start : start + chunk].addmm_(KD.view(-1, P * d_out), flat.T)
 
     def _weight_grads(self) -> Tensor:
         S, T, groups, P, d_out = self.D.shape
