@@ -440,16 +440,16 @@ def _one_pass(
     ordinary gradients, from one ordinary backward pass of the sum of the losses, when one loss
     (row) reaches each consumer: what a consumer sends into the shared part, seen by a hook on
     its node, is then that row's gradient."""
-    sent: dict[tuple[Any, int], list[tuple[list[int], Tensor]]] = {}
+    sent: dict[tuple[Any, int], dict[int, Tensor]] = {}
     edges: dict[tuple[Any, int], GradientEdge] = {}
 
     def catch(node: Any, row: int, picks: list[int]) -> Any:
         def hook(grad_inputs: tuple[Tensor | None, ...], _: Any) -> None:
             for i in picks:
-                if grad_inputs[i] is not None:
-                    sent.setdefault(node.next_functions[i], []).append(
-                        ([row], grad_inputs[i].unsqueeze(0))
-                    )
+                grad = grad_inputs[i]
+                if grad is not None:
+                    by_row = sent.setdefault(node.next_functions[i], {})
+                    by_row[row] = grad if row not in by_row else by_row[row] + grad
 
         return hook
 
@@ -473,7 +473,12 @@ def _one_pass(
         for handle in handles:
             handle.remove()
     own = {p: g for p, g in zip(params, grads, strict=False) if g is not None}
-    return {key: _gather(parts, r) for key, parts in sent.items()}, own
+    inflow = {}
+    for key, by_row in sent.items():
+        some = next(iter(by_row.values()))
+        zero = some.new_zeros(some.shape) if len(by_row) < r else some
+        inflow[key] = torch.stack([by_row.get(k, zero) for k in range(r)])
+    return inflow, own
 
 
 def _check_unsharded(params: Sequence[Tensor]) -> None:

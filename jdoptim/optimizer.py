@@ -104,6 +104,12 @@ def _ids(params: Sequence[Tensor] | None) -> list[int] | None:
     return None if params is None else [id(p) for p in params]
 
 
+def _added(param: Tensor, grad: Tensor) -> Tensor:
+    """``param.grad + grad`` (``grad`` if there is no ``.grad``), in ``param``'s dtype."""
+    grad = grad if grad.dtype == param.dtype else grad.to(param.dtype)
+    return grad if param.grad is None else param.grad + grad
+
+
 def _write_grads(grads: Mapping[Tensor, Tensor]) -> None:
     """Set each parameter's ``.grad``, all or none: if a write fails (an interrupt included),
     the ones already made are undone."""
@@ -787,12 +793,7 @@ class JDOptimizer(Optimizer):
         if self.diagnostics and update.diagnose is not None:
             self._report(update.diagnose())
         # The commit point: the update is accepted.
-        _write_grads(
-            {
-                p: g.to(p.dtype) if p.grad is None else p.grad + g.to(p.dtype)
-                for p, g in update.grads.items()
-            }
-        )
+        _write_grads({p: _added(p, g) for p, g in update.grads.items()})
         self._pending = []
         self._step_state = None
         return None

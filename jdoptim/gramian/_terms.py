@@ -101,11 +101,14 @@ def _largest(tensor: Tensor, leading: int) -> Tensor:
     if tensor.numel() == 0:
         return tensor.new_zeros(rows, dtype=solve_dtype(tensor.dtype))
     if tensor.ndim == leading:
-        return tensor.abs().reshape(rows).to(solve_dtype(tensor.dtype))
-    # The extremes without the absolute values: no temporary as large as the tensor.
-    dims = tuple(range(leading, tensor.ndim))
-    largest = torch.maximum(tensor.amax(dim=dims), tensor.amin(dim=dims).neg_())
-    return largest.reshape(rows).to(solve_dtype(tensor.dtype))
+        largest = tensor.abs()
+    else:
+        # The extremes without the absolute values: no temporary as large as the tensor.
+        dims = tuple(range(leading, tensor.ndim))
+        largest = torch.maximum(tensor.amax(dim=dims), tensor.amin(dim=dims).neg_())
+    dtype = solve_dtype(tensor.dtype)
+    largest = largest if largest.ndim == 1 else largest.reshape(rows)
+    return largest if largest.dtype == dtype else largest.to(dtype)
 
 
 def _ghost(AA: Tensor, D: Tensor, G: Tensor) -> None:
@@ -168,7 +171,7 @@ def _ghost_blocks(A: Tensor, D: Tensor, bias: bool, G: Tensor) -> None:
                 G4[cols, :, rows, :].add_(block.permute(2, 3, 0, 1))
 
 
-KERNEL_CHUNK = 2**15
+KERNEL_CHUNK = 2**16
 """Entries of the products ``K D_t`` that the kernel route forms at once (a few objectives at a
 time): small temporaries are reused by the allocator instead of being mapped afresh."""
 
@@ -301,13 +304,15 @@ class FactoredTerm(Term):
         K = self._input_kernel()  # [Γ, P, P]
         D = self.D[0].transpose(0, 1)  # [Γ, T, P, d_out]
         # A few objectives at a time: the products K D_t stay small temporaries.
-        chunk = max(1, KERNEL_CHUNK // (P * d_out))
+        chunk = min(T, max(1, KERNEL_CHUNK // (P * d_out)))
         for g in range(groups):
             Dg = D[g] if D[g].is_contiguous() else D[g].contiguous()
-            flat = Dg.view(T, P * d_out)
+            flat_t = Dg.view(T, P * d_out).T
+            kernel = K[g].expand(chunk, P, P)
             for start in range(0, T, chunk):
-                KD = torch.matmul(K[g], Dg[start : start + chunk])  # [chunk, P, d_out]
-                G[start : start + chunk].addmm_(KD.view(-1, P * d_out), flat.T)
+                rows = Dg[start : start + chunk]
+                KD = torch.bmm(kernel[: rows.shape[0]], rows)  # [chunk, P, d_out]
+                G[start : start + chunk].addmm_(KD.view(-1, P * d_out), flat_t)
 
     def _weight_grads(self) -> Tensor:
         S, T, groups, P, d_out = self.D.shape
