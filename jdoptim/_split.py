@@ -219,7 +219,6 @@ class _Graph:
 
     def __init__(self, root: Any, root_nr: int, shared: set[int], others: set[int]) -> None:
         self.children: dict[Any, list[tuple[Any, int]]] = {}
-        self.parents: dict[Any, list[Any]] = {root: []}
         self.used: dict[Any, set[int]] = {root: {root_nr}}
         self.leaves: dict[Any, Tensor] = {}
         order: list[Any] = []
@@ -236,7 +235,6 @@ class _Graph:
             stack.append((node, True))
             for child, nr in nexts:
                 self.used.setdefault(child, set()).add(nr)
-                self.parents.setdefault(child, []).append(node)
                 if child not in self.children:
                     stack.append((child, False))
         self.order = order

@@ -359,6 +359,14 @@ class FactoredTerm(Term):
             if self.bias is not None:
                 write(self.bias, Dw.sum(dim=0))
             return
+        if S == 1 and groups == 1:  # task losses: one product of the weighted gradients
+            Dw = (w @ self.D.reshape(T, P * d_out)).view(P, d_out)
+            if self.weight is not None:
+                grad = Dw.T @ self.A.reshape(P, d_in)
+                write(self.weight, grad.view(self.weight.shape))
+            if self.bias is not None:
+                write(self.bias, Dw.sum(dim=0))
+            return
         if T == 1:
             Dw = self.D[:, 0] * w.view(S, 1, 1, 1)
         else:
