@@ -32,7 +32,8 @@ also gives the size of one set of per-task activation gradients (``m`` times the
 outputs) and of the ``m × n`` Jacobian of the trunk, for reference. The growth of the cost
 with ``m`` is fitted as ``m^k`` over the task counts measured.
 
-Run: ``python tests/benchmarks/bench_mtl.py [--rounds 7] [--plot docs/images/bench_mtl.svg]``.
+Run: ``python tests/benchmarks/bench_mtl.py [--rounds 7] [--plot docs/images/bench_mtl.svg]``;
+``--workloads small`` (or ``mlp``, ``conv``) runs those kinds of workload only.
 """
 
 from __future__ import annotations
