@@ -14,6 +14,11 @@ finds where the graph enters the shared part and runs, in this order:
 3. one ordinary backward pass of the sum of the losses to the parameters outside the shared
    part (the heads), which receive that ordinary gradient.
 
+When the losses are scalars stacked with ``torch.stack`` and each consumer is reached by one
+loss only (one head per task, the usual case), the three steps are one: an ordinary backward
+pass of the sum of the losses, in which a hook on each consumer's node sees what the consumer
+sends into the shared part, which is then its loss's gradient alone.
+
 The gradients at the *boundary* (the outputs of the shared part) then feed `through_shared`:
 one batched pass through the shared part alone.
 
@@ -27,9 +32,10 @@ with the hooks of the tensors they produce and of the nodes themselves, and the 
 consumers are taken after the hooks of the tensors the consumers produce (``Tensor.register_hook``
 on a head's first output). Only the hooks registered on a consumer's autograd node itself
 (``grad_fn.register_hook`` or ``register_prehook``) cannot run, since the consumer's backward
-function is called directly; a module's full backward hooks are such node hooks, so a consumer
-that is a module's hook node (a hooked module whose inputs come from both the shared part and
-elsewhere) makes `split` differentiate the whole graph per row instead.
+function is called directly (the single ordinary pass runs them); a module's full backward hooks
+are such node hooks, so a consumer that is a module's hook node (a hooked module whose inputs
+come from both the shared part and elsewhere) makes `split` differentiate the whole graph per
+row instead.
 """
 
 from __future__ import annotations
@@ -213,7 +219,6 @@ class _Graph:
 
     def __init__(self, root: Any, root_nr: int, shared: set[int], others: set[int]) -> None:
         self.children: dict[Any, list[tuple[Any, int]]] = {}
-        self.parents: dict[Any, list[Any]] = {root: []}
         self.used: dict[Any, set[int]] = {root: {root_nr}}
         self.leaves: dict[Any, Tensor] = {}
         order: list[Any] = []
@@ -230,12 +235,13 @@ class _Graph:
             stack.append((node, True))
             for child, nr in nexts:
                 self.used.setdefault(child, set()).add(nr)
-                self.parents.setdefault(child, []).append(node)
                 if child not in self.children:
                     stack.append((child, False))
+        self.order = order
+        """Every node, children before parents."""
         self.to_shared: dict[Any, bool] = {}
         self.to_others: dict[Any, bool] = {}
-        for node in order:  # children before parents
+        for node in order:
             if type(node) is _ACCUMULATE_GRAD:
                 var = node.variable
                 self.leaves[node] = var
@@ -364,6 +370,13 @@ def split(
         for nr in sorted(graph.used[node]):
             wanted[(node, nr)] = GradientEdge(node, nr)
     captures = [(edge.node, edge.output_nr) for edge in capture if edge.node not in part]
+    r = rows.shape[0]
+    row_of = None if captures or own_weights is not None else _row_of(losses, rows, graph, part)
+    if row_of is not None and all(node in row_of for node in consumers):
+        inflow, result.own = _one_pass(losses, graph, part, consumers, row_of, r, retain_graph)
+        result.boundary = [GradientEdge(node, nr) for node, nr in inflow]
+        result.cotangents = list(inflow.values())
+        return result
     wanted.update({key: GradientEdge(*key) for key in captures})
     keys = list(wanted)
     grads = vjp_rows(
@@ -376,12 +389,94 @@ def split(
     )
     at = dict(zip(keys, grads, strict=True))
     result.captured = {key: at[key] for key in captures if at[key] is not None}
-    r = rows.shape[0]
     inflow = _boundary_inflow(consumers, graph, part, at, r)
     result.boundary = [GradientEdge(node, nr) for node, nr in inflow]
     result.cotangents = list(inflow.values())
     result.own = _own(losses, graph, retain_graph, own_weights)
     return result
+
+
+def _row_of(losses: Tensor, rows: Tensor, graph: _Graph, part: set[Any]) -> dict[Any, int] | None:
+    """For losses stacked from scalars (``torch.stack``) with one row per loss (the identity),
+    the one loss whose graph reaches each node outside the shared part, for the nodes that only
+    one loss reaches; ``None`` for other losses or rows."""
+    root = losses.grad_fn
+    m = losses.shape[0] if losses.ndim == 1 else 0
+    if (
+        type(root).__name__ != "StackBackward0"
+        or len(root.next_functions) != m
+        or tuple(rows.shape) != (m, m)
+        or not bool((rows.diagonal() == 1).all())
+        or int(rows.count_nonzero()) != m
+    ):
+        return None
+    several = -1
+    row_of: dict[Any, int] = {}
+    for k, (child, _) in enumerate(root.next_functions):
+        if child is not None and child not in part:
+            row_of[child] = k if row_of.get(child, k) == k else several
+    for node in reversed(graph.order):  # parents before children
+        row = row_of.get(node)
+        if row is None or node is root:
+            continue
+        for child, _ in graph.children[node]:
+            if child not in part:
+                row_of[child] = row if row_of.get(child, row) == row else several
+    return {node: row for node, row in row_of.items() if row != several}
+
+
+def _one_pass(
+    losses: Tensor,
+    graph: _Graph,
+    part: set[Any],
+    consumers: list[Any],
+    row_of: dict[Any, int],
+    r: int,
+    retain_graph: bool,
+) -> tuple[dict[tuple[Any, int], Tensor], dict[Tensor, Tensor]]:
+    """The gradients of the rows at the boundary ``[r, *shape]`` per edge, and the others'
+    ordinary gradients, from one ordinary backward pass of the sum of the losses, when one loss
+    (row) reaches each consumer: what a consumer sends into the shared part, seen by a hook on
+    its node, is then that row's gradient."""
+    sent: dict[tuple[Any, int], dict[int, Tensor]] = {}
+    edges: dict[tuple[Any, int], GradientEdge] = {}
+
+    def catch(node: Any, row: int, picks: list[int]) -> Any:
+        def hook(grad_inputs: tuple[Tensor | None, ...], _: Any) -> None:
+            for i in picks:
+                grad = grad_inputs[i]
+                if grad is not None:
+                    by_row = sent.setdefault(node.next_functions[i], {})
+                    by_row[row] = grad if row not in by_row else by_row[row] + grad
+
+        return hook
+
+    handles = []
+    try:
+        for node in consumers:
+            picks = [i for i, (child, _) in enumerate(node.next_functions) if child in part]
+            for i in picks:
+                edges.setdefault(node.next_functions[i], GradientEdge(*node.next_functions[i]))
+            handles.append(node.register_hook(catch(node, row_of[node], picks)))
+        params = [var for node, var in graph.leaves.items() if graph.to_others[node]]
+        # The boundary edges are differentiated too, so that every consumer runs.
+        grads = torch.autograd.grad(
+            losses,
+            [*params, *edges.values()],
+            torch.ones_like(losses),
+            retain_graph=retain_graph,
+            allow_unused=True,
+        )
+    finally:
+        for handle in handles:
+            handle.remove()
+    own = {p: g for p, g in zip(params, grads, strict=False) if g is not None}
+    inflow = {}
+    for key, by_row in sent.items():
+        some = next(iter(by_row.values()))
+        zero = some.new_zeros(some.shape) if len(by_row) < r else some
+        inflow[key] = torch.stack([by_row.get(k, zero) for k in range(r)])
+    return inflow, own
 
 
 def _check_unsharded(params: Sequence[Tensor]) -> None:

@@ -104,6 +104,12 @@ def _ids(params: Sequence[Tensor] | None) -> list[int] | None:
     return None if params is None else [id(p) for p in params]
 
 
+def _added(param: Tensor, grad: Tensor) -> Tensor:
+    """``param.grad + grad`` (``grad`` if there is no ``.grad``), in ``param``'s dtype."""
+    grad = grad if grad.dtype == param.dtype else grad.to(param.dtype)
+    return grad if param.grad is None else param.grad + grad
+
+
 def _write_grads(grads: Mapping[Tensor, Tensor]) -> None:
     """Set each parameter's ``.grad``, all or none: if a write fails (an interrupt included),
     the ones already made are undone."""
@@ -184,7 +190,8 @@ class JDOptimizer(Optimizer):
             modules (full backward hooks) run as in ordinary backward passes, except hooks
             registered on the autograd node of an operation that reads the shared part from a
             head (``output.grad_fn.register_hook`` or ``register_prehook`` on a head's first
-            layer's output): that node's backward function is called directly, without them.
+            layer's output): that node's backward function is called directly, without them,
+            unless the losses are stacked scalars each of which reaches its own heads.
             ``None`` aggregates over all parameters.
         chunk_size: Jacobian mode: losses per batched backward pass; ``1`` for one backward
             pass per loss (no vmap). ``None`` (default): as many losses per pass as fit in
@@ -786,12 +793,7 @@ class JDOptimizer(Optimizer):
         if self.diagnostics and update.diagnose is not None:
             self._report(update.diagnose())
         # The commit point: the update is accepted.
-        _write_grads(
-            {
-                p: g.to(p.dtype) if p.grad is None else p.grad + g.to(p.dtype)
-                for p, g in update.grads.items()
-            }
-        )
+        _write_grads({p: _added(p, g) for p, g in update.grads.items()})
         self._pending = []
         self._step_state = None
         return None

@@ -167,3 +167,74 @@ def test_jacobian_matrix_puts_as_many_rows_in_a_pass_as_fit_in_pass_entries(
     assert passes == rows_per_pass
     expected = jacobian(losses, params, retain_graph=True)
     torch.testing.assert_close(matrix, stack_jacobians(expected))
+
+
+def _heads_losses(trunk, heads, x, stacked):
+    features = trunk(x)
+    per_task = [(head(features) ** 2).mean() + head(features).sin().mean() for head in heads]
+    if stacked:
+        return features, torch.stack(per_task)
+    return features, torch.cat([loss.unsqueeze(0) for loss in per_task])
+
+
+def test_stacked_losses_that_each_reach_their_own_heads_are_cut_in_one_ordinary_pass(monkeypatch):
+    """With one loss per head (each head called twice), the boundary gradients and the heads'
+    gradients come from one ordinary backward pass; they are those of the general route (losses
+    not stacked) and of one backward pass per task."""
+    trunk, heads, _ = _model()
+    x = torch.randn(7, 4)
+    shared, others = list(trunk.parameters()), list(heads.parameters())
+    passes = []
+    grad = torch.autograd.grad
+
+    def counted(outputs, inputs, grad_outputs=None, **options):
+        passes.append(bool(options.get("is_grads_batched")))
+        return grad(outputs, inputs, grad_outputs, **options)
+
+    monkeypatch.setattr(torch.autograd, "grad", counted)
+    features, losses = _heads_losses(trunk, heads, x, stacked=True)
+    cut = split(losses, torch.eye(3), shared, others)
+    assert passes == [False]
+    _, general_losses = _heads_losses(trunk, heads, x, stacked=False)
+    general = split(general_losses, torch.eye(3), shared, others)
+    assert True in passes[1:]  # the general route runs a batched pass
+    monkeypatch.undo()
+    per_task = torch.stack(
+        [torch.autograd.grad(loss, features, retain_graph=True)[0] for loss in losses]
+    )
+    assert len(cut.boundary) == 1 and cut.boundary[0].node is features.grad_fn
+    torch.testing.assert_close(cut.cotangents[0], per_task, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(general.cotangents[0], per_task, rtol=1e-12, atol=1e-14)
+    heads_grads = torch.autograd.grad(losses.sum(), others, retain_graph=True)
+    for p, g in zip(others, heads_grads, strict=True):
+        torch.testing.assert_close(cut.own[p], g, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(general.own[p], g, rtol=1e-12, atol=1e-14)
+    expected = jacobian(losses, shared, batched=False, retain_graph=True)
+    jacobians = through_shared(cut, shared, retain_graph=False)
+    for got, want in zip(jacobians, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_the_one_pass_cut_runs_the_hooks_of_the_heads_nodes():
+    trunk, heads, _ = _model()
+    features = trunk(torch.randn(7, 4))
+    outputs = [head(features) for head in heads]
+    seen = []
+    outputs[1].grad_fn.register_prehook(lambda grads: seen.append("pre") or None)
+    outputs[1].grad_fn.register_hook(lambda inputs, grads: seen.append("post") or None)
+    losses = torch.stack([out.pow(2).mean() for out in outputs])
+    split(losses, torch.eye(3), list(trunk.parameters()), list(heads.parameters()))
+    assert seen == ["pre", "post"]
+
+
+def test_rows_other_than_one_per_loss_take_the_general_route():
+    trunk, heads, _ = _model()
+    x = torch.randn(7, 4)
+    shared, others = list(trunk.parameters()), list(heads.parameters())
+    features, losses = _heads_losses(trunk, heads, x, stacked=True)
+    rows = torch.tensor([[1.0, 2.0, 0.0], [0.0, 0.0, -1.0]])
+    cut = split(losses, rows, shared, others)
+    per_task = torch.stack(
+        [torch.autograd.grad(loss, features, retain_graph=True)[0] for loss in losses]
+    )
+    torch.testing.assert_close(cut.cotangents[0], torch.einsum("rk,k...->r...", rows, per_task))

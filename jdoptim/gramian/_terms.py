@@ -100,12 +100,15 @@ def _largest(tensor: Tensor, leading: int) -> Tensor:
     rows = math.prod(tensor.shape[:leading])
     if tensor.numel() == 0:
         return tensor.new_zeros(rows, dtype=solve_dtype(tensor.dtype))
-    largest = (
-        tensor.abs().amax(dim=tuple(range(leading, tensor.ndim)))
-        if tensor.ndim > leading
-        else tensor.abs()
-    )
-    return largest.reshape(rows).to(solve_dtype(tensor.dtype))
+    if tensor.ndim == leading:
+        largest = tensor.abs()
+    else:
+        # The extremes without the absolute values: no temporary as large as the tensor.
+        dims = tuple(range(leading, tensor.ndim))
+        largest = torch.maximum(tensor.amax(dim=dims), tensor.amin(dim=dims).neg_())
+    dtype = solve_dtype(tensor.dtype)
+    largest = largest if largest.ndim == 1 else largest.reshape(rows)
+    return largest if largest.dtype == dtype else largest.to(dtype)
 
 
 def _ghost(AA: Tensor, D: Tensor, G: Tensor) -> None:
@@ -167,6 +170,16 @@ def _ghost_blocks(A: Tensor, D: Tensor, bias: bool, G: Tensor) -> None:
             if j != i:
                 G4[cols, :, rows, :].add_(block.permute(2, 3, 0, 1))
 
+
+KERNEL_CHUNK = 2**16
+"""The kernel route forms its products ``K D_t`` for a chunk of the objectives at a time: at
+least this many entries (all objectives when they hold fewer), and at least a `KERNEL_PASSES`-th
+of the objectives. A temporary half the size of the output gradients, instead of one as large,
+is faster on CPUs where the allocator maps the larger afresh; each chunk reads the output
+gradients once more."""
+
+KERNEL_PASSES = 2
+"""The most chunks of objectives the kernel route takes (see `KERNEL_CHUNK`)."""
 
 MEMORY = 4
 """Multiply-adds that writing an element of an intermediate tensor and reading it back costs
@@ -296,10 +309,16 @@ class FactoredTerm(Term):
         _, T, groups, P, d_out = self.D.shape
         K = self._input_kernel()  # [Γ, P, P]
         D = self.D[0].transpose(0, 1)  # [Γ, T, P, d_out]
+        # Part of the objectives at a time: the products K D_t stay smaller temporaries.
+        chunk = min(T, max(1, KERNEL_CHUNK // (P * d_out), -(-T // KERNEL_PASSES)))
         for g in range(groups):
             Dg = D[g] if D[g].is_contiguous() else D[g].contiguous()
-            KD = torch.matmul(K[g], Dg)  # [T, P, d_out]
-            G.addmm_(Dg.view(T, P * d_out), KD.view(T, P * d_out).T)
+            flat_t = Dg.view(T, P * d_out).T
+            kernel = K[g].expand(chunk, P, P)
+            for start in range(0, T, chunk):
+                rows = Dg[start : start + chunk]
+                KD = torch.bmm(kernel[: rows.shape[0]], rows)  # [chunk, P, d_out]
+                G[start : start + chunk].addmm_(KD.view(-1, P * d_out), flat_t)
 
     def _weight_grads(self) -> Tensor:
         S, T, groups, P, d_out = self.D.shape
@@ -337,6 +356,14 @@ class FactoredTerm(Term):
             Dw = D2[:, 0] * w[:, None] if T == 1 else torch.einsum("st,sto->so", w.view(S, T), D2)
             if self.weight is not None:
                 write(self.weight, (Dw.T @ self.A.reshape(S, d_in)).view(self.weight.shape))
+            if self.bias is not None:
+                write(self.bias, Dw.sum(dim=0))
+            return
+        if S == 1 and groups == 1:  # task losses: one product of the weighted gradients
+            Dw = (w @ self.D.reshape(T, P * d_out)).view(P, d_out)
+            if self.weight is not None:
+                grad = Dw.T @ self.A.reshape(P, d_in)
+                write(self.weight, grad.view(self.weight.shape))
             if self.bias is not None:
                 write(self.bias, Dw.sum(dim=0))
             return

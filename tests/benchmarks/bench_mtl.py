@@ -32,7 +32,8 @@ also gives the size of one set of per-task activation gradients (``m`` times the
 outputs) and of the ``m × n`` Jacobian of the trunk, for reference. The growth of the cost
 with ``m`` is fitted as ``m^k`` over the task counts measured.
 
-Run: ``python tests/benchmarks/bench_mtl.py [--rounds 7] [--plot docs/images/bench_mtl.svg]``.
+Run: ``python tests/benchmarks/bench_mtl.py [--rounds 7] [--plot docs/images/bench_mtl.svg]``;
+``--workloads small`` (or ``mlp``, ``conv``) runs those kinds of workload only.
 """
 
 from __future__ import annotations
@@ -328,6 +329,13 @@ def main() -> None:
     parser.add_argument("--conv-tasks", type=int, nargs="*", default=[40])
     parser.add_argument("--no-small", action="store_true")
     parser.add_argument(
+        "--workloads",
+        nargs="+",
+        default=["mlp", "conv", "small"],
+        choices=["mlp", "conv", "small"],
+        help="the kinds of workload to run",
+    )
+    parser.add_argument(
         "--variants", nargs="+", default=VARIANTS, choices=VARIANTS, help="sgd is always run"
     )
     parser.add_argument("--no-alone", action="store_true", help="skip the memory runs")
@@ -342,9 +350,12 @@ def main() -> None:
         torchjd = version("torchjd")
     print(f"torch {torch.__version__}, threads: {torch.get_num_threads()}, torchjd {torchjd}")
     print(f"rounds: {args.rounds} ({args.slow_rounds} for {', '.join(sorted(SLOW))})")
-    workloads = [Workload("mlp", w, m) for w in args.widths for m in args.tasks]
-    workloads += [Workload("conv", 128, m) for m in args.conv_tasks]
-    if not args.no_small:
+    workloads = []
+    if "mlp" in args.workloads:
+        workloads += [Workload("mlp", w, m) for w in args.widths for m in args.tasks]
+    if "conv" in args.workloads:
+        workloads += [Workload("conv", 128, m) for m in args.conv_tasks]
+    if "small" in args.workloads and not args.no_small:
         workloads.append(Workload("small", 256, 8))
     print(
         "| workload | m | variant | CPU ms | × SGD | peak RSS growth MiB | × SGD's "

@@ -77,6 +77,32 @@ def test_factored_term(route: str, S: int, T: int, groups: int, P: int, bias: bo
         assert_close(grads, expected, "materialised")
 
 
+@pytest.mark.parametrize("passes", [1, 2, 3, 5])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_the_kernel_route_by_chunks_of_objectives(monkeypatch, passes: int, groups: int) -> None:
+    """With chunks of ``⌈5 / passes⌉`` objectives (the last one shorter), the Gramian is the one
+    of the formed gradients."""
+    import jdoptim.gramian._terms as terms
+
+    monkeypatch.setattr(terms, "KERNEL_CHUNK", 1)
+    monkeypatch.setattr(terms, "KERNEL_PASSES", passes)
+    generator = torch.Generator().manual_seed(passes)
+    T, P, d_in, d_out = 5, 4, 3, 2
+    A = torch.randn(1, groups, P, d_in, dtype=DTYPE, generator=generator)
+    D = torch.randn(1, T, groups, P, d_out, dtype=DTYPE, generator=generator)
+    weight = torch.zeros(groups * d_out, d_in, dtype=DTYPE)
+    bias = torch.zeros(groups * d_out, dtype=DTYPE)
+    grads = torch.cat(
+        [torch.einsum("stgpo,sgpi->stgoi", D, A).reshape(T, -1), D.sum(dim=3).reshape(T, -1)],
+        dim=1,
+    )
+    term = FactoredTerm(weight, bias, A, D)
+    term.route = "kernel"
+    G = torch.full((T, T), 0.5, dtype=DTYPE)  # the Gramian is added to what is there
+    term.add_gramian(G)
+    assert_close(G, 0.5 + grads @ grads.T, "Gramian")
+
+
 def test_route_costs_prefer_the_kernel_for_task_losses_on_wide_layers() -> None:
     # One 1024 x 1024 layer, batch 64, 128 task losses: the kernel form costs far less.
     costs = route_costs(1, 128, 1, 64, 1024, 1024)
