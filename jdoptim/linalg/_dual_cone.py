@@ -739,7 +739,9 @@ def _goldfarb_idnani(u_hat: Tensor, L: Tensor, norms: Tensor) -> Tensor:
     # unit size (quadprog's tolerances are absolute).
     sizes = np.abs(u_np).sum(axis=1)
     sizes[sizes == 0] = 1.0
-    Y = (u_np / sizes[:, None]) @ L_np
+    bounds = u_np / sizes[:, None]
+    Y = bounds @ L_np
+    regularised = None  # formed for the first row whose multipliers are too large
     for row, y in enumerate(Y):
         try:
             W[row] = quadprog.solve_qp(hessian, y, constraints, zeros, 0, factorized=True)[4]
@@ -747,14 +749,23 @@ def _goldfarb_idnani(u_hat: Tensor, L: Tensor, norms: Tensor) -> Tensor:
             W[row] = _nnls(constraints, -y)
             continue
         if W[row].sum() > _GROWTH:
-            W[row] = _smallest_multipliers(L_np, u_np[row] / sizes[row], W[row])
+            if regularised is None:
+                regularised = _regularised_gramian(L_np)
+            W[row] = _smallest_multipliers(regularised, bounds[row], W[row])
     W *= sizes[:, None]
     unordered = np.empty_like(W)
     unordered[:, order] = W
     return torch.from_numpy(np.maximum(unordered, 0.0)).to(device)
 
 
-def _smallest_multipliers(L: np.ndarray, u: np.ndarray, w: np.ndarray) -> np.ndarray:
+def _regularised_gramian(L: np.ndarray) -> np.ndarray:
+    r"""$L L^\top + \mu I$ with $\mu$ a thousand times the rounding of $L L^\top$ (see
+    `_smallest_multipliers`)."""
+    m = L.shape[0]
+    return L @ L.T + 1e3 * m * np.finfo(np.float64).eps * np.eye(m)
+
+
+def _smallest_multipliers(regularised: np.ndarray, u: np.ndarray, w: np.ndarray) -> np.ndarray:
     r"""Multipliers of the same projection as ``w`` of about the smallest norm.
 
     Where a positive combination of the rows vanishes ($L^\top c = 0$, $c \ge 0$, a weakly
@@ -764,13 +775,12 @@ def _smallest_multipliers(L: np.ndarray, u: np.ndarray, w: np.ndarray) -> np.nda
     $\mu \lVert u + w \rVert^2$ to the objective, for $\mu$ a thousand times the rounding of
     $L L^\top$, makes the minimiser unique: the smallest multipliers, up to a change of the
     projection of order $\mu$. quadprog solves it in the multipliers' space; the given ``w`` is
-    kept where it refuses or does no better.
+    kept where it refuses or does no better. ``regularised`` is `_regularised_gramian` of the
+    square root.
     """
-    m = L.shape[0]
-    mu = 1e3 * m * np.finfo(np.float64).eps
-    hessian = L @ L.T + mu * np.eye(m)
+    m = regularised.shape[0]
     try:
-        v = quadprog.solve_qp(hessian, np.zeros(m), np.eye(m), u, 0)[0]
+        v = quadprog.solve_qp(regularised, np.zeros(m), np.eye(m), u, 0)[0]
     except ValueError:
         return w
     smaller = np.maximum(v - u, 0.0)
