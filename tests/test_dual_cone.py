@@ -523,3 +523,39 @@ def test_gramian_symmetric_up_to_rounding_is_solved_by_the_fast_regimes(
     V = project_weights_active_set(U, skewed)
     assert handed_over == []
     torch.testing.assert_close(V, project_weights_active_set(U, (skewed + skewed.T) / 2))
+
+
+def _spread_rank_deficient(seed: int, spread: float) -> Tensor:
+    """A Jacobian with fewer columns than rows and rows' norms spread over orders of magnitude
+    (log-normal, of standard deviation ``spread``)."""
+    generator = torch.Generator().manual_seed(seed)
+    m, n = 7, 1 + seed % 3
+    scales = torch.exp(spread * torch.randn(m, 1, generator=generator, dtype=F64))
+    return torch.randn(m, n, generator=generator, dtype=F64) * scales
+
+
+@pytest.mark.parametrize(("dtype", "spread"), [(torch.float16, 1.5), (torch.bfloat16, 3.0)])
+def test_half_precision_gramian_is_resolved_at_its_own_rounding(dtype: torch.dtype, spread: float):
+    # A Gramian given in half precision is known to that precision's ε only: directions of the
+    # rows below it are rounding. Solved as if they were exact (to float32's ε), they put
+    # weights of 1e6 (inf in float16) on rows whose terms cancel, where the Jacobian's own
+    # weights are of order 1. Judged at its own rounding, the weights' size Σ_j |w_j| ‖g_j‖
+    # stays within a few times that of the float64 Gramian's (products too small for the
+    # dtype's normal range, which keep a few bits only, are left out).
+    tiny = torch.finfo(dtype).tiny
+    checked = 0
+    for seed in range(160):
+        J = _spread_rank_deficient(seed, spread)
+        G = J @ J.T
+        G = G / 2.0 ** torch.ceil(torch.log2(G.abs().max()))
+        if bool((G.diagonal() < tiny).any()):
+            continue
+        checked += 1
+        norms = G.diagonal().sqrt()
+        for aggregator in (UPGrad(), DualProj()):
+            weights = aggregator.weighting(G.to(dtype))
+            assert weights.dtype == dtype and bool(weights.isfinite().all()), (seed, weights)
+            size = (weights.double().abs() * norms).sum()
+            exact_size = (aggregator.weighting(G).abs() * norms).sum()
+            assert size <= 8 * exact_size, (seed, type(aggregator).__name__, weights)
+    assert checked >= 40

@@ -117,8 +117,8 @@ def project_weights_active_set(U: Tensor, G: Tensor, *, max_iters: int | None = 
     ($Gu \ge 0$) are solved by $w = 0$. A Gramian given in float32 or half precision that is not
     well conditioned (see below), with $m \le 1024$, is first reduced to the part its precision
     resolves: the eigenvalues of the unit-diagonal Gramian at most $4\varepsilon$ of float32
-    (rounding, whose sign and size the order of the rows decides) are dropped, and the rest is
-    solved as float64 input; a Gramian with an eigenvalue below $-4\varepsilon$ (not positive
+    (rounding, whose sign and size the order of the rows decides; of the Gramian's own dtype for
+    a Gramian given in half precision) are dropped, and the rest is solved as float64 input; a Gramian with an eigenvalue below $-4\varepsilon$ (not positive
     semi-definite up to rounding) is solved as given. The other problems take one of two routes:
 
     - **Rank-deficient Gramians** (the Cholesky factorisation of $G$ fails or has a pivot²
@@ -191,7 +191,10 @@ def project_weights_active_set(U: Tensor, G: Tensor, *, max_iters: int | None = 
     precision = dtype if dtype in (torch.float32, torch.float64) else torch.float32
     # The solution is not differentiated through (nor is quadprog's).
     U64 = U.detach().to(device=G.device, dtype=torch.float64)
-    V = _solve(U64, _symmetrised(G), precision, max_iters)
+    # A Gramian given in half precision is rounded at that precision's epsilon: the part of it
+    # that is resolved is judged on that scale, whatever the precision it is solved in.
+    resolution = G.dtype if G.dtype in (torch.float16, torch.bfloat16) else precision
+    V = _solve(U64, _symmetrised(G), precision, max_iters, resolution)
     return V.to(device=U.device, dtype=U.dtype)
 
 
@@ -213,9 +216,18 @@ def _symmetrised(G: Tensor, block: int = 256) -> Tensor:
     return G
 
 
-def _solve(U64: Tensor, G_hat: Tensor, precision: torch.dtype, max_iters: int) -> Tensor:
+def _solve(
+    U64: Tensor,
+    G_hat: Tensor,
+    precision: torch.dtype,
+    max_iters: int,
+    resolution: torch.dtype | None = None,
+) -> Tensor:
     """`project_weights_active_set` in float64 (``G_hat`` is overwritten) for values given in
-    ``precision``."""
+    ``precision``, from a Gramian rounded at ``resolution``'s epsilon (``precision``'s if
+    None)."""
+    if resolution is None:
+        resolution = precision
     k, m = U64.shape
     tau = _tolerance(m, precision)
     diagonal = G_hat.diagonal().clone()
@@ -226,7 +238,7 @@ def _solve(U64: Tensor, G_hat: Tensor, precision: torch.dtype, max_iters: int) -
         V = U64.clone()
         if index.numel():
             sub = G_hat[index][:, index]
-            V[:, index] = _solve(U64[:, index], sub, precision, max_iters)
+            V[:, index] = _solve(U64[:, index], sub, precision, max_iters, resolution)
         return V
     if m <= 2:
         return _solve_coordinatewise(U64, G_hat)
@@ -257,7 +269,7 @@ def _solve(U64: Tensor, G_hat: Tensor, precision: torch.dtype, max_iters: int) -
     else:
         u_hat = u_hat[conflicting]
 
-    root = _SquareRoot(G_hat, precision)
+    root = _SquareRoot(G_hat, resolution)
     well_conditioned = _well_conditioned(G_hat, root.rank_tol)
     if not well_conditioned and precision != torch.float64 and m <= _RESOLVE_MAX:
         # Directions of a low-precision Gramian below its rounding are noise, which the order
@@ -356,9 +368,10 @@ class _SquareRoot:
 
     Each step takes the row with the largest residual diagonal; it stops once that is at most
     ``rank_tol`` (the rows left are combinations of those taken, up to that residual), which
-    makes ``L.shape[1]`` the numerical rank. The tolerance is $4\varepsilon$ of the input's
-    precision (float64's for float64 input, float32's otherwise): a row's distance to the span
-    of the pivots is at most its square root.
+    makes ``L.shape[1]`` the numerical rank. The tolerance is $4\varepsilon$ of the precision
+    the Gramian was rounded at (float64's for float64 input, float32's for float32, the half
+    precision's own for a Gramian given in half precision): a row's distance to the span of the
+    pivots is at most its square root.
     """
 
     def __init__(self, G: Tensor, precision: torch.dtype) -> None:
