@@ -118,8 +118,9 @@ def project_weights_active_set(U: Tensor, G: Tensor, *, max_iters: int | None = 
     well conditioned (see below), with $m \le 1024$, is first reduced to the part its precision
     resolves: the eigenvalues of the unit-diagonal Gramian at most $4\varepsilon$ of float32
     (rounding, whose sign and size the order of the rows decides; of the Gramian's own dtype for
-    a Gramian given in half precision) are dropped, and the rest is solved as float64 input; a Gramian with an eigenvalue below $-4\varepsilon$ (not positive
-    semi-definite up to rounding) is solved as given. The other problems take one of two routes:
+    a Gramian given in half precision) are dropped, and the rest is solved as float64 input; a
+    Gramian with an eigenvalue below $-4\varepsilon$ (not positive semi-definite up to
+    rounding) is solved as given. The other problems take one of two routes:
 
     - **Rank-deficient Gramians** (the Cholesky factorisation of $G$ fails or has a pivot²
       below $10^3$ times the rank tolerance of `_SquareRoot`, and a pivoted Cholesky
