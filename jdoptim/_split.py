@@ -40,6 +40,7 @@ row instead.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -562,6 +563,16 @@ def _own(
     return {p: g for p, g in zip(params, grads, strict=True) if g is not None}
 
 
+SHARED_PASSES = 3
+"""Batched passes through the shared part, at least, when the gradients they return hold more than
+`SHARED_PASS_MIN` entries (and more where they would exceed `PASS_ENTRIES` per pass): a pass holds
+one layer's gradients of its rows besides what it returns, and more passes make that smaller."""
+
+SHARED_PASS_MIN = 2**20
+"""Entries (4 MiB in float32) of the returned gradients below which one pass takes every row: the
+memory is small, and each pass costs a walk of the graph."""
+
+
 def through_shared(
     cut: Split,
     inputs: Sequence[Target],
@@ -569,24 +580,55 @@ def through_shared(
     retain_graph: bool,
     batched: bool = True,
     chunk_size: int | None = None,
+    release: bool = False,
 ) -> list[Tensor | None]:
-    """The gradients ``[r, *shape]`` of the rows at ``inputs`` inside the shared part: one
-    batched backward pass from the boundary.
+    """The gradients ``[r, *shape]`` of the rows at ``inputs`` inside the shared part: batched
+    backward passes from the boundary.
+
+    What is held besides the gradients returned is kept small: the rows go through in
+    `SHARED_PASSES` passes or more when the gradients are large (see `SHARED_PASS_MIN` and
+    `PASS_ENTRIES`), and with ``release`` the boundary's gradients (``cut.cotangents``, emptied)
+    are let go before the passes' parts are joined, one input at a time.
 
     Args:
         cut: The result of `split`.
         inputs: Tensors or edges in the shared part.
-        retain_graph: Keep the graph after the pass.
+        retain_graph: Keep the graph after the passes.
         batched: Vectorise the rows; otherwise one backward pass per row.
-        chunk_size: Rows per batched pass; ``None`` for all at once.
+        chunk_size: Rows per batched pass; ``None`` to choose as above.
+        release: Empty ``cut.cotangents`` once the passes are done.
     """
     if not cut.boundary or not inputs:
         return [None] * len(inputs)
-    return vjp_rows(
-        cut.boundary,
-        inputs,
-        cut.cotangents,
-        retain_graph=retain_graph,
-        batched=batched,
-        chunk_size=chunk_size,
-    )
+    r = cut.cotangents[0].shape[0]
+    if batched and chunk_size is None:
+        entries = r * sum(_numel(target) for target in inputs)
+        passes = -(-entries // PASS_ENTRIES)
+        if entries > SHARED_PASS_MIN:
+            passes = max(passes, SHARED_PASSES)
+        chunk_size = -(-r // min(max(passes, 1), r))
+    chunks = [
+        list(grads)
+        for _, _, grads in _chunks(
+            cut.boundary, inputs, cut.cotangents, retain_graph, batched, chunk_size
+        )
+    ]
+    if release:
+        cut.cotangents.clear()
+    joined: list[Tensor | None] = []
+    for i in range(len(inputs)):
+        parts = [chunk[i] for chunk in chunks]
+        for chunk in chunks:
+            chunk[i] = None  # each part is let go once joined
+        joined.append(
+            None if parts[0] is None else parts[0] if len(parts) == 1 else torch.cat(parts)  # type: ignore[arg-type]
+        )
+        del parts
+    return joined
+
+
+def _numel(target: Target) -> int:
+    """The number of entries of a tensor, or of the gradient flowing along an edge."""
+    if isinstance(target, Tensor):
+        return target.numel()
+    return math.prod(target.node._input_metadata[target.output_nr].shape)

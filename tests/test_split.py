@@ -238,3 +238,36 @@ def test_rows_other_than_one_per_loss_take_the_general_route():
         [torch.autograd.grad(loss, features, retain_graph=True)[0] for loss in losses]
     )
     torch.testing.assert_close(cut.cotangents[0], torch.einsum("rk,k...->r...", rows, per_task))
+
+
+@pytest.mark.parametrize("minimum", [0, 10**9])
+def test_through_shared_in_passes_releases_the_boundary_and_gives_the_same_gradients(
+    minimum: int, monkeypatch: pytest.MonkeyPatch
+):
+    # Above `SHARED_PASS_MIN` entries the rows go through in `SHARED_PASSES` passes (here of 3,
+    # 3 and 1 rows), and `release` lets the boundary's gradients go before the parts are
+    # joined: the gradients are those of one pass, and ``cut.cotangents`` is empty after.
+    from jdoptim import _split
+
+    monkeypatch.setattr(_split, "SHARED_PASS_MIN", minimum)
+    calls: list[int] = []
+    grad = torch.autograd.grad
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return grad(*args, **kwargs)
+
+    x = torch.randn(6, 4)
+    trunk = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh())
+    heads = nn.ModuleList(nn.Linear(5, 1) for _ in range(7))
+    shared = list(trunk.parameters())
+    features = trunk(x)
+    losses = torch.stack([head(features).pow(2).mean() for head in heads])
+    cut = split(losses, torch.eye(7), shared, list(heads.parameters()))
+    expected = through_shared(cut, shared, retain_graph=True, chunk_size=7)
+    monkeypatch.setattr(torch.autograd, "grad", counting)
+    found = through_shared(cut, shared, retain_graph=False, release=True)
+    assert len(calls) == (1 if minimum else _split.SHARED_PASSES)
+    assert cut.cotangents == []
+    for got, want in zip(found, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)

@@ -618,7 +618,9 @@ class GramianEngine:
             inside = [
                 edge for call, _, edge in slots if id(call) not in skipped and cut.is_shared(edge)
             ]
-            found = through_shared(cut, [*inside, *params], retain_graph=retain, batched=not looped)
+            found = through_shared(
+                cut, [*inside, *params], retain_graph=retain, batched=not looped, release=True
+            )
         except RuntimeError as error:
             if looped:
                 raise
