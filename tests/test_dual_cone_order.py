@@ -8,7 +8,9 @@ against at most 5e-6 under rounding-level noise. Their float32 Gramians have eig
 float32's rounding (some negative) whose sign and size the order of the rows decides, and
 positive combinations of rows that vanish (so that the multipliers are not unique). The
 dual-cone solver drops the directions below the input's rounding and takes the smallest
-multipliers where the exact method's are large; these inputs hold it to every contract again:
+multipliers where the exact method's are large (the last four cases: also where quadprog refuses
+the problem and Lawson and Hanson's method finishes it, whose multipliers reached 1e7 and left
+the float32 update to rounding); these inputs hold it to every contract again:
 no conflict, the same update in any order (within float32's tolerance of the properties),
 finite output, nothing raised.
 """

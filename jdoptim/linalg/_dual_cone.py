@@ -761,7 +761,6 @@ def _goldfarb_idnani(u_hat: Tensor, L: Tensor, norms: Tensor) -> Tensor:
             W[row] = quadprog.solve_qp(hessian, y, constraints, zeros, 0, factorized=True)[4]
         except ValueError:
             W[row] = _nnls(constraints, -y)
-            continue
         if W[row].sum() > _GROWTH:
             if regularised is None:
                 regularised = _regularised_gramian(L_np)
