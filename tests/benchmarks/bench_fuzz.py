@@ -11,7 +11,8 @@ those of `tests.properties`: finite input gives a finite result of the right sha
 the declared properties hold (non-conflicting, permutation invariant), and non-finite input
 gives a ``ValueError`` or a non-finite result.
 
-Run: ``python tests/benchmarks/bench_fuzz.py [--examples 2000] [--methods mgda upgrad]``.
+Run: ``python tests/benchmarks/bench_fuzz.py [--examples 2000] [--methods mgda upgrad]
+[--dtypes float32]``.
 Prints, per method, the number of inputs, of inputs with a violation, of inputs whose Gramian,
 formed in the Jacobian's dtype, overflows or underflows (``unfaith``: the declared properties are
 not checked on them, see `tests.properties.faithful_gramian`), the CPU time, and the most
@@ -39,13 +40,22 @@ from tests.properties import (
 )
 from tests.strategies import degenerate_jacobians, loss_vectors
 
+DTYPES = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
 
 def _kind(violation: str) -> str:
     """The violation without its numbers, to count alike ones together."""
     return re.sub(r"-?\d[\d.e+-]*", "#", violation)[:90]
 
 
-def run(name: str, examples: int) -> tuple[dict[str, int], collections.Counter, dict[str, str]]:
+def run(
+    name: str, examples: int, dtypes: tuple[torch.dtype, ...] | None = None
+) -> tuple[dict[str, int], collections.Counter, dict[str, str]]:
     spec = jdoptim.get_spec(name)
     counts: collections.Counter = collections.Counter()
     first: dict[str, str] = {}
@@ -54,7 +64,8 @@ def run(name: str, examples: int) -> tuple[dict[str, int], collections.Counter, 
     if spec.kind == "scalarizer":
         strategy, check = loss_vectors(), scalarizer_violations
     else:
-        strategy = degenerate_jacobians(min_m=spec.min_objectives)
+        chosen = {} if dtypes is None else {"dtypes": dtypes}
+        strategy = degenerate_jacobians(min_m=spec.min_objectives, **chosen)
         check = aggregator_violations if spec.kind == "aggregator" else weighting_violations
 
     @settings(
@@ -91,7 +102,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=2000, help="inputs per method")
     parser.add_argument("--methods", nargs="*", help="registry names (default: all)")
+    parser.add_argument(
+        "--dtypes",
+        nargs="+",
+        choices=sorted(DTYPES),
+        help="dtypes of the Jacobians (default: all four); scalarizers' losses are not affected",
+    )
     args = parser.parse_args()
+    dtypes = None if args.dtypes is None else tuple(DTYPES[d] for d in args.dtypes)
     torch.set_num_threads(1)
     names = args.methods or (
         jdoptim.list_aggregators() + jdoptim.list_weightings() + jdoptim.list_scalarizers()
@@ -101,7 +119,7 @@ def main() -> None:
     grand = collections.Counter()
     for name in names:
         start = time.process_time()
-        totals, counts, first = run(name, args.examples)
+        totals, counts, first = run(name, args.examples, dtypes)
         seconds = time.process_time() - start
         grand.update(totals)
         print(
