@@ -117,10 +117,10 @@ def project_weights_active_set(U: Tensor, G: Tensor, *, max_iters: int | None = 
     ($Gu \ge 0$) are solved by $w = 0$. A Gramian given in float32 or half precision that is not
     well conditioned (see below), with $m \le 1024$, is first reduced to the part its precision
     resolves: the eigenvalues of the unit-diagonal Gramian at most $4\varepsilon$ of float32
-    (rounding, whose sign and size the order of the rows decides; of the Gramian's own dtype for
-    a Gramian given in half precision) are dropped, and the rest is solved as float64 input; a
-    Gramian with an eigenvalue below $-4\varepsilon$ (not positive semi-definite up to
-    rounding) is solved as given. The other problems take one of two routes:
+    (rounding, whose sign and size the order of the rows decides; one $\varepsilon$ of the
+    Gramian's own dtype for a Gramian given in half precision) are dropped, and the rest is
+    solved as float64 input; a Gramian with an eigenvalue below $-4\varepsilon$ (not positive
+    semi-definite up to rounding) is solved as given. The other problems take one of two routes:
 
     - **Rank-deficient Gramians** (the Cholesky factorisation of $G$ fails or has a pivot²
       below $10^3$ times the rank tolerance of `_SquareRoot`, and a pivoted Cholesky
@@ -370,15 +370,18 @@ class _SquareRoot:
     Each step takes the row with the largest residual diagonal; it stops once that is at most
     ``rank_tol`` (the rows left are combinations of those taken, up to that residual), which
     makes ``L.shape[1]`` the numerical rank. The tolerance is $4\varepsilon$ of the precision
-    the Gramian was rounded at (float64's for float64 input, float32's for float32, the half
-    precision's own for a Gramian given in half precision): a row's distance to the span of the
-    pivots is at most its square root.
+    the Gramian was rounded at (float64's for float64 input, float32's for float32), and one
+    $\varepsilon$ of the half precision for a Gramian given in half precision, whose
+    $\varepsilon$ is large enough that dropping more would move the rows by more than the
+    rounding of its values decides ($\sqrt{m\varepsilon}$ relative): a row's distance to the
+    span of the pivots is at most the tolerance's square root.
     """
 
     def __init__(self, G: Tensor, precision: torch.dtype) -> None:
         m = G.shape[0]
         self.G = G
-        self.rank_tol = 4 * torch.finfo(precision).eps
+        half = precision in (torch.float16, torch.bfloat16)
+        self.rank_tol = (1 if half else 4) * torch.finfo(precision).eps
         self.residual = G.diagonal().clone()
         self.buffer = G.new_zeros(m, min(m, 64))
         self.rank = 0
