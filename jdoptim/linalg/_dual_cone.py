@@ -117,10 +117,12 @@ def project_weights_active_set(U: Tensor, G: Tensor, *, max_iters: int | None = 
     ($Gu \ge 0$) are solved by $w = 0$. A Gramian given in float32 or half precision that is not
     well conditioned (see below), with $m \le 1024$, is first reduced to the part its precision
     resolves: the eigenvalues of the unit-diagonal Gramian at most $4\varepsilon$ of float32
-    (rounding, whose sign and size the order of the rows decides; one $\varepsilon$ of the
-    Gramian's own dtype for a Gramian given in half precision) are dropped, and the rest is
+    (rounding, whose sign and size the order of the rows decides) are dropped, and the rest is
     solved as float64 input; a Gramian with an eigenvalue below $-4\varepsilon$ (not positive
-    semi-definite up to rounding) is solved as given. The other problems take one of two routes:
+    semi-definite up to rounding) is solved as given. Where the weights of a Gramian given in
+    half precision would not fit its dtype (their sum over the problems overflows), the
+    eigenvalues up to one $\varepsilon$ of that dtype are dropped instead, and the problems
+    solved again. The other problems take one of two routes:
 
     - **Rank-deficient Gramians** (the Cholesky factorisation of $G$ fails or has a pivot²
       below $10^3$ times the rank tolerance of `_SquareRoot`, and a pivoted Cholesky
@@ -192,11 +194,19 @@ def project_weights_active_set(U: Tensor, G: Tensor, *, max_iters: int | None = 
     precision = dtype if dtype in (torch.float32, torch.float64) else torch.float32
     # The solution is not differentiated through (nor is quadprog's).
     U64 = U.detach().to(device=G.device, dtype=torch.float64)
-    # A Gramian given in half precision is rounded at that precision's epsilon: the part of it
-    # that is resolved is judged on that scale, whatever the precision it is solved in.
-    resolution = G.dtype if G.dtype in (torch.float16, torch.bfloat16) else precision
-    V = _solve(U64, _symmetrised(G), precision, max_iters, resolution)
+    V = _solve(U64, _symmetrised(G), precision, max_iters)
+    half = (torch.float16, torch.bfloat16)
+    if G.dtype in half and U.dtype in half and not _fits(V, U.dtype):
+        # The values as given need weights beyond the range of their dtype (large ones on rows
+        # whose terms cancel along directions below the dtype's rounding): the part of the
+        # Gramian that its own rounding resolves is solved instead, whose weights fit.
+        V = _solve(U64, _symmetrised(G), precision, max_iters, resolution=G.dtype)
     return V.to(device=U.device, dtype=U.dtype)
+
+
+def _fits(V: Tensor, dtype: torch.dtype) -> bool:
+    """Whether every sum of the rows of ``V`` (one solution per problem) is finite in ``dtype``."""
+    return bool(V.abs().sum(dim=0).amax() <= torch.finfo(dtype).max)
 
 
 def _symmetrised(G: Tensor, block: int = 256) -> Tensor:
@@ -370,11 +380,12 @@ class _SquareRoot:
     Each step takes the row with the largest residual diagonal; it stops once that is at most
     ``rank_tol`` (the rows left are combinations of those taken, up to that residual), which
     makes ``L.shape[1]`` the numerical rank. The tolerance is $4\varepsilon$ of the precision
-    the Gramian was rounded at (float64's for float64 input, float32's for float32), and one
-    $\varepsilon$ of the half precision for a Gramian given in half precision, whose
-    $\varepsilon$ is large enough that dropping more would move the rows by more than the
-    rounding of its values decides ($\sqrt{m\varepsilon}$ relative): a row's distance to the
-    span of the pivots is at most the tolerance's square root.
+    the Gramian is solved at (float64's for float64 input, float32's for float32 and half
+    precision), and one $\varepsilon$ of a half precision where a Gramian given in it is solved
+    at its own rounding (see `project_weights_active_set`; with a larger $\varepsilon$, dropping
+    more would move the rows by more than the rounding of the values decides,
+    $\sqrt{m\varepsilon}$ relative): a row's distance to the span of the pivots is at most the
+    tolerance's square root.
     """
 
     def __init__(self, G: Tensor, precision: torch.dtype) -> None:
