@@ -103,13 +103,17 @@ def _chunks(
 def vjp_rows(
     outputs: Sequence[Target],
     inputs: Sequence[Target],
-    rows: Sequence[Tensor],
+    rows: list[Tensor],
     *,
     retain_graph: bool,
     batched: bool = True,
     chunk_size: int | None = None,
+    release: bool = False,
 ) -> list[Tensor | None]:
     """Vector-Jacobian products for several rows of cotangents at once.
+
+    The passes' parts are joined one input at a time, each part let go once joined, so that
+    joining holds at most one input's gradients twice.
 
     Args:
         outputs: What is differentiated (tensors or graph edges).
@@ -118,17 +122,27 @@ def vjp_rows(
         retain_graph: Keep the graph after the last pass.
         batched: Vectorise the rows (``is_grads_batched``); otherwise one pass per row.
         chunk_size: Rows per batched pass; ``None`` for all at once.
+        release: Empty ``rows`` once the passes are done, before their parts are joined, so
+            that the cotangents can be let go.
 
     Returns:
         For each input, its gradients ``[r, *shape]``, or ``None`` if no output reaches it.
     """
     chunks = [
-        grads for _, _, grads in _chunks(outputs, inputs, rows, retain_graph, batched, chunk_size)
+        list(grads)
+        for _, _, grads in _chunks(outputs, inputs, rows, retain_graph, batched, chunk_size)
     ]
-    return [
-        None if parts[0] is None else parts[0] if len(parts) == 1 else torch.cat(parts)  # type: ignore[arg-type]
-        for parts in zip(*chunks, strict=True)
-    ]
+    if release:
+        rows.clear()
+    joined: list[Tensor | None] = []
+    for i in range(len(inputs)):
+        parts = [chunk[i] for chunk in chunks]
+        for chunk in chunks:
+            chunk[i] = None
+        joined.append(
+            None if parts[0] is None else parts[0] if len(parts) == 1 else torch.cat(parts)  # type: ignore[arg-type]
+        )
+    return joined
 
 
 PASS_ENTRIES = 2**23
@@ -588,7 +602,7 @@ def through_shared(
     What is held besides the gradients returned is kept small: the rows go through in
     `SHARED_PASSES` passes or more when the gradients are large (see `SHARED_PASS_MIN` and
     `PASS_ENTRIES`), and with ``release`` the boundary's gradients (``cut.cotangents``, emptied)
-    are let go before the passes' parts are joined, one input at a time.
+    are let go before the passes' parts are joined (see `vjp_rows`).
 
     Args:
         cut: The result of `split`.
@@ -607,24 +621,15 @@ def through_shared(
         if entries > SHARED_PASS_MIN:
             passes = max(passes, SHARED_PASSES)
         chunk_size = -(-r // min(max(passes, 1), r))
-    chunks = [
-        list(grads)
-        for _, _, grads in _chunks(
-            cut.boundary, inputs, cut.cotangents, retain_graph, batched, chunk_size
-        )
-    ]
-    if release:
-        cut.cotangents.clear()
-    joined: list[Tensor | None] = []
-    for i in range(len(inputs)):
-        parts = [chunk[i] for chunk in chunks]
-        for chunk in chunks:
-            chunk[i] = None  # each part is let go once joined
-        joined.append(
-            None if parts[0] is None else parts[0] if len(parts) == 1 else torch.cat(parts)  # type: ignore[arg-type]
-        )
-        del parts
-    return joined
+    return vjp_rows(
+        cut.boundary,
+        inputs,
+        cut.cotangents,
+        retain_graph=retain_graph,
+        batched=batched,
+        chunk_size=chunk_size,
+        release=release,
+    )
 
 
 def _numel(target: Target) -> int:

@@ -32,6 +32,8 @@ from jdoptim.linalg._quadprog import project_weights_quadprog
 Solver = Literal["active_set", "quadprog"]
 SOLVERS: tuple[str, ...] = ("active_set", "quadprog")
 
+_HALF = (torch.float16, torch.bfloat16)
+
 _DENSE_MAX = 40
 """Largest m for which the equations on the passive sets are solved by Cholesky factorisation
 (from m = 3; m ≤ 2 has a closed form); conjugate gradients solve them above: one factorisation
@@ -195,8 +197,7 @@ def project_weights_active_set(U: Tensor, G: Tensor, *, max_iters: int | None = 
     # The solution is not differentiated through (nor is quadprog's).
     U64 = U.detach().to(device=G.device, dtype=torch.float64)
     V = _solve(U64, _symmetrised(G), precision, max_iters)
-    half = (torch.float16, torch.bfloat16)
-    if G.dtype in half and U.dtype in half and not _fits(V, U.dtype):
+    if G.dtype in _HALF and U.dtype in _HALF and not _fits(V, U.dtype):
         # The values as given need weights beyond the range of their dtype (large ones on rows
         # whose terms cancel along directions below the dtype's rounding): the part of the
         # Gramian that its own rounding resolves is solved instead, whose weights fit.
@@ -391,8 +392,7 @@ class _SquareRoot:
     def __init__(self, G: Tensor, precision: torch.dtype) -> None:
         m = G.shape[0]
         self.G = G
-        half = precision in (torch.float16, torch.bfloat16)
-        self.rank_tol = (1 if half else 4) * torch.finfo(precision).eps
+        self.rank_tol = (1 if precision in _HALF else 4) * torch.finfo(precision).eps
         self.residual = G.diagonal().clone()
         self.buffer = G.new_zeros(m, min(m, 64))
         self.rank = 0
