@@ -377,6 +377,96 @@ def test_medium_problems_satisfy_kkt(dtype: torch.dtype):
             _assert_kkt(U, G, project_weights_active_set(U, G), bar)
 
 
+def _per_sample_like(m: int, seed: int) -> Tensor:
+    """Rows like per-sample gradients of a c-class cross-entropy: a common 9-dimensional part
+    with large coefficients of either sign plus a per-row part, so that the unit-diagonal
+    Gramian has 9 eigenvalues far above its bulk."""
+    generator = torch.Generator().manual_seed(seed)
+    shared = torch.randn(9, 4 * m, generator=generator, dtype=F64)
+    coefficients = 10.0 * torch.randn(m, 9, generator=generator, dtype=F64)
+    return coefficients @ shared / m**0.5 + torch.randn(m, 4 * m, generator=generator, dtype=F64)
+
+
+def _unit_diagonal(G: Tensor) -> Tensor:
+    norms = G.diagonal().sqrt()
+    return G / norms.unsqueeze(1) / norms
+
+
+def test_outliers_are_the_eigenvalues_before_the_gap():
+    G = _unit_diagonal(_per_sample_like(300, 30) @ _per_sample_like(300, 30).T)
+    values, vectors = torch.linalg.eigh(G)
+    preconditioner = _dual_cone._Outliers.of(G)
+    assert preconditioner is not None
+    Q = preconditioner.Q
+    assert Q.shape == (300, 9)
+    # Q spans the top eigenspace, and the excesses are λ_j / μ - 1 for the bulk's top μ.
+    top = vectors[:, -9:]
+    torch.testing.assert_close(Q @ Q.T, top @ top.T, rtol=0, atol=1e-3)
+    excess = preconditioner.inverse_excess.diagonal().reciprocal()
+    expected = values[-9:].flip(0) / values[-10] - 1
+    torch.testing.assert_close(excess, expected, rtol=0.1, atol=0)
+
+
+@pytest.mark.parametrize("m", [12, 64, 300])
+def test_no_outliers_no_preconditioner(m: int):
+    # A spectrum without a gap (Marchenko-Pastur), and sizes below the smallest m.
+    J = _normal(m, 2 * m, 31)
+    assert _dual_cone._Outliers.of(_unit_diagonal(J @ J.T)) is None
+    assert _dual_cone._Outliers.of(torch.zeros(m, m, dtype=F64)) is None
+
+
+def test_outliers_preconditioner_inverts_its_matrix_on_each_passive_set(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    monkeypatch.setattr(_dual_cone._Outliers, "_MIN", 64)
+    G = _unit_diagonal(_per_sample_like(120, 32) @ _per_sample_like(120, 32).T)
+    preconditioner = _dual_cone._Outliers.of(G)
+    assert preconditioner is not None
+    generator = torch.Generator().manual_seed(33)
+    mask = (torch.rand(7, 120, generator=generator) < 0.7).to(F64)
+    g = torch.randn(7, 120, generator=generator, dtype=F64) * mask
+    preconditioner.restrict(mask)
+    s = preconditioner.apply(g, mask, out=torch.empty_like(g))
+    assert torch.equal(s * (1 - mask), torch.zeros_like(s))
+    Q = preconditioner.Q
+    excess = preconditioner.inverse_excess.diagonal().reciprocal()
+    for row in range(7):
+        QP = Q * mask[row].unsqueeze(1)
+        M = torch.eye(120, dtype=F64) + QP @ torch.diag(excess) @ QP.T
+        torch.testing.assert_close(M @ s[row], g[row], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_preconditioned_iterations_give_the_exact_projections(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+):
+    # Gramians with outlying eigenvalues, where conjugate gradients is preconditioned: the
+    # same projections as without the preconditioner and as quadprog's, and each satisfies KKT
+    # (at a size below the one from which the solver builds it, so that quadprog is quick).
+    monkeypatch.setattr(_dual_cone._Outliers, "_MIN", 64)
+    J = _per_sample_like(96, 34)
+    G = (J @ J.T).to(dtype)
+    built = []
+    monkeypatch.setattr(
+        _dual_cone._Outliers, "of", classmethod(lambda cls, G: built.append(1) or _OF(G))
+    )
+    U = torch.eye(96, dtype=dtype)
+    preconditioned = project_weights_active_set(U, G)
+    assert built, "the preconditioner was not built"
+    monkeypatch.setattr(_dual_cone._Outliers, "of", classmethod(lambda cls, G: None))
+    plain = project_weights_active_set(U, G)
+    G64 = G.double()
+    expected = project_weights_quadprog(U.double(), G64)
+    bar = max(KKT_BAR[dtype], 8 * 96 * torch.finfo(dtype).eps)
+    scale = float(G64.diagonal().max())
+    for V in (preconditioned, plain):
+        _assert_kkt(U, G, V, bar)
+        torch.testing.assert_close(V.double() @ G64, expected @ G64, rtol=0, atol=bar * scale)
+
+
+_OF = _dual_cone._Outliers.of
+
+
 # --- Solver interface ----------------------------------------------------------------------------
 
 

@@ -138,8 +138,11 @@ def project_weights_active_set(U: Tensor, G: Tensor, *, max_iters: int | None = 
       2011) with regularised Cholesky solves in float64; above, the same exchanges with
       conjugate-gradient iterations in the input precision (float32 for half precision), in
       float32 rounds with float64 refinement for float64 input, and a monotone feasible phase
-      where the exchanges stall. Each solution is then *certified* in float64: $w \ge 0$, every
-      multiplier $\lambda_i \ge -\tau s$, every $|\lambda_i| \le \tau s$ where $w_i > 0$, with
+      where the exchanges stall. Where the Gramian has a few eigenvalues far above the others
+      (the per-sample gradients of a classifier share the directions of its logits), the
+      iterations are preconditioned by a low-rank correction that moves them (`_Outliers`).
+      Each solution is then *certified* in float64: $w \ge 0$, every multiplier
+      $\lambda_i \ge -\tau s$, every $|\lambda_i| \le \tau s$ where $w_i > 0$, with
       $s = \sum_j |u_j| + \sum_j w_j$ (in the unit-diagonal scaling) and
       $\tau = 4 \max(m, 16)\,\varepsilon$ of float64, and at least float32's
       $\varepsilon$ for input in float32 or half precision (whose weights come back in that
@@ -328,7 +331,10 @@ def _fast_regimes(u_hat: Tensor, lam: Tensor, G_hat: Tensor, max_iters: int, tau
         passive = lam < threshold
         W, _, _ = _factorised_exchanges(lam, G_hat, threshold, passive, tau, max_iters, False)
         return W.clamp(min=0.0)
-    W, _ = _conjugate_gradients(u_hat, lam, G_hat, tau, max_iters, 0, handoff=True)
+    preconditioner = _Outliers.of(G_hat)
+    W, _ = _conjugate_gradients(
+        u_hat, lam, G_hat, tau, max_iters, 0, handoff=True, preconditioner=preconditioner
+    )
     return W.clamp(min=0.0)
 
 
@@ -529,6 +535,92 @@ def _factorised_exchanges(
     return w, solved, steps
 
 
+class _Outliers:
+    r"""A preconditioner for the equations $G_{PP} w_P = b_P$ of the passive sets, for a Gramian
+    with a few eigenvalues far above the others.
+
+    One loss per sample with a $c$-class cross-entropy gives such Gramians: the gradients share
+    the $c - 1$ directions of the logits, and the unit-diagonal Gramian has $c - 1$ eigenvalues
+    10 to 100 times its bulk (at batch 1024 of the benchmark's MLP, 15 to 23 against at most 1.5;
+    of its CNN, 79 to 119 against at most 1.8). Conjugate gradients then converges at the pace of
+    the condition number $\lambda_\max / \lambda_\min$ of the whole spectrum. With the $k$
+    outlying eigenpairs $(\lambda_j, q_j)$ and $\mu$ the largest eigenvalue of the bulk, the
+    preconditioner of problem $P$ is $M_P = I + Q_P E Q_P^\top$ (the Gramian with its bulk
+    replaced by $\mu$, over $\mu$), where $Q_P$ is $Q$ with the rows off $P$ zeroed and
+    $E = \operatorname{diag}(\lambda_j / \mu - 1)$; by Woodbury's identity
+    $M_P^{-1} = I - Q_P (E^{-1} + Q_P^\top Q_P)^{-1} Q_P^\top$: two products with the
+    $m \times k$ matrix $Q$ and a $k \times k$ matrix per problem, against $m^2$ for a step.
+    The preconditioned equations have about the condition number of the bulk (B. Carpentieri,
+    I. S. Duff and L. Giraud, *A class of spectral two-level preconditioners*, SIAM J. Sci.
+    Comput. 25(2), 2003, for the idea of moving a few eigenvalues).
+
+    The eigenpairs are estimated by a randomised subspace iteration (N. Halko, P.-G.
+    Martinsson and J. A. Tropp, *Finding structure with randomness*, SIAM Review 53(2), 2011):
+    ``_WIDTH`` columns, ``_POWERS`` products with $G$, and the Rayleigh-Ritz values; the
+    outliers are the values before the widest gap (a ratio of at least ``_GAP``) between
+    consecutive values of the first half. Only for ``m ≥ _MIN``. Only the speed depends on them:
+    $M_P$ is positive definite whatever they are, and the solutions are certified as before.
+    """
+
+    _WIDTH = 32
+    _POWERS = 3
+    _GAP = 4.0
+    _MIN = 256
+    """Smallest m for which the preconditioner is built: below, the estimate costs more than
+    the iterations it saves (1.2 ms at m = 128 on one CPU thread, against 15 ms for UPGrad's 128
+    projections on a normal Gramian; 7 ms at m = 512 against 0.3 s)."""
+
+    def __init__(self, Q: Tensor, excess: Tensor) -> None:
+        m, k = Q.shape
+        self.Q = Q
+        self.inverse_excess = torch.diag_embed(excess.reciprocal())
+        self.products = (Q.unsqueeze(2) * Q.unsqueeze(1)).reshape(m, k * k)
+        self.K: Tensor | None = None
+        self._cast: tuple[Tensor, Tensor] | None = None
+
+    @classmethod
+    def of(cls, G: Tensor) -> _Outliers | None:
+        """The preconditioner of the unit-diagonal Gramian ``G``, or None if it has no
+        outlying eigenvalues (or too many for the subspace to tell)."""
+        m = G.shape[0]
+        if m < cls._MIN:
+            return None
+        width = min(cls._WIDTH, m // 4)
+        generator = torch.Generator(device=G.device).manual_seed(0)
+        Y = torch.randn(m, width, generator=generator, dtype=G.dtype, device=G.device)
+        for _ in range(cls._POWERS):
+            Y = torch.linalg.qr(G @ Y).Q
+        values, vectors = torch.linalg.eigh(Y.T @ G @ Y)
+        values, vectors = values.flip(0), vectors.flip(1)
+        if not float(values[-1]) > 0.0:
+            return None
+        # The widest gap between consecutive values, among the first half.
+        ratios = values[: width // 2] / values[1 : width // 2 + 1]
+        k = int(ratios.argmax()) + 1
+        if not float(ratios[k - 1]) >= cls._GAP:
+            return None
+        bulk = values[k]
+        return cls(Y @ vectors[:, :k], values[:k] / bulk - 1.0)
+
+    def restrict(self, mask: Tensor) -> None:
+        """Form the ``k × k`` matrices of the problems whose passive sets ``mask`` gives."""
+        n, k = mask.shape[0], self.Q.shape[1]
+        QPQ = (mask.to(self.Q.dtype) @ self.products).view(n, k, k)
+        self.K = torch.linalg.inv(self.inverse_excess + QPQ)
+        self._cast = None
+
+    def apply(self, g: Tensor, mask: Tensor, out: Tensor) -> Tensor:
+        """``out = M_P⁻¹ g`` for each problem (``g`` zero off its passive set)."""
+        assert self.K is not None
+        if self._cast is None or self._cast[0].dtype != g.dtype:
+            self._cast = (self.Q.to(g.dtype), self.K.to(g.dtype))
+        Q, K = self._cast
+        coefficients = (K @ (g @ Q).unsqueeze(2)).squeeze(2)
+        torch.mm(coefficients, Q.T, out=out)
+        out.mul_(mask)
+        return torch.sub(g, out, out=out)
+
+
 def _conjugate_gradients(
     u: Tensor,
     lam: Tensor,
@@ -537,6 +629,7 @@ def _conjugate_gradients(
     max_iters: int,
     iterations: int,
     handoff: bool,
+    preconditioner: _Outliers | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Block principal pivoting, then the monotone phase, with conjugate-gradient solves.
 
@@ -606,12 +699,19 @@ def _conjugate_gradients(
         work = G_work.dtype
         if buffers is None:
             d = d.to(work)
-            buffers = [torch.empty_like(d) for _ in range(6)] + [torch.empty_like(w)]
-            g, Gd, product, lam_work, step, mask_work, product_exact = buffers
+            buffers = [torch.empty_like(d) for _ in range(7)] + [torch.empty_like(w)]
+            g, Gd, product, lam_work, step, mask_work, s, product_exact = buffers
         mask_work.copy_(mask)
         lam_work.copy_(lam)
         torch.mul(lam_work, mask_work, out=g)
         gg_loop, gg = gg, torch.mul(g, g, out=product).sum(dim=1, keepdim=True)
+        # The preconditioned gradient s and g·s, which set the steps of the iterations.
+        if preconditioner is None:
+            s, gs = g, gg
+        else:
+            preconditioner.restrict(mask_work)
+            preconditioner.apply(g, mask_work, out=s)
+            gs = torch.mul(g, s, out=product).sum(dim=1, keepdim=True)
         # Once ‖g‖ is below half the tolerance a problem stops stepping: going on would only
         # amplify rounding noise along the null space of a singular G. Within a round in low
         # precision, the products are accurate to about m ε relative.
@@ -622,7 +722,7 @@ def _conjugate_gradients(
             # more than the progress.
             restart = restart | (gg > 4 * gg_loop)
         restart = restart | (gg <= gg_floor)
-        torch.lerp(d, g, restart.to(work), out=d)
+        torch.lerp(d, s, restart.to(work), out=d)
         target = w if work == dtype else step.zero_()
 
         if iterations >= limit:
@@ -640,7 +740,7 @@ def _conjugate_gradients(
             if iteration == 0 or any_monotone:
                 gd = torch.mul(g, d, out=product).sum(dim=1, keepdim=True)
             else:
-                gd = gg
+                gd = gs
             alpha = (gd / dGd).nan_to_num_(0.0, 0.0, 0.0).clamp_(min=0.0).mul_(gg > gg_floor)
             if any_monotone:
                 # In the monotone phase the step stops where the first w_i reaches 0.
@@ -659,12 +759,19 @@ def _conjugate_gradients(
                 mask_work.copy_(passive)
                 moved |= blocked
             torch.mul(lam_work, mask_work, out=g)
-            gg_next = torch.mul(g, g, out=product).sum(dim=1, keepdim=True)
-            beta = (gg_next / gg).nan_to_num_(0.0, 0.0, 0.0)
+            gg = torch.mul(g, g, out=product).sum(dim=1, keepdim=True)
+            if preconditioner is None:
+                gs_next = gg
+            else:
+                if any_monotone:
+                    preconditioner.restrict(mask_work)
+                preconditioner.apply(g, mask_work, out=s)
+                gs_next = torch.mul(g, s, out=product).sum(dim=1, keepdim=True)
+            beta = (gs_next / gs).nan_to_num_(0.0, 0.0, 0.0)
             if any_monotone:
                 beta = beta.masked_fill_(blocked, 0.0)
-            torch.addcmul(g, beta, d, out=d)
-            gg = gg_next
+            torch.addcmul(s, beta, d, out=d)
+            gs = gs_next
         iterations += check_every
         if target is step:
             w.add_(product_exact.copy_(step))
