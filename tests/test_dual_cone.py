@@ -399,12 +399,13 @@ def test_outliers_are_the_eigenvalues_before_the_gap():
     assert preconditioner is not None
     Q = preconditioner.Q
     assert Q.shape == (300, 9)
-    # Q spans the top eigenspace, and the excesses are λ_j / μ - 1 for the bulk's top μ.
+    # Q spans the top eigenspace, and the excesses are λ_j / μ - 1 for the bulk's top μ (which
+    # the subspace iteration estimates from below: only the speed depends on it).
     top = vectors[:, -9:]
     torch.testing.assert_close(Q @ Q.T, top @ top.T, rtol=0, atol=1e-3)
     excess = preconditioner.inverse_excess.diagonal().reciprocal()
     expected = values[-9:].flip(0) / values[-10] - 1
-    torch.testing.assert_close(excess, expected, rtol=0.1, atol=0)
+    assert bool((excess >= expected * 0.99).all()) and bool((excess <= expected * 1.1).all())
 
 
 @pytest.mark.parametrize("m", [12, 64, 300])
@@ -613,6 +614,48 @@ def test_gramian_symmetric_up_to_rounding_is_solved_by_the_fast_regimes(
     V = project_weights_active_set(U, skewed)
     assert handed_over == []
     torch.testing.assert_close(V, project_weights_active_set(U, (skewed + skewed.T) / 2))
+
+
+@pytest.mark.parametrize("nudge, exact_calls", [(2.0, 0), (40.0, 1)])
+def test_solutions_a_hair_past_the_certificate_are_solved_again_by_the_iterations(
+    nudge: float, exact_calls: int, monkeypatch: pytest.MonkeyPatch
+):
+    # The iterations' first answers are moved off stationarity by `nudge` tolerances on one
+    # passive index each: at 2τ they are solved again by the iterations (to τ/4), and not by the
+    # exact method; at 40τ, past the 16τ margin, they go to the exact method as before. Either
+    # way the answer satisfies KKT.
+    m = 64
+    J = _normal(m, 2 * m, 35)
+    G = J @ J.T
+    fast = _dual_cone._fast_regimes
+    exact = _dual_cone._goldfarb_idnani
+    iterations: list[tuple[int, float]] = []
+    handed_over: list[int] = []
+
+    def nudged(u_hat: Tensor, lam: Tensor, G_hat: Tensor, max_iters: int, tau: float) -> Tensor:
+        W = fast(u_hat, lam, G_hat, max_iters, tau)
+        if not iterations:
+            total = u_hat.abs().sum(dim=1) + W.sum(dim=1)
+            first = (W > 0).to(torch.int64).argmax(dim=1)
+            rows = torch.arange(W.shape[0])
+            W[rows, first] += nudge * tau * total
+        iterations.append((u_hat.shape[0], tau))
+        return W
+
+    def counting(u_hat: Tensor, *args: Tensor) -> Tensor:
+        handed_over.append(u_hat.shape[0])
+        return exact(u_hat, *args)
+
+    monkeypatch.setattr(_dual_cone, "_fast_regimes", nudged)
+    monkeypatch.setattr(_dual_cone, "_goldfarb_idnani", counting)
+    U = torch.eye(m, dtype=F64)
+    V = project_weights_active_set(U, G)
+    _assert_kkt(U, G, V, KKT_BAR[F64])
+    (n, tau), *again = iterations
+    if exact_calls:
+        assert again == [] and handed_over == [n]
+    else:
+        assert again == [(n, tau / 4)] and handed_over == []
 
 
 @pytest.mark.parametrize("aggregator", [UPGrad(), DualProj()], ids=["upgrad", "dualproj"])

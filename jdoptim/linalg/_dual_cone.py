@@ -150,7 +150,10 @@ def project_weights_active_set(U: Tensor, G: Tensor, *, max_iters: int | None = 
       whose $w$ grows along a positive combination of the rows that vanishes (a weakly
       stationary Jacobian) satisfies the tests while its projection $J^\top v$ may be far
       from the true one.
-      Problems not certified go to the exact method.
+      Problems not certified go to the exact method; for $m > 40$, those that pass the
+      certificate at $16\tau$ are first solved again by the iterations, to $\tau / 4$ (making
+      $w \ge 0$ after the iterations can move a multiplier past $\tau$ by a hair, and the
+      exact method costs seconds per problem at m = 1024).
 
     The exact method works in the space of the rows' coordinates: with $G \approx L L^\top$
     ($L$ of size $m \times r$), the projection of $y = L^\top u$ onto the cone
@@ -297,12 +300,25 @@ def _solve(
     else:
         W = _fast_regimes(u_hat, lam, G_hat, max_iters, tau)
         failed = ~_certified(u_hat, W, G_hat, tau)
+        if m > _DENSE_MAX and bool(failed.any()):
+            # Solutions a hair past the certificate (w ≥ 0 enforced after the iterations moves
+            # the multipliers by up to τ) are solved again to a quarter of the tolerance: the
+            # exact method costs O(m³) per problem (2.5 s at m = 1024).
+            close = failed & _certified(u_hat, W, G_hat, _CLOSE * tau)
+            if bool(close.any()):
+                again = close.nonzero().squeeze(1)
+                W[again] = _fast_regimes(u_hat[again], lam[again], G_hat, max_iters, tau / 4)
+                failed[again] = ~_certified(u_hat[again], W[again], G_hat, tau)
         if bool(failed.any()):
             W[failed] = _goldfarb_idnani(u_hat[failed], root.complete(), norms)
     V = U64.clone()
     V[conflicting] += W / norms
     return V
 
+
+_CLOSE = 16.0
+"""Solutions that fail the certificate at ``τ`` but pass it at this many ``τ`` are solved again
+by the iterations, to ``τ / 4``, before the exact method."""
 
 _GROWTH = 1e4
 """Largest ``Σ_j w_j`` of a certified solution, relative to ``Σ_j |u_j|`` (unit-diagonal scale)."""
@@ -558,13 +574,20 @@ class _Outliers:
     Martinsson and J. A. Tropp, *Finding structure with randomness*, SIAM Review 53(2), 2011):
     ``_WIDTH`` columns, ``_POWERS`` products with $G$, and the Rayleigh-Ritz values; the
     outliers are the values before the widest gap (a ratio of at least ``_GAP``) between
-    consecutive values of the first half. Only for ``m ≥ _MIN``. Only the speed depends on them:
+    consecutive values of the first half. Only for ``m ≥ _MIN``, and where the largest value is
+    at least ``_PAYS`` times the bulk's. Only the speed depends on them:
     $M_P$ is positive definite whatever they are, and the solutions are certified as before.
     """
 
     _WIDTH = 32
     _POWERS = 3
     _GAP = 4.0
+    _PAYS = 20.0
+    """Smallest ratio of the largest eigenvalue to the bulk's for which the preconditioner is
+    used. It divides the condition number by this ratio, but costs two products with ``Q`` per
+    step, and the passive sets change every ``_CHECK_EVERY`` steps whatever the pace: on the
+    benchmark's MLP Gramians (ratios 6 to 18) it saved nothing (0.64× to 1.13× the time), on its
+    CNN Gramians (ratios 50 to 64) it saves 1.9× to 5.8× (`tests/benchmarks/bench_outliers.py`)."""
     _MIN = 256
     """Smallest m for which the preconditioner is built: below, the estimate costs more than
     the iterations it saves (1.2 ms at m = 128 on one CPU thread, against 15 ms for UPGrad's 128
@@ -600,6 +623,8 @@ class _Outliers:
         if not float(ratios[k - 1]) >= cls._GAP:
             return None
         bulk = values[k]
+        if not float(values[0] / bulk) >= cls._PAYS:
+            return None
         return cls(Y @ vectors[:, :k], values[:k] / bulk - 1.0)
 
     def restrict(self, mask: Tensor) -> None:
