@@ -447,9 +447,10 @@ def test_preconditioned_iterations_give_the_exact_projections(
     monkeypatch.setattr(_dual_cone._Outliers, "_MIN", 64)
     J = _per_sample_like(96, 34)
     G = (J @ J.T).to(dtype)
+    build = _dual_cone._Outliers.of
     built = []
     monkeypatch.setattr(
-        _dual_cone._Outliers, "of", classmethod(lambda cls, G: built.append(1) or _OF(G))
+        _dual_cone._Outliers, "of", classmethod(lambda cls, G: built.append(1) or build(G))
     )
     U = torch.eye(96, dtype=dtype)
     preconditioned = project_weights_active_set(U, G)
@@ -463,9 +464,6 @@ def test_preconditioned_iterations_give_the_exact_projections(
     for V in (preconditioned, plain):
         _assert_kkt(U, G, V, bar)
         torch.testing.assert_close(V.double() @ G64, expected @ G64, rtol=0, atol=bar * scale)
-
-
-_OF = _dual_cone._Outliers.of
 
 
 # --- Solver interface ----------------------------------------------------------------------------

@@ -586,8 +586,8 @@ class _Outliers:
     """Smallest ratio of the largest eigenvalue to the bulk's for which the preconditioner is
     used. It divides the condition number by this ratio, but costs two products with ``Q`` per
     step, and the passive sets change every ``_CHECK_EVERY`` steps whatever the pace: on the
-    benchmark's MLP Gramians (ratios 6 to 18) it saved nothing (0.64× to 1.13× the time), on its
-    CNN Gramians (ratios 50 to 64) it saves 1.9× to 5.8× (`tests/benchmarks/bench_outliers.py`)."""
+    benchmark's MLP Gramians (ratios 5.5 to 15) it saved nothing (0.64× to 1.13× the time), on its
+    CNN Gramians (ratios 50 to 64) it saves 1.7× to 6.4× (`tests/benchmarks/bench_outliers.py`)."""
     _MIN = 256
     """Smallest m for which the preconditioner is built: below, the estimate costs more than
     the iterations it saves (1.2 ms at m = 128 on one CPU thread, against 15 ms for UPGrad's 128
@@ -724,15 +724,17 @@ def _conjugate_gradients(
         work = G_work.dtype
         if buffers is None:
             d = d.to(work)
-            buffers = [torch.empty_like(d) for _ in range(7)] + [torch.empty_like(w)]
-            g, Gd, product, lam_work, step, mask_work, s, product_exact = buffers
+            buffers = [torch.empty_like(d) for _ in range(6)] + [torch.empty_like(w)]
+            g, Gd, product, lam_work, step, mask_work, product_exact = buffers
+            # The preconditioned gradient has its own buffer only where it differs from g.
+            s = g if preconditioner is None else torch.empty_like(d)
         mask_work.copy_(mask)
         lam_work.copy_(lam)
         torch.mul(lam_work, mask_work, out=g)
         gg_loop, gg = gg, torch.mul(g, g, out=product).sum(dim=1, keepdim=True)
         # The preconditioned gradient s and g·s, which set the steps of the iterations.
         if preconditioner is None:
-            s, gs = g, gg
+            gs = gg
         else:
             preconditioner.restrict(mask_work)
             preconditioner.apply(g, mask_work, out=s)
